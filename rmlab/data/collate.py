@@ -1,0 +1,133 @@
+"""Collate tokenized groups into one batch of responses plus the comparisons among them.
+
+Example (runnable)::
+
+    >>> from rmlab.data.tokenize import TokenizedGroup
+    >>> g = TokenizedGroup(prompt_ids=[5, 6], response_ids=[[7, 1], [8, 9, 1]], winner=[1], loser=[0],
+    ...                    margin=[float("nan")], strength=[-1], weight=[1.0], tie=[False], group_weight=[1.0])
+    >>> b = collate([g, g], pad_id=0)
+    >>> b.input_ids.tolist()            # two groups x two responses, right-padded
+    [[5, 6, 7, 1, 0], [5, 6, 8, 9, 1], [5, 6, 7, 1, 0], [5, 6, 8, 9, 1]]
+    >>> b.group_index.tolist(), b.winner.tolist(), b.loser.tolist()
+    ([0, 0, 1, 1], [1, 3], [0, 2])
+
+Each response appears once however many comparisons it is in; ``winner``/``loser`` index rows of
+``input_ids``. A loss receives ``rewards`` (one per row) and this batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rmlab.data.tokenize import TokenizedGroup
+
+
+@dataclass
+class RewardBatch:
+    input_ids: torch.Tensor  # [N, L] one row per unique response (prompt + response)
+    attention_mask: torch.Tensor  # [N, L]
+    position_ids: torch.Tensor  # [N, L] from the mask, so left padding does not shift positions
+    group_index: torch.Tensor  # [N] group of each response, 0..G-1
+    response_len: torch.Tensor  # [N] response tokens (no prompt), for length-bias metrics
+    winner: torch.Tensor  # [C] row index of the preferred response
+    loser: torch.Tensor  # [C]
+    margin: torch.Tensor  # [C] float, NaN = no margin
+    strength: torch.Tensor  # [C] long, -1 = none
+    weight: torch.Tensor  # [C] per-comparison weight
+    tie: torch.Tensor  # [C] bool
+    group_weight: torch.Tensor  # [C] 1/C(K,2) of the comparison's original group (eq 6)
+    cmp_group: torch.Tensor  # [C] group of each comparison
+    rank: torch.Tensor  # [N] 0 = best, NaN = unranked
+    score: torch.Tensor  # [N] per-response rating, NaN = none
+    true_reward: torch.Tensor  # [N] simulator truth, NaN = unknown
+    label: torch.Tensor  # [N] pointwise 0/1 label, NaN = none
+    attributes: torch.Tensor  # [N, A] per-attribute ratings (A may be 0), NaN = missing
+    group_ids: list[str] = field(default_factory=list)
+    subsets: list[str] = field(default_factory=list)  # per group
+    prompt_len: torch.Tensor | None = None  # [N] tokens of the shared prefix in each row
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_ids)
+
+    @property
+    def num_comparisons(self) -> int:
+        return int(self.winner.numel())
+
+    def __len__(self) -> int:  # Lightning reads a batch size from here when none is given
+        return self.num_comparisons
+
+
+def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "right") -> RewardBatch:
+    rows, gidx, rlen, plen = [], [], [], []
+    win, los, mar, stren, wt, tie, gw, cg = [], [], [], [], [], [], [], []
+    rank, score, truth, label, attrs = [], [], [], [], []
+    n_attr = max((len(g.attributes[0]) for g in groups if g.attributes), default=0)
+    for gi, g in enumerate(groups):
+        base = len(rows)
+        for r in g.response_ids:
+            rows.append(g.prompt_ids + r)
+            gidx.append(gi)
+            rlen.append(len(r))
+            plen.append(len(g.prompt_ids))
+        win += [base + i for i in g.winner]
+        los += [base + i for i in g.loser]
+        mar += g.margin
+        stren += g.strength
+        wt += g.weight
+        tie += g.tie
+        gw += g.group_weight
+        cg += [gi] * len(g.winner)
+        rank += g.ranks
+        score += g.scores
+        truth += g.true_rewards
+        label += g.labels
+        nan_row = [float("nan")] * n_attr
+        attrs += list(g.attributes) if g.attributes else [nan_row] * g.k
+    n, longest = len(rows), max(len(r) for r in rows)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if padding_side == "left":
+            ids[i, longest - len(r) :] = torch.tensor(r)
+            mask[i, longest - len(r) :] = 1
+        else:
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    f = torch.float32
+    return RewardBatch(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        group_index=torch.tensor(gidx),
+        response_len=torch.tensor(rlen),
+        winner=torch.tensor(win, dtype=torch.long),
+        loser=torch.tensor(los, dtype=torch.long),
+        margin=torch.tensor(mar, dtype=f),
+        strength=torch.tensor(stren, dtype=torch.long),
+        weight=torch.tensor(wt, dtype=f),
+        tie=torch.tensor(tie, dtype=torch.bool),
+        group_weight=torch.tensor(gw, dtype=f),
+        cmp_group=torch.tensor(cg, dtype=torch.long),
+        rank=torch.tensor(rank, dtype=f),
+        score=torch.tensor(score, dtype=f),
+        true_reward=torch.tensor(truth, dtype=f),
+        label=torch.tensor(label, dtype=f),
+        attributes=torch.tensor(attrs, dtype=f).reshape(n, n_attr),
+        group_ids=[g.group_id for g in groups],
+        subsets=[g.subset for g in groups],
+        prompt_len=torch.tensor(plen),
+    )
+
+
+class Collator:
+    """Picklable collate function for DataLoader workers."""
+
+    def __init__(self, pad_id: int, padding_side: str = "right"):
+        self.pad_id, self.padding_side = pad_id, padding_side
+
+    def __call__(self, groups: list[TokenizedGroup]) -> RewardBatch:
+        return collate(groups, self.pad_id, self.padding_side)

@@ -1,0 +1,243 @@
+"""RewardDataModule: records -> groups -> tokenized groups -> grouped, length-aware batches.
+
+Splits are by prompt: a prompt (exact text) is in train or in val, never both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from rmlab.data.collate import Collator
+from rmlab.data.formats import records_to_groups
+from rmlab.data.sampler import GroupBatchSampler
+from rmlab.data.simulator import SimulatorConfig, generate
+from rmlab.data.sources import read_records
+from rmlab.data.tokenize import TokenizedGroup, cache_key, load_cached, save_cached, split_group, tokenize_groups
+from rmlab.data.types import DataReport, PreferenceGroup
+
+log = logging.getLogger(__name__)
+
+
+def in_val(prompt: str, fraction: float, seed: int) -> bool:
+    h = int(hashlib.sha1(f"{seed}\x00{prompt}".encode()).hexdigest()[:8], 16)
+    return (h % 100_000) < fraction * 100_000
+
+
+def baselines(groups: list[TokenizedGroup]) -> dict[str, float]:
+    """Accuracy of reference predictors on non-tie comparisons.
+
+    length_acc: "the longer response wins" (equal lengths score 0.5): length alone.
+    oracle_acc: the simulator's true reward (Bayes-optimal on its noisy labels); NaN on real data.
+    """
+    n = length = oracle = 0.0
+    has_truth = True
+    for g in groups:
+        for w, lo, t in zip(g.winner, g.loser, g.tie):
+            if t:
+                continue
+            n += 1
+            lw, ll = len(g.response_ids[w]), len(g.response_ids[lo])
+            length += 1.0 if lw > ll else 0.5 if lw == ll else 0.0
+            tw, tl = g.true_rewards[w], g.true_rewards[lo]
+            if math.isnan(tw) or math.isnan(tl):
+                has_truth = False
+            else:
+                oracle += 1.0 if tw > tl else 0.5 if tw == tl else 0.0
+    if n == 0:
+        return {"length_acc": float("nan"), "oracle_acc": float("nan")}
+    return {"length_acc": length / n, "oracle_acc": oracle / n if has_truth else float("nan")}
+
+
+class RewardDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        name: str = "data",
+        source: str = "simulator",
+        format: str = "pairs",
+        fields: dict | None = None,
+        split: str = "train",
+        val_source: str | None = None,
+        val_split: str | None = None,
+        val_fraction: float = 0.1,
+        simulator: dict | None = None,
+        max_length: int = 512,
+        min_prompt_tokens: int = 16,
+        max_records: int | None = None,
+        on_error: str = "raise",
+        padding_side: str = "right",
+        max_tokens: int = 8192,
+        max_responses: int = 64,
+        max_groups: int | None = None,
+        sort_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache: bool = True,
+        output_dir: str | None = None,
+        hub_kwargs: dict | None = None,
+        format_options: dict | None = None,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.name, self.source, self.format, self.fields = name, source, format, dict(fields or {})
+        self.split, self.val_source, self.val_split, self.val_fraction = split, val_source, val_split, val_fraction
+        self.simulator = dict(simulator or {})
+        self.max_length, self.min_prompt_tokens, self.max_records = max_length, min_prompt_tokens, max_records
+        self.on_error, self.padding_side = on_error, padding_side
+        self.max_tokens, self.max_responses, self.max_groups = max_tokens, max_responses, max_groups
+        self.sort_by_length, self.num_workers, self.seed, self.cache = sort_by_length, num_workers, seed, cache
+        self.output_dir, self.hub_kwargs = output_dir, dict(hub_kwargs or {})
+        self.format_options = dict(format_options or {})
+        self.train_groups: list[TokenizedGroup] | None = None
+        self.val_groups: list[TokenizedGroup] = []
+        self.report: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- loading
+    def load_groups(self, source: str, split: str, report: DataReport) -> list[PreferenceGroup]:
+        if source == "simulator":
+            sim = SimulatorConfig(**{**self.simulator, "seed": self.simulator.get("seed", self.seed)})
+            groups = generate(sim)
+            report.loaded = report.kept = len(groups)
+            return groups
+        records = read_records(source, split, self.hub_kwargs)
+        return records_to_groups(
+            records, self.format, self.fields, report, self.on_error, self.max_records, **self.format_options
+        )
+
+    def _tokenize(self, groups: list[PreferenceGroup], report: DataReport) -> list[TokenizedGroup]:
+        toks = tokenize_groups(groups, self.tokenizer, report, self.max_length, self.min_prompt_tokens)
+        # A group bigger than one batch is split into sub-groups (documented in split_group).
+        row_cap = max(2, min(self.max_responses, self.max_tokens // max(1, max((t.max_row for t in toks), default=1))))
+        out = []
+        for i, t in enumerate(toks):
+            subs = split_group(t, row_cap, parent=i) if t.k > row_cap or t.k * t.max_row > self.max_tokens else [t]
+            if len(subs) > 1:
+                report.truncated["groups_split_into_subgroups"] += 1
+            out.extend(subs)
+        return out
+
+    def _build(self) -> tuple[list[TokenizedGroup], list[TokenizedGroup], dict]:
+        train_r, val_r = DataReport(name=f"{self.name}/train"), DataReport(name=f"{self.name}/val")
+        groups = self.load_groups(self.source, self.split, train_r)
+        if self.val_source or self.val_split:
+            train = groups
+            val = self.load_groups(self.val_source or self.source, self.val_split or self.split, val_r)
+            train_prompts = {g.prompt for g in train}
+            leaked = [g for g in val if g.prompt in train_prompts]
+            if leaked:  # a prompt in both splits would inflate val accuracy; keep it in train only
+                val = [g for g in val if g.prompt not in train_prompts]
+                n = sum(g.n_records for g in leaked)
+                val_r.drop("prompt_also_in_train", n)
+                val_r.kept -= n
+        else:
+            val_mask = [in_val(g.prompt, self.val_fraction, self.seed) for g in groups]
+            train = [g for g, v in zip(groups, val_mask) if not v]
+            val = [g for g, v in zip(groups, val_mask) if v]
+            # One source, two splits: move the val share of the counts over so each report balances.
+            nv = sum(g.n_records for g in val)
+            val_r.loaded = val_r.kept = nv
+            train_r.loaded -= nv
+            train_r.kept -= nv
+        train_t, val_t = self._tokenize(train, train_r), self._tokenize(val, val_r)
+        for r, toks in ((train_r, train_t), (val_r, val_t)):
+            ks = [t.k for t in toks]
+            rows = [len(t.prompt_ids) + len(x) for t in toks for x in t.response_ids]
+            r.extra.update(
+                groups=len(toks),
+                k_per_prompt={"min": min(ks, default=0), "max": max(ks, default=0), "mean": sum(ks) / max(1, len(ks))},
+                tokens_per_row={"min": min(rows, default=0), "max": max(rows, default=0), "mean": sum(rows) / max(1, len(rows))},
+            )
+        report = {"train": train_r.to_dict(), "val": val_r.to_dict(), "val_baselines": baselines(val_t)}
+        report["one_line"] = [train_r.one_line(), val_r.one_line()]
+        return train_t, val_t, report
+
+    def _cache_key(self) -> str:
+        tok = self.tokenizer
+        tok_id = (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), tok.cls_token_id, tok.bos_token_id, tok.eos_token_id)
+        parts = (
+            "v1", self.source, self.format, self.fields, self.split, self.val_source, self.val_split, self.val_fraction,
+            self.simulator, self.max_length, self.min_prompt_tokens, self.max_records, self.on_error, self.seed,
+            self.max_tokens, self.max_responses, self.format_options, tok_id,
+        )
+        return cache_key(*parts)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_groups is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("RewardDataModule needs a tokenizer (run() passes the model's)")
+        key = self._cache_key() if self.cache else None
+        hit = load_cached(key) if key else None
+        if hit is not None:
+            groups, self.report = hit
+            n_train = self.report["n_train_groups"]
+            self.train_groups, self.val_groups = groups[:n_train], groups[n_train:]
+        else:
+            self.train_groups, self.val_groups, self.report = self._build()
+            self.report["n_train_groups"] = len(self.train_groups)
+            if key:
+                save_cached(key, self.train_groups + self.val_groups, self.report)
+        for line in self.report["one_line"]:
+            log.info(line)
+        if not self.train_groups:
+            raise ValueError(f"no training groups left from data.source={self.source!r}; see the data report: {self.report['one_line']}")
+        self.write_report()
+
+    def write_report(self) -> None:
+        if not self.output_dir:
+            return
+        is_zero = self.trainer is None or self.trainer.is_global_zero
+        if is_zero:
+            out = Path(self.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "data_report.json").write_text(json.dumps(self.report, indent=2, default=str))
+
+    # ------------------------------------------------------------- loaders
+    def _world(self) -> tuple[int, int]:
+        t = self.trainer
+        if t is None:
+            return 1, 0
+        return t.world_size, t.global_rank
+
+    def make_sampler(self, groups: list[TokenizedGroup], train: bool) -> GroupBatchSampler:
+        world, rank = self._world()
+        return GroupBatchSampler(
+            rows=[g.k for g in groups],
+            row_len=[g.max_row for g in groups],
+            max_tokens=self.max_tokens,
+            max_responses=self.max_responses,
+            max_groups=self.max_groups,
+            shuffle=train,
+            sort_by_length=self.sort_by_length,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+            even=train,
+        )
+
+    def _loader(self, groups: list[TokenizedGroup], train: bool) -> DataLoader:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return DataLoader(
+            groups,
+            batch_sampler=self.make_sampler(groups, train),
+            collate_fn=Collator(pad, self.padding_side),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_groups, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_groups, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_groups, train=False)

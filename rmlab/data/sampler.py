@@ -1,0 +1,106 @@
+"""Grouped-prompt, length-aware, rank-sharded batch sampler.
+
+- A batch is a list of whole groups, so all comparisons of a prompt share a batch (eq 6).
+- Batches are filled by a budget, not a fixed count: at most ``max_tokens`` padded tokens
+  (rows x longest row), ``max_responses`` rows and ``max_groups`` groups.
+- Groups are shuffled, cut into pools of ``pool_size`` batches' worth, and sorted by length inside a
+  pool, so a batch holds similar lengths (little padding) while the order stays random.
+- It shards itself across DDP ranks: batch b goes to rank ``b % world_size``. Ranks see disjoint
+  groups. For training, every rank must run the same number of steps, so the last batches are
+  repeated to even out (as ``DistributedSampler`` does); for evaluation (``even=False``) nothing is
+  repeated, so every group is scored exactly once.
+- ``set_epoch(e)`` reshuffles; ``state_dict``/``load_state_dict`` carry the position for exact resume.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+
+class GroupBatchSampler:
+    def __init__(
+        self,
+        rows: Sequence[int],
+        row_len: Sequence[int],
+        max_tokens: int = 16384,
+        max_responses: int = 64,
+        max_groups: int | None = None,
+        shuffle: bool = True,
+        sort_by_length: bool = True,
+        pool_size: int = 50,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        even: bool = True,
+    ):
+        if len(rows) != len(row_len):
+            raise ValueError("rows and row_len must have one entry per group")
+        self.rows, self.row_len = list(rows), list(row_len)
+        self.max_tokens, self.max_responses, self.max_groups = max_tokens, max_responses, max_groups
+        self.shuffle, self.sort_by_length, self.pool_size = shuffle, sort_by_length, pool_size
+        self.seed, self.num_replicas, self.rank, self.even = seed, num_replicas, rank, even
+        self.epoch = 0
+        self._skip = 0  # batches already consumed in this epoch (set by load_state_dict)
+        for i, (k, n) in enumerate(zip(self.rows, self.row_len)):
+            if k > max_responses or k * n > max_tokens:
+                raise ValueError(
+                    f"group {i} has {k} responses of up to {n} tokens, more than one batch holds "
+                    f"(max_responses={max_responses}, max_tokens={max_tokens}); split it first "
+                    "(the data module does) or raise data.batch.max_tokens"
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _fits(self, n_rows: int, longest: int, n_groups: int) -> bool:
+        if self.max_groups is not None and n_groups > self.max_groups:
+            return False
+        return n_rows <= self.max_responses and n_rows * longest <= self.max_tokens
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.sort_by_length:
+            per_batch = max(1, self.max_tokens // max(1, max(self.row_len, default=1) * 2))
+            pool = max(1, self.pool_size * per_batch)
+            order = [
+                i for s in range(0, len(order), pool) for i in sorted(order[s : s + pool], key=lambda j: self.row_len[j])
+            ]
+        batches, cur, n_rows, longest = [], [], 0, 0
+        for i in order:
+            nr, nl = n_rows + self.rows[i], max(longest, self.row_len[i])
+            if cur and not self._fits(nr, nl, len(cur) + 1):
+                batches.append(cur)
+                cur, nr, nl = [], self.rows[i], self.row_len[i]
+            cur.append(i)
+            n_rows, longest = nr, nl
+        if cur:
+            batches.append(cur)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def _my_batches(self) -> list[list[int]]:
+        batches = self._all_batches()
+        w = self.num_replicas
+        if self.even and w > 1 and len(batches) % w:
+            batches = batches + batches[: w - len(batches) % w]
+        return batches[self.rank :: w]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self._my_batches()
+        skip, self._skip = self._skip, 0
+        for b in mine[skip:]:
+            yield b
+
+    def __len__(self) -> int:
+        return len(self._my_batches())
+
+    def state_dict(self, consumed: int) -> dict:
+        return {"epoch": self.epoch, "consumed": consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._skip = state["epoch"], state["consumed"]

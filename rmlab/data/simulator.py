@@ -1,0 +1,169 @@
+"""A preference simulator with a known true reward.
+
+Prompts and responses are plain English built from templates. Each response has qualities a model
+must *read* to judge:
+
+- ``on_topic``: it answers the question that was asked (or, for arithmetic, gives the right sum);
+- ``format_ok``: it follows the format the prompt requested (a bulleted list, capital letters, one
+  sentence);
+- ``polite``: its tone is courteous rather than dismissive.
+
+The true reward is a weighted sum of these qualities plus a small unobserved term. Filler sentences
+("I hope this helps.") are added independently of quality, so length alone does not explain the
+reward (the run reports a length-only baseline to prove it).
+
+Labels follow Bradley-Terry: an annotator perceives ``gap + Logistic(0, temperature)`` and prefers
+the side the perceived gap favours, which is exactly ``P(a > b) = sigmoid((r_a - r_b) / T)``. When
+``|perceived| < tie_band`` the annotator reports a tie. The strength (0..3, Llama 2's 4-level scale)
+comes from ``|perceived|``, so it is noisy the way human strength labels are. Everything is a pure
+function of the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from itertools import combinations
+
+from rmlab.data.types import Comparison, PreferenceGroup
+
+# (question, on-topic answer sentences). Off-topic answers are drawn from another topic.
+TOPICS: list[tuple[str, list[str]]] = [
+    ("What should I wear when it rains", ["Wear a waterproof coat", "Bring an umbrella", "Choose boots that keep your feet dry"]),
+    ("How can I sleep better at night", ["Keep a regular bedtime", "Avoid screens before bed", "Keep your bedroom cool and dark"]),
+    ("How do I water a houseplant", ["Water when the top soil feels dry", "Use a pot with drainage holes", "Do not let the roots sit in water"]),
+    ("How can I save money on groceries", ["Plan your meals for the week", "Buy store brands", "Make a shopping list and stick to it"]),
+    ("How do I make a good cup of tea", ["Use freshly boiled water", "Steep the leaves for three minutes", "Warm the cup first"]),
+    ("What helps when learning a new language", ["Practice speaking every day", "Learn the most common words first", "Listen to native speakers"]),
+    ("How do I keep my laptop battery healthy", ["Avoid draining it to zero", "Keep it away from heat", "Unplug it once it is full"]),
+    ("How can I stay focused while studying", ["Study in short timed sessions", "Put your phone in another room", "Take a short break every hour"]),
+    ("How do I clean a cast iron pan", ["Rinse it with hot water", "Dry it right away", "Rub a thin layer of oil on it"]),
+    ("What should I pack for a day hike", ["Bring plenty of water", "Pack a map and snacks", "Carry a light rain jacket"]),
+    ("How do I care for a new puppy", ["Feed it at the same times each day", "Take it outside often", "Give it a quiet place to rest"]),
+    ("How can I reduce stress at work", ["Write down your tasks", "Take short walks", "Say no to extra work when you are full"]),
+]
+FORMATS = {
+    "none": "",
+    "list": " Answer as a bulleted list.",
+    "caps": " Answer in capital letters.",
+    "one": " Answer in one sentence.",
+}
+POLITE = ["Happy to help!", "Good question.", "Sure, here are some ideas.", "Thanks for asking."]
+RUDE = ["Ugh, obviously.", "That is a silly question.", "Figure it out yourself, but fine.", "Whatever."]
+FILLER = ["I hope this helps.", "Let me know if you have more questions.", "Good luck with it.", "Take care."]
+ATTRIBUTES = ("on_topic", "format_ok", "polite")
+
+
+@dataclass
+class SimulatorConfig:
+    num_prompts: int = 2000  # groups to generate (train + val, split later by prompt)
+    k: int = 3  # responses per prompt (lower bound when k_max is set)
+    k_max: int | None = None  # if set, K is drawn uniformly from [k, k_max] per prompt
+    comparisons: str = "all"  # all | adjacent | one: which of the C(K,2) pairs are labelled
+    temperature: float = 0.5  # BT temperature of the annotator (lower = less label noise)
+    tie_band: float = 0.15  # |perceived gap| below this is reported as a tie
+    arithmetic_fraction: float = 0.25  # share of prompts that are sums (on_topic = correct sum)
+    weights: tuple[float, float, float] = (1.5, 1.0, 1.0)  # true-reward weights of on_topic, format_ok, polite
+    noise: float = 0.2  # std of the unobserved part of the true reward
+    seed: int = 0
+
+
+def _render(rng: random.Random, topic: int, fmt: str, on_topic: bool, follow: bool, polite: bool, arith) -> tuple[str, bool]:
+    """Build one response; returns (text, format_ok) where format_ok is judged on the final text."""
+    if arith is not None:
+        a, b = arith
+        ans = a + b if on_topic else a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        body = [f"The answer is {ans}"]
+    else:
+        src = topic if on_topic else rng.choice([t for t in range(len(TOPICS)) if t != topic])
+        body = rng.sample(TOPICS[src][1], k=rng.randint(1, 3))
+    opener = rng.choice(POLITE if polite else RUDE)
+    filler = rng.sample(FILLER, k=rng.randint(0, 2))
+    if fmt == "list" and follow:
+        text = opener + "\n" + "\n".join(f"- {s}." for s in body)
+    elif fmt == "one" and follow:
+        text = opener + " " + " and ".join(body) + "."
+        filler = []  # one sentence means no filler
+    else:
+        text = opener + " " + " ".join(f"{s}." for s in body)
+    if filler:
+        text += " " + " ".join(filler)
+    if fmt == "caps" and follow:
+        text = text.upper()
+    ok = {
+        "none": True,
+        "list": "\n- " in text,
+        "caps": text == text.upper(),
+        "one": follow or (len(body) == 1 and not filler),
+    }[fmt]
+    return text, ok
+
+
+def generate(cfg: SimulatorConfig) -> list[PreferenceGroup]:
+    rng = random.Random(cfg.seed)
+    groups = []
+    for g in range(cfg.num_prompts):
+        k = cfg.k if cfg.k_max is None else rng.randint(cfg.k, cfg.k_max)
+        fmt = rng.choice(list(FORMATS))
+        topic = rng.randrange(len(TOPICS))
+        arith = None
+        if rng.random() < cfg.arithmetic_fraction:
+            arith = (rng.randint(2, 49), rng.randint(2, 49))
+            question = f"What is {arith[0]} plus {arith[1]}"
+        else:
+            question = TOPICS[topic][0]
+        prompt = question + "?" + FORMATS[fmt]
+        responses, rewards, attrs = [], [], []
+        for _ in range(k):
+            on, follow, pol = (rng.random() < 0.5 for _ in range(3))
+            text, ok = _render(rng, topic, fmt, on, follow, pol, arith)
+            q = (float(on), float(ok), float(pol))
+            r = sum(w * x for w, x in zip(cfg.weights, q)) + rng.gauss(0.0, cfg.noise)
+            responses.append(text)
+            rewards.append(r)
+            attrs.append(list(q))
+        pairs = list(combinations(range(k), 2))
+        if cfg.comparisons == "adjacent":
+            pairs = [(i, i + 1) for i in range(k - 1)]
+        elif cfg.comparisons == "one":
+            pairs = [tuple(rng.sample(range(k), 2))]
+        elif cfg.comparisons != "all":
+            raise ValueError(f"simulator.comparisons must be all|adjacent|one, got {cfg.comparisons!r}")
+        comps = []
+        for i, j in pairs:
+            u = rng.random()
+            perceived = rewards[i] - rewards[j] + cfg.temperature * math.log(u / (1.0 - u))
+            w, lo = (i, j) if perceived > 0 else (j, i)
+            a = abs(perceived)
+            strength = 0 if a < 0.25 else 1 if a < 0.75 else 2 if a < 1.5 else 3
+            comps.append(Comparison(winner=w, loser=lo, strength=strength, tie=a < cfg.tie_band))
+        mid = sum(cfg.weights) / 2
+        labels = [float(rng.random() < 1 / (1 + math.exp(-(r - mid) / cfg.temperature))) for r in rewards]
+        # A noisy 1-5 rating per response (for the ratings path and regression losses).
+        lo_r, hi_r = -3 * cfg.noise, sum(cfg.weights) + 3 * cfg.noise
+        scores = [
+            float(min(5, max(1, round(1 + 4 * (r - lo_r) / (hi_r - lo_r) + rng.gauss(0, 0.3))))) for r in rewards
+        ]
+        # A full ranking drawn from the Plackett-Luce model of the same annotator (Gumbel-max trick).
+        noisy = [r / cfg.temperature - math.log(-math.log(max(rng.random(), 1e-12))) for r in rewards]
+        order = sorted(range(k), key=lambda i: -noisy[i])
+        ranks = [0.0] * k
+        for pos, i in enumerate(order):
+            ranks[i] = float(pos)
+        groups.append(
+            PreferenceGroup(
+                prompt=prompt,
+                responses=responses,
+                comparisons=comps,
+                group_id=f"sim-{cfg.seed}-{g}",
+                ranks=ranks,
+                scores=scores,
+                true_rewards=rewards,
+                attributes=attrs,
+                labels=labels,
+                subset="arithmetic" if arith else f"format_{fmt}",
+                source=f"simulator:{g}",
+            )
+        )
+    return groups

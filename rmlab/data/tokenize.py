@@ -1,0 +1,249 @@
+"""Tokenization of preference groups, with an explicit truncation policy and a cache.
+
+Each response row is ``start + prompt + mid + response + end`` where the special tokens come from the
+tokenizer: an encoder gets ``[CLS] prompt [SEP] response [SEP]``; a causal LM gets
+``<bos> prompt response <eos>`` (each only where the tokenizer has it). The prompt part is identical for
+every response of a group, which is what lets a causal LM encode it once (prefix sharing).
+
+Truncation policy (never silent; every cut is counted in the data report):
+1. the reward is read at the end of the response, so a response keeps its *end*;
+2. the prompt is left-truncated first (its end, next to the response, is kept), down to
+   ``min_prompt_tokens``;
+3. only then is a response left-truncated to fit;
+4. a comparison whose two sides are identical after truncation is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rmlab.data.types import DataReport, PreferenceGroup
+
+NAN = float("nan")
+
+
+@dataclass
+class TokenizedGroup:
+    prompt_ids: list[int]  # start specials + prompt + mid specials: the shared prefix
+    response_ids: list[list[int]]  # response + end specials, one per response
+    winner: list[int]
+    loser: list[int]
+    margin: list[float]  # NaN = none
+    strength: list[int]  # -1 = none
+    weight: list[float]
+    tie: list[bool]
+    group_weight: list[float]  # 1 / (comparisons in the *original* group): eq 6 balancing
+    group_id: str = ""
+    ranks: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    true_rewards: list[float] = field(default_factory=list)
+    labels: list[float] = field(default_factory=list)
+    attributes: list[list[float]] = field(default_factory=list)
+    subset: str = ""
+    parent: int = -1  # index of the original group when this is a sub-group of a split group
+
+    @property
+    def num_tokens(self) -> int:
+        p = len(self.prompt_ids)
+        return sum(p + len(r) for r in self.response_ids)
+
+    @property
+    def max_row(self) -> int:
+        return len(self.prompt_ids) + max(len(r) for r in self.response_ids)
+
+    @property
+    def k(self) -> int:
+        return len(self.response_ids)
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """(start, mid, end) special tokens around prompt and response for this tokenizer."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is not None and sep is not None:  # BERT-style encoder
+        return [cls], [sep], [sep]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return ([bos] if bos is not None else []), [], ([eos] if eos is not None else [])
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _pad(values, k, fill):
+    return list(values) if values is not None else [fill] * k
+
+
+def tokenize_groups(
+    groups: list[PreferenceGroup],
+    tokenizer,
+    report: DataReport,
+    max_length: int = 512,
+    min_prompt_tokens: int = 16,
+) -> list[TokenizedGroup]:
+    start, mid, end = special_tokens(tokenizer)
+    fixed = len(start) + len(mid) + len(end)
+    if max_length <= fixed + min_prompt_tokens:
+        raise ValueError(
+            f"data.max_length={max_length} leaves no room for a response after {fixed} special tokens and "
+            f"data.min_prompt_tokens={min_prompt_tokens}; raise max_length or lower min_prompt_tokens"
+        )
+    prompts = _encode(tokenizer, [g.prompt for g in groups])
+    flat = _encode(tokenizer, [r for g in groups for r in g.responses])
+    out, pos = [], 0
+    for g, p in zip(groups, prompts):
+        resp = flat[pos : pos + len(g.responses)]
+        pos += len(g.responses)
+        resp = [r + end for r in resp]
+        budget = max_length - len(start) - len(mid)
+        longest = max(len(r) for r in resp)
+        if len(p) + longest > budget:
+            keep = max(min_prompt_tokens, budget - longest)
+            if keep < len(p):
+                p = p[len(p) - keep :] if keep > 0 else []
+                report.truncated["prompt_left_truncated"] += 1
+            room = budget - len(p)
+            for i, r in enumerate(resp):
+                if len(r) > room:
+                    # Keep the end of the response: that is where the reward is read.
+                    resp[i] = r[len(r) - room :]
+                    report.truncated["response_left_truncated"] += 1
+        keep_c = []
+        report.comparisons_loaded += len(g.comparisons)
+        for c in g.comparisons:
+            if resp[c.winner] == resp[c.loser]:
+                report.drop_comparison("identical_after_truncation")
+            else:
+                keep_c.append(c)
+        has_pointwise = g.labels is not None or g.attributes is not None
+        if not keep_c and not has_pointwise:
+            report.drop("no_comparison_left_after_truncation", g.n_records)
+            report.kept -= g.n_records
+            continue
+        report.comparisons_kept += len(keep_c)
+        n_orig = max(len(g.comparisons), 1)
+        k = len(resp)
+        out.append(
+            TokenizedGroup(
+                prompt_ids=start + p + mid,
+                response_ids=resp,
+                winner=[c.winner for c in keep_c],
+                loser=[c.loser for c in keep_c],
+                margin=[NAN if c.margin is None else float(c.margin) for c in keep_c],
+                strength=[-1 if c.strength is None else int(c.strength) for c in keep_c],
+                weight=[float(c.weight) for c in keep_c],
+                tie=[bool(c.tie) for c in keep_c],
+                group_weight=[1.0 / n_orig] * len(keep_c),
+                group_id=g.group_id,
+                ranks=_pad(g.ranks, k, NAN),
+                scores=_pad(g.scores, k, NAN),
+                true_rewards=_pad(g.true_rewards, k, NAN),
+                labels=_pad(g.labels, k, NAN),
+                attributes=list(g.attributes) if g.attributes is not None else [],
+                subset=g.subset or "",
+            )
+        )
+    return out
+
+
+def split_group(tg: TokenizedGroup, max_responses: int, parent: int = -1) -> list[TokenizedGroup]:
+    """Split a group with more than ``max_responses`` responses into sub-groups that fit a batch.
+
+    Responses are cut into blocks of ``max_responses // 2``; each pair of blocks forms a sub-group, and
+    every comparison is assigned to exactly one sub-group (the first that holds both its sides). No
+    comparison is lost; a response may be forwarded in several sub-groups. ``group_weight`` keeps the
+    original 1 / C so eq 6 balancing still weighs the whole prompt as one.
+    """
+    if tg.k <= max_responses:
+        return [tg]
+    if max_responses < 2:
+        raise ValueError("a batch must hold at least 2 responses (data.batch.max_responses >= 2)")
+    half = max(1, max_responses // 2)
+    blocks = [list(range(i, min(i + half, tg.k))) for i in range(0, tg.k, half)]
+    block_of = {r: b for b, blk in enumerate(blocks) for r in blk}
+    pairs = [(a, b) for a in range(len(blocks)) for b in range(a, len(blocks)) if a != b or len(blocks) == 1]
+    assigned: dict[tuple[int, int], list[int]] = {}
+    for ci, (w, lo) in enumerate(zip(tg.winner, tg.loser)):
+        a, b = sorted((block_of[w], block_of[lo]))
+        key = (a, b) if a != b else (a, a + 1 if a + 1 < len(blocks) else a - 1)
+        key = tuple(sorted(key))
+        assigned.setdefault(key, []).append(ci)
+    subs = []
+    for key in pairs:
+        cis = assigned.get(key)
+        if not cis:
+            continue
+        members = blocks[key[0]] + blocks[key[1]]
+        local = {r: i for i, r in enumerate(members)}
+
+        def pick(xs, members=members):
+            return [xs[r] for r in members] if xs else []
+
+        subs.append(
+            TokenizedGroup(
+                prompt_ids=tg.prompt_ids,
+                response_ids=[tg.response_ids[r] for r in members],
+                winner=[local[tg.winner[c]] for c in cis],
+                loser=[local[tg.loser[c]] for c in cis],
+                margin=[tg.margin[c] for c in cis],
+                strength=[tg.strength[c] for c in cis],
+                weight=[tg.weight[c] for c in cis],
+                tie=[tg.tie[c] for c in cis],
+                group_weight=[tg.group_weight[c] for c in cis],
+                group_id=f"{tg.group_id}#{key[0]}-{key[1]}",
+                ranks=pick(tg.ranks),
+                scores=pick(tg.scores),
+                true_rewards=pick(tg.true_rewards),
+                labels=pick(tg.labels),
+                attributes=pick(tg.attributes),
+                subset=tg.subset,
+                parent=parent,
+            )
+        )
+    return subs
+
+
+def cache_key(*parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RMLAB_CACHE", Path.home() / ".cache" / "rmlab")) / "tokenized"
+
+
+def load_cached(key: str):
+    import torch
+
+    path = cache_dir() / f"{key}.pt"
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+        groups = [TokenizedGroup(**d) for d in blob["groups"]]
+        return groups, blob["report"]
+    except Exception:  # a stale or partial cache is rebuilt, never trusted
+        return None
+
+
+def save_cached(key: str, groups: list[TokenizedGroup], report: dict) -> None:
+    import torch
+
+    path = cache_dir() / f"{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"groups": [g.to_dict() for g in groups], "report": report}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+
+
+def is_nan(x: float) -> bool:
+    return isinstance(x, float) and math.isnan(x)

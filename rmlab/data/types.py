@@ -1,0 +1,126 @@
+"""The data contract: a preference *group* is one prompt, K >= 2 responses and the comparisons among them.
+
+A plain chosen/rejected pair is the K = 2 group with one comparison. A ranking is a group whose
+responses carry a rank (0 = best). Every later stage (tokenization, batching, losses, metrics) works
+on groups, so all C(K,2) comparisons of a prompt can share one batch and each response is scored once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Comparison:
+    """One labelled comparison inside a group.
+
+    winner/loser: response indices within the group (for a tie, the order carries no meaning).
+    margin: a continuous margin (rating gap, judge-score gap, explicit margin field), or None.
+    strength: a discrete preference strength 0..3 (Llama 2's scale: 3 = significantly better,
+        0 = negligibly better / unsure), or None.
+    weight: a per-comparison weight (e.g. annotator agreement); 1.0 by default.
+    tie: True when the label says neither side is better.
+    """
+
+    winner: int
+    loser: int
+    margin: float | None = None
+    strength: int | None = None
+    weight: float = 1.0
+    tie: bool = False
+
+
+@dataclass
+class PreferenceGroup:
+    """One prompt with its responses and the comparisons among them."""
+
+    prompt: str
+    responses: list[str]
+    comparisons: list[Comparison]
+    group_id: str = ""
+    ranks: list[float] | None = None  # 0 = best; equal ranks are ties; NaN = unranked
+    scores: list[float] | None = None  # a per-response rating, when the data has one
+    true_rewards: list[float] | None = None  # simulator only: the hidden truth
+    attributes: list[list[float]] | None = None  # per-response, per-attribute ratings (NaN = missing)
+    labels: list[float] | None = None  # pointwise correct (1) / incorrect (0) labels, NaN = none
+    subset: str | None = None  # a section name (RewardBench-style per-subset accuracy)
+    source: str = ""  # "file:line" of the record it came from, for error messages
+    n_records: int = 1  # source records folded into this group (ratings data: one per response)
+
+    def validate(self) -> None:
+        k = len(self.responses)
+        if k < 2 and not self._pointwise():
+            raise ValueError(f"group {self.group_id!r} has {k} response(s); a group needs at least 2")
+        for c in self.comparisons:
+            if not (0 <= c.winner < k and 0 <= c.loser < k) or c.winner == c.loser:
+                raise ValueError(f"group {self.group_id!r}: bad comparison {c}")
+
+    def _pointwise(self) -> bool:
+        return self.labels is not None or self.attributes is not None or self.scores is not None
+
+
+@dataclass
+class DataReport:
+    """Accounts for every record: loaded = kept + sum(dropped.values()).
+
+    Records are the units the source yields (a line of jsonl, a row of csv). Comparisons are
+    counted too, because truncation can drop a comparison while keeping its record.
+    """
+
+    name: str = ""
+    loaded: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    comparisons_loaded: int = 0
+    comparisons_kept: int = 0
+    comparisons_dropped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+
+    def drop_comparison(self, reason: str, n: int = 1) -> None:
+        self.comparisons_dropped[reason] += n
+
+    @property
+    def balanced(self) -> bool:
+        return self.loaded == self.kept + sum(self.dropped.values()) and (
+            self.comparisons_loaded == self.comparisons_kept + sum(self.comparisons_dropped.values())
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "records": {
+                "loaded": self.loaded,
+                "kept": self.kept,
+                "dropped": dict(self.dropped),
+            },
+            "comparisons": {
+                "loaded": self.comparisons_loaded,
+                "kept": self.comparisons_kept,
+                "dropped": dict(self.comparisons_dropped),
+            },
+            "truncated": dict(self.truncated),
+            "balanced": self.balanced,
+            **self.extra,
+        }
+
+    def one_line(self) -> str:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
+        cdrops = ", ".join(f"{k}={v}" for k, v in sorted(self.comparisons_dropped.items())) or "none"
+        return (
+            f"[{self.name}] records loaded={self.loaded} kept={self.kept} dropped: {drops} | "
+            f"comparisons loaded={self.comparisons_loaded} kept={self.comparisons_kept} dropped: {cdrops}"
+        )
+
+
+def finite_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None

@@ -1,0 +1,126 @@
+"""RewardModule: the LightningModule (the *system*) around a RewardModel and a pluggable loss.
+
+One shared step for train, val and test. Metrics are torchmetrics objects, one set per stage, logged
+as objects so that DDP syncs their state. Names are ``stage/name``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+
+from rmlab.losses.base import LossOutput
+
+STAGES = ("train", "val", "test")
+METRICS = ("loss", "acc", "tie_rate", "reward_chosen", "reward_rejected", "reward_gap")
+
+
+def pairwise_stats(rewards: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(values, weights) per metric for one batch. Accuracy is strict (r_w > r_l) on non-tie
+    comparisons only; ties are reported as a rate, never counted as wins."""
+    rw, rl = rewards[batch.winner].detach(), rewards[batch.loser].detach()
+    nt = ~batch.tie
+    ones = torch.ones_like(rw)
+    return {
+        "acc": ((rw > rl).float(), nt.float()),
+        "tie_rate": (batch.tie.float(), ones),
+        "reward_chosen": (rw, nt.float()),
+        "reward_rejected": (rl, nt.float()),
+        "reward_gap": (rw - rl, nt.float()),
+    }
+
+
+class RewardModule(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_ratio: float = 0.05,
+        min_lr_ratio: float = 0.1,
+        scheduler: str = "cosine",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "loss"])
+        self.model, self.loss_fn = model, loss
+        # ModuleDict keys cannot shadow nn.Module attributes (`train`), hence the suffix.
+        self.metrics = nn.ModuleDict({f"{s}_": nn.ModuleDict({m: MeanMetric() for m in METRICS}) for s in STAGES})
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.model.score_batch(batch) if hasattr(self.model, "score_batch") else self.model(
+            batch.input_ids, batch.attention_mask, batch.position_ids
+        )
+
+    def shared_step(self, batch, stage: str) -> torch.Tensor:
+        rewards = self(batch)
+        out: LossOutput = self.loss_fn(rewards, batch)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite {stage} loss ({out.loss.item()}) at global step {self.global_step}; "
+                f"prompt ids in the batch: {batch.group_ids[:8]}. Lower model.lr / optim.lr, check margins, or use trainer.precision=32"
+            )
+        n = max(batch.num_comparisons, 1)
+        m = self.metrics[f"{stage}_"]
+        on_step = stage == "train"
+        m["loss"](out.loss.detach(), n)
+        self.log(f"{stage}/loss", m["loss"], on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n)
+        if batch.num_comparisons:
+            for name, (v, w) in pairwise_stats(rewards, batch).items():
+                if w.sum() > 0:
+                    m[name](v, w)
+                self.log(f"{stage}/{name}", m[name], on_step=on_step and name == "acc", on_epoch=True,
+                         prog_bar=name == "acc", batch_size=n)
+        return out.loss
+
+    def training_step(self, batch, batch_idx):
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.shared_step(batch, "test")
+
+    def on_validation_epoch_end(self):
+        self._last_val_step = self.global_step
+        acc = self.metrics["val_"]["acc"].compute()
+        if not torch.isnan(acc):
+            self.val_acc_best.update(acc)
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=False)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Biases and norm weights (1-D) get no weight decay.
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            eps=self.hparams.eps,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(self.hparams.warmup_ratio * total)
+        floor, kind = self.hparams.min_lr_ratio, self.hparams.scheduler
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            if kind == "constant":
+                return 1.0
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            shape = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1 - t
+            return floor + (1 - floor) * shape
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -1,0 +1,16 @@
+"""Train a reward model: ``python train.py [group=option ...] [key=value ...]``. See README.md."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from rmlab.train import run
+
+    summary = run(cfg)
+    return summary.get("val_acc")  # the value an Optuna sweep optimizes
+
+
+if __name__ == "__main__":
+    main()
