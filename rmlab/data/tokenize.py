@@ -121,7 +121,8 @@ def tokenize_groups(
         report.comparisons_loaded += len(g.comparisons)
         for c in g.comparisons:
             if resp[c.winner] == resp[c.loser]:
-                report.drop_comparison("identical_after_truncation")
+                same_text = g.responses[c.winner] == g.responses[c.loser]
+                report.drop_comparison("identical_responses" if same_text else "identical_after_truncation")
             else:
                 keep_c.append(c)
         has_pointwise = g.labels is not None or g.attributes is not None

@@ -1,0 +1,31 @@
+# make train / make test create .venv on first use. ARGS="loss=margin ..." passes Hydra overrides.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rmlab-installed
+ARGS ?=
+
+.PHONY: train test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# CPU machines: the CPU wheel first (no multi-GB CUDA download). GPU machines: pip's default CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install "torch>=2.4"; \
+	else $(BIN)/pip install torch==2.13.0 || $(BIN)/pip install torch --index-url https://download.pytorch.org/whl/cpu; fi
+	$(BIN)/pip install -e ".[dev,all]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check rmlab tests train.py eval.py
+
+bench: $(STAMP)
+	$(BIN)/python -m rmlab.bench $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
