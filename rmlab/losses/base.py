@@ -1,4 +1,4 @@
-"""Base class for preference losses: rewards + comparison structure -> scalar (+ per-comparison terms).
+"""Base classes for preference losses: rewards + comparison structure -> scalar (+ terms for logging).
 
 A loss knows nothing of Lightning or tokenizers. It reads, from any object with these tensors
 (``RewardBatch`` has them; ``Comparisons`` below is the minimal one for tests):
@@ -8,6 +8,10 @@ A loss knows nothing of Lightning or tokenizers. It reads, from any object with 
   ``group_weight`` [C] (1 / C(K,2) of the comparison's prompt), ``cmp_group`` [C];
 - ``group_index`` [N], ``rank`` [N] (0 = best, NaN = unranked), ``score`` [N] for K-wise / pointwise
   losses.
+
+Every loss derives from ``RewardLoss``, whose ``forward`` checks shapes, calls the loss's own
+``objective`` and then adds the reward-centering term when ``center_coef > 0``. Centering is thus one
+option that composes with every loss, not a copy of each loss.
 """
 
 from __future__ import annotations
@@ -18,11 +22,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# Fields a loss may read, by the axis they live on: [C] per comparison, [N] per response.
+COMPARISON_FIELDS = ("margin", "strength", "weight", "tie", "group_weight", "cmp_group")
+RESPONSE_FIELDS = ("group_index", "rank", "score", "label")
+CENTER_MODES = ("pair", "group")
+
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar
-    terms: torch.Tensor  # [C] per-comparison terms (before weighting), for logging
+    # Per-unit terms before weighting, for logging: [C] per comparison for pairwise losses, [G] per
+    # ranked group for Plackett-Luce, [N] per labelled response for regression.
+    terms: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named add-ons (e.g. "center"), detached
 
 
 @dataclass
@@ -40,6 +52,7 @@ class Comparisons:
     group_index: torch.Tensor | None = None
     rank: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    label: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -53,10 +66,14 @@ class Comparisons:
             self.weight = torch.ones(c, dtype=f)
         if self.tie is None:
             self.tie = torch.zeros(c, dtype=torch.bool)
-        if self.group_weight is None:
-            self.group_weight = torch.ones(c, dtype=f)
         if self.cmp_group is None:
-            self.cmp_group = torch.zeros(c, dtype=torch.long)
+            # Without a group per comparison, the comparisons belong to the winner's group when
+            # responses have one, else to a single group.
+            self.cmp_group = self.group_index[self.winner] if self.group_index is not None else torch.zeros(c, dtype=torch.long)
+        if self.group_weight is None:
+            # Eq 6: each comparison weighs 1 / (comparisons of its prompt), as the collator does.
+            counts = torch.bincount(self.cmp_group, minlength=1).to(f) if c else torch.ones(1, dtype=f)
+            self.group_weight = 1.0 / counts[self.cmp_group]
 
 
 def check_rewards(rewards: torch.Tensor, batch) -> None:
@@ -66,11 +83,18 @@ def check_rewards(rewards: torch.Tensor, batch) -> None:
             f"rewards must be 1-D [N] (one per response), got shape {tuple(rewards.shape)}; "
             "squeeze the head output with .reshape(-1) (a [B,1] - [B] difference broadcasts to [B,B])"
         )
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be floating point, got {rewards.dtype}")
     w, lo = batch.winner, batch.loser
     if w.shape != lo.shape or w.dim() != 1:
         raise ValueError(f"winner and loser must be 1-D and equal in shape, got {tuple(w.shape)} and {tuple(lo.shape)}")
     if w.numel() and int(max(w.max(), lo.max())) >= rewards.numel():
         raise ValueError(f"a comparison indexes response {int(max(w.max(), lo.max()))} but there are {rewards.numel()} rewards")
+    for names, n, axis in ((COMPARISON_FIELDS, w.numel(), "C (comparisons)"), (RESPONSE_FIELDS, rewards.numel(), "N (responses)")):
+        for name in names:
+            t = getattr(batch, name, None)
+            if t is not None and tuple(t.shape) != (n,):
+                raise ValueError(f"batch.{name} must have shape [{axis}] = ({n},), got {tuple(t.shape)}")
 
 
 def tie_term(d: torch.Tensor) -> torch.Tensor:
@@ -78,16 +102,75 @@ def tie_term(d: torch.Tensor) -> torch.Tensor:
     return -0.5 * (F.logsigmoid(d) + F.logsigmoid(-d))
 
 
-class PairwiseLoss(nn.Module):
+def group_sums(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` [N] per group id in ``group`` [N] -> [G], G = max id + 1."""
+    g = int(group.max()) + 1 if group.numel() else 0
+    return values.new_zeros(g).index_add(0, group, values)
+
+
+def center_term(rewards: torch.Tensor, batch, mode: str = "pair") -> torch.Tensor:
+    """Reward centering (Eisenstein et al. 2023, "Helping or Herding?"), the unscaled penalty.
+
+    ``pair``: mean over comparisons of (r_w + r_l)^2, as TRL's ``center_rewards_coefficient``.
+    ``group``: mean over prompts of (mean of r over the prompt's responses)^2; it also covers responses
+        in no comparison, and pointwise batches.
+    Zero (still attached to the graph) when the batch has nothing to center.
+    """
+    if mode == "pair":
+        if batch.winner.numel() == 0:
+            return rewards.sum() * 0.0
+        return ((rewards[batch.winner] + rewards[batch.loser]) ** 2).mean()
+    if mode == "group":
+        gi = batch.group_index
+        if gi is None or gi.numel() == 0:
+            return rewards.sum() * 0.0
+        sums, counts = group_sums(rewards, gi), group_sums(torch.ones_like(rewards), gi)
+        present = counts > 0  # group ids need not be contiguous
+        return ((sums[present] / counts[present]) ** 2).mean()
+    raise ValueError(f"center must be one of {CENTER_MODES}, got {mode!r}")
+
+
+class RewardLoss(nn.Module):
+    """Base of every loss. Subclasses implement ``objective(rewards, batch) -> LossOutput``.
+
+    center_coef: weight of the reward-centering penalty (``center_term``) added to the objective;
+        0 turns it off. It breaks the shift invariance of BT on purpose: it pins the reward's offset.
+    center: ``pair`` or ``group``, see ``center_term``.
+    """
+
+    def __init__(self, center_coef: float = 0.0, center: str = "pair"):
+        super().__init__()
+        if center not in CENTER_MODES:
+            raise ValueError(f"center must be one of {CENTER_MODES}, got {center!r}")
+        if center_coef < 0:
+            raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+        self.center_coef, self.center = float(center_coef), center
+
+    def objective(self, rewards: torch.Tensor, batch) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, rewards: torch.Tensor, batch) -> LossOutput:
+        check_rewards(rewards, batch)
+        out = self.objective(rewards, batch)
+        if out.loss.dim() != 0:
+            raise ValueError(f"{type(self).__name__} returned a loss of shape {tuple(out.loss.shape)}, expected a scalar")
+        if self.center_coef > 0:
+            c = center_term(rewards, batch, self.center)
+            out = LossOutput(out.loss + self.center_coef * c, out.terms, {**out.parts, "center": c.detach()})
+        return out
+
+
+class PairwiseLoss(RewardLoss):
     """A loss that is a (weighted) mean of per-comparison terms f(d), d = r_w - r_l.
 
     balance: ``none`` weighs every comparison alike; ``group`` is InstructGPT's eq 6: each comparison
         gets 1/C(K,2) of its prompt, so every prompt weighs the same whatever its K.
-    ties: a tie comparison is trained toward equal rewards with BT at target 1/2 (``tie_term``).
+    ties: a tie comparison is trained toward equal rewards with BT at target 1/2 (``tie_term``);
+        subclasses with a tie model (``rmlab.losses.ties``) override ``tie_term``.
     """
 
-    def __init__(self, balance: str = "none"):
-        super().__init__()
+    def __init__(self, balance: str = "none", center_coef: float = 0.0, center: str = "pair"):
+        super().__init__(center_coef, center)
         if balance not in ("none", "group"):
             raise ValueError(f"balance must be none|group, got {balance!r}")
         self.balance = balance
@@ -102,8 +185,7 @@ class PairwiseLoss(nn.Module):
         w = batch.weight
         return w * batch.group_weight if self.balance == "group" else w
 
-    def forward(self, rewards: torch.Tensor, batch) -> LossOutput:
-        check_rewards(rewards, batch)
+    def objective(self, rewards: torch.Tensor, batch) -> LossOutput:
         d = rewards[batch.winner] - rewards[batch.loser]
         terms = self.pair_term(d, batch)
         if batch.tie.any():
