@@ -1,0 +1,16 @@
+"""Evaluate a reward model: python eval.py ckpt_path=<run>/checkpoints/last.ckpt [data=...]
+or python eval.py model.name_or_path=<run>/export data=... (see docs/eval.md)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from rmlab.evaluate import run  # lazy: `python eval.py --help` stays fast
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

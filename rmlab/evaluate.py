@@ -1,0 +1,151 @@
+"""The eval entry: score a dataset with a checkpoint or an exported model, write the report.
+
+``eval.py`` at the root is the Hydra shim; tests call ``run(cfg)`` through the compose API.
+
+Which model:
+- ``ckpt_path=<run>/checkpoints/last.ckpt``: a Lightning checkpoint. The architecture comes from the
+  run's ``config.yaml`` (next to ``checkpoints/``) so ``model=`` need not be repeated; without it,
+  from ``cfg.model``.
+- ``model.name_or_path=<run>/export`` (or any HF reward model directory): loaded with ``build_model``.
+
+Which examples (``split``): ``val`` scores the held-out prompts of the data config, ``all`` scores
+every group (for a dataset the model never trained on), ``auto`` picks ``val`` when the data config is
+the one the model was trained on (so training prompts never inflate the score) and ``all`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("rmlab")
+
+# Data keys that decide which examples a data config yields; equal keys = the training data.
+_DATA_IDENTITY = ("name", "source", "split", "val_source", "val_split", "val_fraction", "simulator", "format", "fields", "seed")
+
+
+def find_run_config(path: str | None) -> DictConfig | None:
+    """The training run's resolved config.yaml for a checkpoint or an export dir inside a run dir."""
+    if not path:
+        return None
+    p = Path(path).resolve()
+    for d in (p.parent, p.parent.parent, p, p.parent.parent.parent):
+        if (d / "config.yaml").exists() and (d / "config.yaml") != p:
+            return OmegaConf.load(d / "config.yaml")
+    return None
+
+
+def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_cfg: DictConfig | None = None):
+    """A RewardModel in eval mode from a Lightning checkpoint or from ``model_cfg`` (an export dir).
+
+    For a checkpoint the architecture is built from the training run's model config (``run_cfg``)
+    when there is one, then the weights are loaded strictly: a mismatch is an error, never silent.
+    """
+    import torch
+    from hydra.utils import instantiate
+
+    if ckpt_path:
+        arch = run_cfg.model if run_cfg is not None and "model" in run_cfg else model_cfg
+        if arch is None:
+            raise ValueError(f"no model config for {ckpt_path}: pass model=<the one it was trained with>")
+        model = instantiate(arch, _convert_="all")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        # The module stores the RewardModel as `model`; the loss may own buffers, which are not ours.
+        own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        model.load_state_dict(own, strict=True)
+    else:
+        if model_cfg is None:
+            raise ValueError("set ckpt_path=<checkpoint> or model.name_or_path=<export dir>")
+        model = instantiate(model_cfg, _convert_="all")
+    return model.eval()
+
+
+def score_loader(model, loader, keep_tokens: bool = False, device: str = "cpu", progress: bool = False):
+    """Rewards of every response of ``loader`` (RewardBatch batches) -> metrics.Predictions."""
+    import torch
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from rmlab.metrics import PredictionCollector
+
+    col = PredictionCollector(keep_tokens=keep_tokens)
+    it = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(loader, desc="scoring", unit="batch", leave=False)
+    model.to(device)
+    with torch.inference_mode():
+        for batch in it:
+            b = move_data_to_device(batch, device)
+            if hasattr(model, "score_batch"):
+                rewards = model.score_batch(b)
+            else:
+                rewards = model(b.input_ids, b.attention_mask, b.position_ids)
+            col.add(rewards.float().cpu(), batch)
+    return col.result()
+
+
+def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
+    if split in ("val", "all"):
+        return split
+    if split != "auto":
+        raise ValueError(f"split must be auto|val|all, got {split!r}")
+    if run_cfg is None or "data" not in run_cfg:
+        return "all"
+    a, b = OmegaConf.to_container(data_cfg, resolve=True), OmegaConf.to_container(run_cfg.data, resolve=True)
+    same = all(a.get(k) == b.get(k) for k in _DATA_IDENTITY)
+    return "val" if same else "all"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+    import transformers
+    from hydra.utils import instantiate
+
+    from rmlab.metrics import compute_all
+    from rmlab.report import write_report
+
+    transformers.logging.set_verbosity_error()
+    t0 = time.time()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+
+    ckpt = cfg.get("ckpt_path")
+    name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
+    run_cfg = find_run_config(ckpt or name_or_path)
+    model = load_reward_model(ckpt, cfg.model, run_cfg)
+    dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), _convert_="all")
+    dm.setup("validate")
+    split = pick_split(cfg.split, cfg.data, run_cfg)
+    groups = dm.val_groups if split == "val" else dm.train_groups + dm.val_groups
+    if not groups:
+        raise ValueError(f"no groups to evaluate in split={split!r} of data={cfg.data.name}")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pred = score_loader(model, dm._loader(groups, train=False), keep_tokens=True, device=device, progress=True)
+    sections = OmegaConf.to_container(cfg.sections, resolve=True) if cfg.get("sections") else None
+    result = compute_all(pred, sections=sections, n_bins=int(cfg.n_bins))
+    info = {
+        "model": str(ckpt or name_or_path),
+        "data": cfg.data.name,
+        "split": split,
+        "groups": len(groups),
+        "responses": int(pred.reward.size),
+        "seconds": round(time.time() - t0, 2),
+        "run_dir": str(out),
+    }
+    summary = write_report(out, result, pred, info, tokenizer=model.tokenizer, worst_k=int(cfg.worst_k))
+    print(summary, flush=True)
+    return {"metrics": result.scalars, "info": info}
+
+
+def metrics_json(path: str | Path) -> dict[str, Any]:
+    """Read an eval or train ``metrics.json`` (both keep scalars under ``metrics``)."""
+    return json.loads(Path(path).read_text())
