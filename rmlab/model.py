@@ -95,11 +95,31 @@ class RewardModel(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), idx]
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-        h = self.hidden_at_pool(input_ids, attention_mask, position_ids)
+        return self.reward_from_hidden(self.hidden_at_pool(input_ids, attention_mask, position_ids))
+
+    def reward_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on pooled hidden states [N, H] -> rewards [N] (shared by every forward mode)."""
         for name, mod in self.pre_head:
             h = mod(h[:, None, :]) if name == "pooler" else mod(h)
         r = self.head(h[:, None, :]) if self.head_wants_seq else self.head(h)
         return r.reshape(-1).float()
+
+    # Set by build_model (rmlab.packing.configure_speed); a bare RewardModel stays padded.
+    forward_mode: str = "padded"
+    row_tokens: int | None = None
+
+    def score_batch(self, batch) -> torch.Tensor:
+        """Rewards [N] for a RewardBatch in ``self.forward_mode`` (padded | packed | prefix_shared).
+
+        All modes give the same rewards (tests/test_packing.py); packed and prefix_shared forward each
+        unique token once instead of padding every row to the longest (see rmlab/packing.py).
+        """
+        if self.forward_mode == "padded":
+            return self(batch.input_ids, batch.attention_mask, batch.position_ids)
+        from rmlab.packing import packed_hidden
+
+        h = packed_hidden(self, batch)
+        return self.reward_from_hidden(h)
 
     def save_pretrained(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
         """Hugging Face format (safetensors + tokenizer) that plain transformers loads."""
@@ -151,6 +171,9 @@ def build_model(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = "sdpa",
+    forward_mode: str = "padded",
+    row_tokens: int | None = None,
+    compile: bool = False,
     **_: Any,
 ) -> RewardModel:
     """Build a RewardModel.
@@ -158,6 +181,8 @@ def build_model(
     name_or_path: a hub name, a local directory, or ``minilm`` for the bundled all-MiniLM-L6-v2.
     config: build from this config with random weights instead (``model_type`` plus its fields).
     tokenizer: ``byt5`` for a file-free byte tokenizer, another name/path, or None (= name_or_path).
+    forward_mode: ``padded`` | ``packed`` | ``prefix_shared`` | ``auto`` (rmlab.packing); encoders stay padded.
+    row_tokens: packed row width (None = the batch's longest segment). compile: torch.compile the backbone.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -195,7 +220,9 @@ def build_model(
     rmlab_meta = getattr(hf.config, "rmlab", None)
     if isinstance(rmlab_meta, dict) and pooling == "auto":
         pooling = rmlab_meta.get("pooling", "auto")
-    return RewardModel(hf, tok, pooling)
+    from rmlab.packing import configure_speed
+
+    return configure_speed(RewardModel(hf, tok, pooling), forward_mode, row_tokens, compile)
 
 
 def read_export_meta(path: str) -> dict:
