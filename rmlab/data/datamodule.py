@@ -20,7 +20,7 @@ from rmlab.data.formats import records_to_groups
 from rmlab.data.sampler import GroupBatchSampler
 from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.data.sources import read_records
-from rmlab.data.tokenize import TokenizedGroup, cache_key, load_cached, save_cached, split_group, tokenize_groups
+from rmlab.data.tokenize import TokenizedGroup, cache_key, explode_pairs, load_cached, save_cached, split_group, tokenize_groups
 from rmlab.data.types import DataReport, PreferenceGroup
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class RewardDataModule(L.LightningDataModule):
         output_dir: str | None = None,
         hub_kwargs: dict | None = None,
         format_options: dict | None = None,
+        template: Any = None,
+        pair_batching: str = "grouped",
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -96,6 +98,9 @@ class RewardDataModule(L.LightningDataModule):
         self.sort_by_length, self.num_workers, self.seed, self.cache = sort_by_length, num_workers, seed, cache
         self.output_dir, self.hub_kwargs = output_dir, dict(hub_kwargs or {})
         self.format_options = dict(format_options or {})
+        # A generative model's row builder (rmlab.generative.GroupTemplate), applied after the split.
+        self.template = template
+        self.pair_batching = pair_batching
         self.train_groups: list[TokenizedGroup] | None = None
         self.val_groups: list[TokenizedGroup] = []
         self.report: dict[str, Any] = {}
@@ -108,11 +113,18 @@ class RewardDataModule(L.LightningDataModule):
             report.loaded = report.kept = len(groups)
             return groups
         records = read_records(source, split, self.hub_kwargs)
-        return records_to_groups(
-            records, self.format, self.fields, report, self.on_error, self.max_records, **self.format_options
-        )
+        # The chat format renders messages with the tokenizer's own chat template.
+        options = {**self.format_options, "tokenizer": self.tokenizer} if self.format == "chat" else self.format_options
+        return records_to_groups(records, self.format, self.fields, report, self.on_error, self.max_records, **options)
 
     def _tokenize(self, groups: list[PreferenceGroup], report: DataReport) -> list[TokenizedGroup]:
+        if self.template is not None:
+            templated = [self.template(g) for g in groups]
+            for g, t in zip(groups, templated):
+                if t is None:  # e.g. a pairwise judge cannot use a group without comparisons
+                    report.drop("rejected_by_model_template", g.n_records)
+                    report.kept -= g.n_records
+            groups = [t for t in templated if t is not None]
         toks = tokenize_groups(groups, self.tokenizer, report, self.max_length, self.min_prompt_tokens)
         # A group bigger than one batch is split into sub-groups (documented in split_group).
         row_cap = max(2, min(self.max_responses, self.max_tokens // max(1, max((t.max_row for t in toks), default=1))))
@@ -122,6 +134,10 @@ class RewardDataModule(L.LightningDataModule):
             if len(subs) > 1:
                 report.truncated["groups_split_into_subgroups"] += 1
             out.extend(subs)
+        if self.pair_batching == "shuffled":
+            out = [p for t in out for p in explode_pairs(t)]
+        elif self.pair_batching != "grouped":
+            raise ValueError(f"data.pair_batching must be grouped|shuffled, got {self.pair_batching!r}")
         return out
 
     def _build(self) -> tuple[list[TokenizedGroup], list[TokenizedGroup], dict]:
@@ -165,7 +181,7 @@ class RewardDataModule(L.LightningDataModule):
         parts = (
             "v1", self.source, self.format, self.fields, self.split, self.val_source, self.val_split, self.val_fraction,
             self.simulator, self.max_length, self.min_prompt_tokens, self.max_records, self.on_error, self.seed,
-            self.max_tokens, self.max_responses, self.format_options, tok_id,
+            self.max_tokens, self.max_responses, self.format_options, tok_id, repr(self.template), self.pair_batching,
         )
         return cache_key(*parts)
 

@@ -213,6 +213,32 @@ def split_group(tg: TokenizedGroup, max_responses: int, parent: int = -1) -> lis
     return subs
 
 
+def explode_pairs(tg: TokenizedGroup) -> list[TokenizedGroup]:
+    """One K=2 group per comparison: the "shuffled comparisons" baseline InstructGPT compares eq 6 to.
+
+    Each comparison becomes its own sample, so a prompt's comparisons scatter across batches and a
+    response is forwarded once per comparison it is in (2 * C(K,2) forwards instead of K).
+    ``group_weight`` keeps 1/C(K,2), so loss=grouped still weighs prompts alike.
+    """
+    out = []
+    for ci, (w, lo) in enumerate(zip(tg.winner, tg.loser)):
+
+        def pick(xs):
+            return [xs[w], xs[lo]] if xs else []
+
+        out.append(
+            TokenizedGroup(
+                prompt_ids=tg.prompt_ids,
+                response_ids=[tg.response_ids[w], tg.response_ids[lo]],
+                winner=[0], loser=[1], margin=[tg.margin[ci]], strength=[tg.strength[ci]], weight=[tg.weight[ci]],
+                tie=[tg.tie[ci]], group_weight=[tg.group_weight[ci]], group_id=f"{tg.group_id}/c{ci}",
+                ranks=pick(tg.ranks), scores=pick(tg.scores), true_rewards=pick(tg.true_rewards),
+                labels=pick(tg.labels), attributes=pick(tg.attributes), subset=tg.subset, parent=tg.parent,
+            )
+        )
+    return out
+
+
 def cache_key(*parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
