@@ -72,7 +72,8 @@ class Comparisons:
             self.cmp_group = self.group_index[self.winner] if self.group_index is not None else torch.zeros(c, dtype=torch.long)
         if self.group_weight is None:
             # Eq 6: each comparison weighs 1 / (comparisons of its prompt), as the collator does.
-            counts = torch.bincount(self.cmp_group, minlength=1).to(f) if c else torch.ones(1, dtype=f)
+            # float64, so 1/3 is exact to float64 tests; a loss casts weights to the rewards' dtype.
+            counts = torch.bincount(self.cmp_group, minlength=1).double() if c else torch.ones(1, dtype=torch.float64)
             self.group_weight = 1.0 / counts[self.cmp_group]
 
 

@@ -37,7 +37,8 @@ class MarginSource(nn.Module):
         if table not in LLAMA2_MARGINS:
             raise ValueError(f"margin table must be one of {sorted(LLAMA2_MARGINS)}, got {table!r}")
         self.source, self.table, self.scale, self.eps = source, table, float(scale), float(eps)
-        self.register_buffer("_table", torch.tensor(LLAMA2_MARGINS[table]), persistent=False)
+        # float64 so that 1/3 is exact in float64 tests; cast to the rewards' dtype on use.
+        self.register_buffer("_table", torch.tensor(LLAMA2_MARGINS[table], dtype=torch.float64), persistent=False)
 
     def forward(self, batch, like: torch.Tensor) -> torch.Tensor:
         """Margins [C] in the dtype and device of ``like`` (the reward differences)."""
@@ -82,14 +83,15 @@ class LogExpLoss(PairwiseLoss):
 
         L = log(1 + exp(r_l - r_w))
 
-    Computed stably as ``max(x, 0) + log1p(exp(-|x|))`` with x = r_l - r_w, so it neither overflows
-    at x = +1e4 nor loses precision at x = -1e4. It equals BT exactly; it is here so a sweep can show
-    that (``experiment=bt_vs_logexp``).
+    Computed as ``logaddexp(0, x)`` = log(e^0 + e^x) with x = r_l - r_w, so it neither overflows at
+    x = +1e4 nor loses precision at x = -1e4. (The textbook ``max(x, 0) + log1p(exp(-|x|))`` has the
+    right value but autograd gives it gradient 1 instead of 1/2 at x = 0, where every pair starts when a
+    head outputs equal rewards.) It equals BT in value and gradient; it is here so a sweep can show that.
     """
 
     def pair_term(self, d, batch):
         x = -d
-        return torch.clamp(x, min=0) + torch.log1p(torch.exp(-x.abs()))
+        return torch.logaddexp(torch.zeros_like(x), x)
 
 
 class MarginLoss(PairwiseLoss):

@@ -62,14 +62,14 @@ class DavidsonLoss(TieModelLoss):
         super().__init__(tie_param, 0.0, learn_tie_param, balance, center_coef, center)
 
     def _log_z(self, d: torch.Tensor) -> torch.Tensor:
-        log_nu = torch.log(self.tie_param).to(d).expand_as(d)
+        log_nu = torch.log(self.tie_param.to(d)).expand_as(d)
         return torch.logsumexp(torch.stack([d / 2, -d / 2, log_nu]), dim=0)
 
     def pair_term(self, d, batch):
         return self._log_z(d) - d / 2
 
     def tie_term(self, d, batch):
-        return self._log_z(d) - torch.log(self.tie_param).to(d)
+        return self._log_z(d) - torch.log(self.tie_param.to(d))
 
 
 class RaoKupperLoss(TieModelLoss):
@@ -98,7 +98,7 @@ class RaoKupperLoss(TieModelLoss):
         super().__init__(tie_param, 1.0, learn_tie_param, balance, center_coef, center)
 
     def pair_term(self, d, batch):
-        return -F.logsigmoid(d - torch.log(self.tie_param).to(d))
+        return -F.logsigmoid(d - torch.log(self.tie_param.to(d)))
 
     def tie_term(self, d, batch):
         theta = self.tie_param.to(d)

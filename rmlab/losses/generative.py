@@ -1,0 +1,84 @@
+"""Losses for the heads beyond the scalar one: answer cross-entropy (generative verifier, pairwise judge)
+and the attribute loss (ArmoRM's two stages)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rmlab.losses.base import LossOutput, RewardLoss, check_rewards
+from rmlab.losses.pairwise import BTLoss
+from rmlab.losses.pointwise import masked_mse
+
+
+class AnswerCELoss(RewardLoss):
+    """Cross-entropy on the answer token, for generative reward models (GenRM, Zhang et al. 2024):
+
+        L = mean over labelled rows of -[y log P(yes) + (1 - y) log P(no)],  P(yes) = sigmoid(r)
+
+    where ``r = log P(yes) - log P(no)`` is the model's output (restricted to the two answer tokens, the
+    two-way softmax is exactly ``sigmoid(r)``). ``y = batch.label``: the verifier's pointwise 0/1
+    correctness label, or the judge's "A is the chosen one" (1 / 0, and 0.5 for a tie). NaN labels are
+    masked; a batch without labels gives 0, still attached to the graph.
+    """
+
+    def objective(self, rewards: torch.Tensor, batch) -> LossOutput:
+        y = getattr(batch, "label", None)
+        if y is None:
+            raise ValueError("answer cross-entropy needs batch.label (one 0/1 label per row)")
+        keep = torch.isfinite(y)
+        if not keep.any():
+            return LossOutput(rewards.sum() * 0.0, rewards.new_zeros(0))
+        terms = F.binary_cross_entropy_with_logits(rewards[keep], y[keep].to(rewards.dtype), reduction="none")
+        return LossOutput(terms.mean(), terms.detach())
+
+
+class AttributeLoss(nn.Module):
+    """Multi-attribute regression plus the preference loss of the combination (ArmoRM, Wang et al. 2024):
+
+        L = regression_weight * masked MSE(a_i, rating_i)  +  preference_weight * BT(sum_i w_i * sg(a_i))
+
+    ``a`` [N, A] are the head's attribute outputs, ``w`` [N, A] the combination weights (gating network or
+    fixed), ``sg`` stop-gradient: the preference pairs train the gate only, and each attribute output
+    stays a calibrated regression of its rating (stage 2 on a frozen stage 1, in the same steps). With
+    fixed weights the BT term has no parameter to move and is only reported. NaN ratings are masked.
+    Needs the model's per-attribute outputs: the module passes ``heads=`` (``needs_heads``).
+    """
+
+    needs_heads = True
+
+    def __init__(self, regression_weight: float = 1.0, preference_weight: float = 1.0, balance: str = "none"):
+        super().__init__()
+        self.regression_weight, self.preference_weight = float(regression_weight), float(preference_weight)
+        self.bt = BTLoss(balance=balance)
+
+    def forward(self, rewards: torch.Tensor, batch, heads: dict[str, torch.Tensor] | None = None) -> LossOutput:
+        if heads is None or "attributes" not in heads:
+            raise ValueError("the attribute loss needs per-attribute outputs: use model.head=attributes (rmlab.heads)")
+        check_rewards(rewards, batch)
+        a, w = heads["attributes"], heads["weights"]
+        target = batch.attributes
+        if target.shape[1] == 0:  # the data has no ratings: only the preference term is left
+            reg = a.sum() * 0.0
+        else:
+            reg, _ = masked_mse(a, target.to(a.dtype))
+        combined = (w * a.detach()).sum(-1)
+        if batch.num_comparisons:
+            pref = self.bt(combined, batch)
+            pref_loss, terms = pref.loss, pref.terms
+        else:
+            pref_loss, terms = combined.sum() * 0.0, combined.new_zeros(0)
+        loss = self.regression_weight * reg + self.preference_weight * pref_loss
+        return LossOutput(loss, terms, {"regression": reg.detach(), "preference": pref_loss.detach()})
+
+
+def head_default_loss(kind: str | None = None, head: str | None = None, balance: str = "none") -> nn.Module:
+    """The objective each head is designed for, so a sweep over ``model=`` needs no matching ``loss=``:
+    the attribute loss for ``head=attributes``, answer cross-entropy for the pairwise judge, BT otherwise
+    (scalar head, and the generative verifier on pairwise data)."""
+    if head == "attributes":
+        return AttributeLoss(balance=balance)
+    if kind == "judge":
+        return AnswerCELoss()
+    return BTLoss(balance=balance)
