@@ -60,7 +60,7 @@ class SimulatorConfig:
     num_prompts: int = 2000  # groups to generate (train + val, split later by prompt)
     k: int = 3  # responses per prompt (lower bound when k_max is set)
     k_max: int | None = None  # if set, K is drawn uniformly from [k, k_max] per prompt
-    comparisons: str = "all"  # all | adjacent | one: which of the C(K,2) pairs are labelled
+    comparisons: str = "all"  # all | adjacent | one | ranking (the pairs the PL ranking implies)
     temperature: float = 0.5  # BT temperature of the annotator (lower = less label noise)
     tie_band: float = 0.15  # |perceived gap| below this is reported as a tie
     arithmetic_fraction: float = 0.25  # share of prompts that are sums (on_topic = correct sum)
@@ -128,9 +128,18 @@ def generate(cfg: SimulatorConfig) -> list[PreferenceGroup]:
             pairs = [(i, i + 1) for i in range(k - 1)]
         elif cfg.comparisons == "one":
             pairs = [tuple(rng.sample(range(k), 2))]
-        elif cfg.comparisons != "all":
-            raise ValueError(f"simulator.comparisons must be all|adjacent|one, got {cfg.comparisons!r}")
+        elif cfg.comparisons not in ("all", "ranking"):
+            raise ValueError(f"simulator.comparisons must be all|adjacent|one|ranking, got {cfg.comparisons!r}")
+        # A full ranking drawn from the Plackett-Luce model of the same annotator (Gumbel-max trick).
+        noisy = [r / cfg.temperature - math.log(-math.log(max(rng.random(), 1e-12))) for r in rewards]
+        order = sorted(range(k), key=lambda i: -noisy[i])
+        ranks = [0.0] * k
+        for pos, i in enumerate(order):
+            ranks[i] = float(pos)
         comps = []
+        if cfg.comparisons == "ranking":  # the C(K,2) pairs the ranking implies: the same labels PL sees
+            pairs = []
+            comps = [Comparison(winner=i, loser=j) for i, j in combinations(order, 2)]
         for i, j in pairs:
             u = rng.random()
             perceived = rewards[i] - rewards[j] + cfg.temperature * math.log(u / (1.0 - u))
@@ -145,12 +154,6 @@ def generate(cfg: SimulatorConfig) -> list[PreferenceGroup]:
         scores = [
             float(min(5, max(1, round(1 + 4 * (r - lo_r) / (hi_r - lo_r) + rng.gauss(0, 0.3))))) for r in rewards
         ]
-        # A full ranking drawn from the Plackett-Luce model of the same annotator (Gumbel-max trick).
-        noisy = [r / cfg.temperature - math.log(-math.log(max(rng.random(), 1e-12))) for r in rewards]
-        order = sorted(range(k), key=lambda i: -noisy[i])
-        ranks = [0.0] * k
-        for pos, i in enumerate(order):
-            ranks[i] = float(pos)
         groups.append(
             PreferenceGroup(
                 prompt=prompt,
