@@ -62,6 +62,7 @@ class RewardModule(L.LightningModule):
     def shared_step(self, batch, stage: str) -> torch.Tensor:
         rewards = self(batch)
         out: LossOutput = self.loss_fn(rewards, batch)
+        self.last_rewards = rewards.detach()  # read by rmlab.callbacks.EvalMetricsCallback: no second forward
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite {stage} loss ({out.loss.item()}) at global step {self.global_step}; "
