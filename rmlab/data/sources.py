@@ -38,34 +38,77 @@ def resolve_paths(source: str) -> list[str]:
     return []
 
 
-def read_records(source: str, split: str = "train", hub_kwargs: dict | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, record)``; a record that cannot be parsed is yielded as a ``DataError``.
+def read_records(
+    source: str | list[str], split: str = "train", hub_kwargs: dict | None = None
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(location, record)``; anything that cannot be read is yielded as a ``DataError``.
 
-    The caller decides (``data.on_error``) whether an error raises or becomes a counted skip.
+    ``source`` is a file, a directory, a glob, a list of those, or a hub dataset name. File-level
+    problems (missing, empty, undecodable document) are yielded too, with the file as location, so
+    the caller decides (``data.on_error``) whether an error raises or becomes a counted skip.
     """
+    if isinstance(source, (list, tuple)):
+        for one in source:
+            yield from read_records(str(one), split, hub_kwargs)
+        return
     paths = resolve_paths(os.path.expanduser(source))
     if not paths:
-        if source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")):
-            raise DataError(source, "file not found", "check data.source / data.data_dir (it is resolved from the repo root)")
+        if looks_local(source):
+            yield source, DataError(
+                source, "file not found", "check data.source and paths.data_dir (relative paths start at the repo root)"
+            )
+            return
         yield from _read_hub(source, split, hub_kwargs or {})
         return
     for path in paths:
         yield from _read_file(path)
 
 
+def looks_local(source: str) -> bool:
+    """A name with a data-file suffix or a path prefix is a file, never a hub dataset."""
+    return source.lower().endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
+
+
 def _read_file(path: str) -> Iterator[tuple[str, Any]]:
-    if os.path.getsize(path) == 0:
-        raise DataError(path, "the file is empty", "point data.source at a file with records")
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:
+        yield path, DataError(path, f"cannot read the file ({e.strerror})", "check its permissions and data.source")
+        return
+    if empty:
+        yield path, DataError(path, "the file is empty", "point data.source at a file with records")
+        return
     name = path.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rb") as f:
+        yield from _read_jsonl(path, gzip.open if name.endswith(".gz") else open)
+    elif name.endswith((".json", ".json.gz")):
+        yield from _read_json(path, gzip.open if name.endswith(".gz") else open)
+    elif name.endswith(".csv"):
+        yield from _read_csv(path)
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            yield path, DataError(path, f"not a readable parquet file ({type(e).__name__}: {str(e)[:120]})", "re-export the file")
+            return
+        for n, rec in enumerate(table.to_pylist()):
+            yield f"{path}:row {n}", rec
+    else:
+        yield path, DataError(path, "unknown file type", f"use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
+    with opener(path, "rb") as f:
+        n = 0
+        try:
             for n, raw in enumerate(f, start=1):
                 where = f"{path}:{n}"
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield where, DataError(where, f"not valid UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8")
+                    yield where, DataError(where, f"not valid UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8, or set data.on_error=skip")
                     continue
                 if not line.strip():
                     continue
@@ -73,35 +116,51 @@ def _read_file(path: str) -> Iterator[tuple[str, Any]]:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as e:
                     yield where, DataError(where, f"malformed JSON ({e.msg}, column {e.colno})", "fix or remove the line, or set data.on_error=skip")
-    elif name.endswith((".json", ".json.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                blob = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(path, f"not a valid JSON document ({e})", "a .json file must hold a list of records; use .jsonl for one record per line") from None
-        if isinstance(blob, dict):  # {"data": [...]} or column-oriented
-            lists = [v for v in blob.values() if isinstance(v, list)]
-            blob = lists[0] if len(lists) == 1 else [blob]
-        for n, rec in enumerate(blob):
-            yield f"{path}[{n}]", rec
-    elif name.endswith(".csv"):
-        import csv
+        except (OSError, EOFError) as e:  # a truncated .gz: everything before it was read
+            yield f"{path}:{n + 1}", DataError(f"{path}:{n + 1}", f"the file is cut off ({e})", "download it again")
 
-        with open(path, newline="", encoding="utf-8", errors="strict") as f:
-            try:
-                for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                    yield f"{path}:{n}", row
-            except UnicodeDecodeError as e:
-                raise DataError(path, f"not valid UTF-8 ({e.reason})", "re-encode the file as UTF-8") from None
-    elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        for n, rec in enumerate(table.to_pylist()):
-            yield f"{path}[row {n}]", rec
-    else:
-        raise DataError(path, "unknown file type", f"use one of {', '.join(LOCAL_SUFFIXES)}")
+def _read_json(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            blob = json.load(f)
+    except json.JSONDecodeError as e:
+        where = f"{path}:{e.lineno}"
+        yield where, DataError(where, f"not a valid JSON document ({e.msg}, column {e.colno})", "a .json file holds one list of records; use .jsonl for one record per line")
+        return
+    except UnicodeDecodeError as e:
+        yield path, DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8")
+        return
+    if isinstance(blob, dict):  # {"data": [...]} or a single record
+        lists = [v for v in blob.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        blob = lists[0] if len(lists) == 1 else [blob]
+    for n, rec in enumerate(blob):
+        yield f"{path}:record {n}", rec
+
+
+def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
+    import csv
+
+    # surrogateescape keeps undecodable bytes as markers, so one bad row is reported (or skipped)
+    # with its line number instead of failing the whole file.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        start = 2  # line 1 is the header
+        for row in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            bad = [k for k, v in row.items() if isinstance(v, str) and _has_surrogate(v)]
+            if bad or any(_has_surrogate(str(k)) for k in row):
+                yield where, DataError(where, f"not valid UTF-8 in column {bad[0] if bad else '(header)'!r}", "re-encode the file as UTF-8, or set data.on_error=skip")
+                continue
+            if None in row:  # more cells than header columns
+                yield where, DataError(where, f"{len(row) - 1 + len(row[None])} cells for {len(row) - 1} header columns", "quote cells that hold commas")
+                continue
+            yield where, row
+
+
+def _has_surrogate(s: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in s)
 
 
 def _read_hub(name: str, split: str, kwargs: dict) -> Iterator[tuple[str, Any]]:
