@@ -1,0 +1,141 @@
+"""Packing and prefix sharing give the rewards (and gradients) of plain padded forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rmlab.data.collate import collate
+from rmlab.data.simulator import SimulatorConfig, generate
+from rmlab.data.tokenize import tokenize_groups
+from rmlab.data.types import DataReport
+from rmlab.model import build_model
+from rmlab.packing import pack_batch, pack_segments, plan_rows, resolve_forward_mode, unique_tokens
+from tests.conftest import TINY_LLAMA
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These forwards are tiny: one thread avoids OpenMP contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _groups(tok, k: int, n: int = 3, seed: int = 5):
+    gs = generate(SimulatorConfig(num_prompts=n, k=k, seed=seed))
+    return tokenize_groups(gs, tok, DataReport(), max_length=256, min_prompt_tokens=8)
+
+
+def _scores(model, batch, mode: str, row_tokens: int | None = None) -> torch.Tensor:
+    model.forward_mode, model.row_tokens = mode, row_tokens
+    try:
+        return model.score_batch(batch)
+    finally:
+        model.forward_mode, model.row_tokens = "padded", None
+
+
+def _singles(model, groups) -> torch.Tensor:
+    """One unpadded forward per response: the ground truth every layout must match."""
+    out = []
+    with torch.no_grad():
+        for g in groups:
+            for r in g.response_ids:
+                ids = torch.tensor([g.prompt_ids + r])
+                out.append(model(ids, torch.ones_like(ids)))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
+def test_rewards_equal_separate_forwards(tiny_llama, side, k, mode):
+    groups = _groups(tiny_llama.tokenizer, k)
+    batch = collate(groups, tiny_llama.tokenizer.pad_token_id, side)
+    with torch.no_grad():
+        padded = _scores(tiny_llama, batch, "padded")
+        got = _scores(tiny_llama, batch, mode)
+        several_per_row = _scores(tiny_llama, batch, mode, row_tokens=4096)  # all segments in one row
+    single = _singles(tiny_llama, groups)
+    assert got.shape == single.shape == (sum(g.k for g in groups),)
+    torch.testing.assert_close(padded, single, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, single, atol=1e-4, rtol=0)
+    torch.testing.assert_close(several_per_row, single, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
+def test_gradients_equal_padded(mode):
+    torch.manual_seed(1)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5")
+    groups = _groups(model.tokenizer, 3, n=2)
+    batch = collate(groups, model.tokenizer.pad_token_id, "left")
+    w = torch.randn(batch.input_ids.shape[0])
+
+    def grads(m: str) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        (w * _scores(model, batch, m)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, got = grads("padded"), grads(mode)
+    assert ref.keys() == got.keys() and len(ref) > 5
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_eager_attention_takes_the_float_mask():
+    torch.manual_seed(2)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", attn_implementation="eager").eval()
+    groups = _groups(model.tokenizer, 4, n=2)
+    batch = collate(groups, model.tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        torch.testing.assert_close(_scores(model, batch, "prefix_shared"), _singles(model, groups), atol=1e-4, rtol=0)
+
+
+def test_prefix_shared_layout_and_accounting():
+    # Two groups: prompts of 3 and 2 tokens, responses of 2+1 and 2+2 tokens.
+    segs = [([1, 2, 3], [[4, 5], [6]]), ([7, 8], [[9, 10], [11, 12]])]
+    p = pack_segments(segs, pad_id=0)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]  # one segment per row
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 2, 3]]  # responses restart at prompt_len
+    flat = p.input_ids.reshape(-1)[p.read_index].tolist()
+    assert flat == [5, 6, 10, 12]  # the last token of each response, in group order
+    m = p.attention_mask()[0, 0]
+    assert m[5].tolist() == [True, True, True, False, False, True]  # resp 2 sees the prompt and itself only
+    assert p.processed_tokens == 12 and p.real_tokens == 12
+    wide = pack_segments(segs, pad_id=0, row_tokens=12)
+    assert wide.input_ids.shape == (1, 12) and wide.real_tokens == 12
+    assert wide.attention_mask()[0, 0, 8, :6].sum() == 0  # group 2 never sees group 1
+
+
+def test_pack_batch_counts_unique_tokens_once():
+    tok = build_model(config=TINY_LLAMA, tokenizer="byt5").tokenizer
+    groups = _groups(tok, 3, n=4)
+    batch = collate(groups, tok.pad_token_id, "right")
+    expected = sum(len(g.prompt_ids) + sum(len(r) for r in g.response_ids) for g in groups)
+    assert unique_tokens(batch) == expected
+    shared = pack_batch(batch, "prefix_shared", tok.pad_token_id, row_tokens=10_000)
+    assert shared.real_tokens == expected == shared.processed_tokens  # one row, no padding at all
+    packed = pack_batch(batch, "packed", tok.pad_token_id, row_tokens=10_000)
+    assert packed.real_tokens == int(batch.attention_mask.sum())  # every row's prompt, no padding
+
+
+def test_plan_rows_first_fit_decreasing():
+    rows = plan_rows([5, 3, 4, 2, 1], capacity=6)
+    assert rows == [[0, 4], [2, 3], [1]]  # 5+1, 4+2, 3
+    assert plan_rows([9, 2], capacity=6) == [[0], [1]]  # a segment wider than the capacity gets its own row
+
+
+def test_encoders_and_flash_fall_back():
+    bert = build_model(
+        config=dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, max_position_embeddings=128),
+        tokenizer="byt5", forward_mode="prefix_shared",
+    )
+    assert bert.forward_mode == "padded"  # bidirectional: a shared prompt would see its responses
+    llama = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="auto")
+    assert llama.forward_mode == "prefix_shared"
+    llama.config._attn_implementation = "flash_attention_2"
+    assert resolve_forward_mode(llama, "prefix_shared") == "packed"
+    with pytest.raises(ValueError, match="forward_mode"):
+        resolve_forward_mode(llama, "sideways")
