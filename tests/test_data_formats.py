@@ -43,22 +43,35 @@ def test_pairs_with_labels_in_every_convention(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", rows)
     groups, _ = groups_of(src, "pairs", {"prompt": "q", "chosen": "a", "rejected": "b", "label": "won"})
     got = [(g.prompt, *cmp_tuples(g)[0][:2], g.comparisons[0].tie) for g in groups]
-    assert got == [("p1", "x", "y", False), ("p2", "y", "x", False), ("p3", "y", "x", False),
-                   ("p4", "x", "y", True), ("p5", "x", "y", True)]
+    assert got == [
+        ("p1", "x", "y", False),
+        ("p2", "y", "x", False),
+        ("p3", "y", "x", False),
+        ("p4", "x", "y", True),
+        ("p5", "x", "y", True),
+    ]
 
 
 def test_label_map_for_zero_based_labels(tmp_path):
-    src = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "r0": "x", "r1": "y", "pref": 0},
-                                             {"prompt": "q", "r0": "x", "r1": "y", "pref": 1}])
-    groups, _ = groups_of(src, "pairs", {"chosen": "r0", "rejected": "r1", "label": "pref"},
-                          label_map={"0": "first", "1": "second"})
+    src = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "p", "r0": "x", "r1": "y", "pref": 0}, {"prompt": "q", "r0": "x", "r1": "y", "pref": 1}],
+    )
+    groups, _ = groups_of(
+        src, "pairs", {"chosen": "r0", "rejected": "r1", "label": "pref"}, label_map={"0": "first", "1": "second"}
+    )
     assert [cmp_tuples(g)[0][:2] for g in groups] == [("x", "y"), ("y", "x")]
 
 
 @pytest.mark.parametrize(
     "votes, expected",
-    [([1, 1, 1], (0, 3, 1.0)), ([2, 1, 2], (1, 1, 1 / 3)), ([2, 2, 0], (1, 2, 2 / 3)),
-     ([0, 0, 0], (None, 0, 0.0)), ([1, 2, 0], (None, 0, 0.0))],
+    [
+        ([1, 1, 1], (0, 3, 1.0)),
+        ([2, 1, 2], (1, 1, 1 / 3)),
+        ([2, 2, 0], (1, 2, 2 / 3)),
+        ([0, 0, 0], (None, 0, 0.0)),
+        ([1, 2, 0], (None, 0, 0.0)),
+    ],
 )
 def test_annotator_votes_become_strength_margin_or_tie(votes, expected):
     sides = [{1: 0, 2: 1, 0: None}[v] for v in votes]
@@ -79,23 +92,33 @@ def test_three_annotators_and_group_by_prompt(tmp_path):
     assert [g.prompt for g in groups] == ["Fix this\n\nteh cat", "Say hi"]  # empty input left out
     g = groups[0]
     assert g.responses == ["the cat", "teh cat", "a cat"] and g.n_records == 3  # each response once
-    assert cmp_tuples(g) == [("the cat", "teh cat", 1.0, 3, False), ("a cat", "the cat", pytest.approx(1 / 3), 1, False),
-                             ("a cat", "teh cat", pytest.approx(1 / 3), 1, False)]
+    assert cmp_tuples(g) == [
+        ("the cat", "teh cat", 1.0, 3, False),
+        ("a cat", "the cat", pytest.approx(1 / 3), 1, False),
+        ("a cat", "teh cat", pytest.approx(1 / 3), 1, False),
+    ]
     assert groups[1].comparisons[0].tie and report.extra["source_k_per_prompt"] == {"min": 2, "max": 3, "prompts": 2}
 
 
 def test_implicit_prompt_and_drops(tmp_path):
     h = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant:"
-    rows = [{"chosen": h + " A good one.", "rejected": h + " No."},
-            {"chosen": h + " same", "rejected": h + " same"},
-            {"chosen": h + " ", "rejected": h + " x"},
-            {"chosen": h + " A good one.", "rejected": h + " No."},
-            {"chosen": "no markers", "rejected": "at all"},
-            {"chosen": h + " a", "rejected": h + " b", "m": float("nan")}]
+    rows = [
+        {"chosen": h + " A good one.", "rejected": h + " No."},
+        {"chosen": h + " same", "rejected": h + " same"},
+        {"chosen": h + " ", "rejected": h + " x"},
+        {"chosen": h + " A good one.", "rejected": h + " No."},
+        {"chosen": "no markers", "rejected": "at all"},
+        {"chosen": h + " a", "rejected": h + " b", "m": float("nan")},
+    ]
     groups, report = groups_of(write_jsonl(tmp_path / "hh.jsonl", rows), "implicit_prompt", {"margin": "m"})
     assert [(g.prompt, *g.responses) for g in groups] == [(h, " A good one.", " No.")]
-    assert dict(report.dropped) == {"identical_chosen_rejected": 1, "empty_response": 1, "duplicate": 1,
-                                    "no_shared_assistant_prefix": 1, "nonfinite_margin": 1}
+    assert dict(report.dropped) == {
+        "identical_chosen_rejected": 1,
+        "empty_response": 1,
+        "duplicate": 1,
+        "no_shared_assistant_prefix": 1,
+        "nonfinite_margin": 1,
+    }
 
 
 def test_implicit_prompt_cut_when_responses_share_a_start():
@@ -106,8 +129,10 @@ def test_implicit_prompt_cut_when_responses_share_a_start():
 
 def test_chat_with_fallback_template_and_tokenizer_template(tmp_path):
     conv = [{"role": "user", "content": "hi"}]
-    rec = {"chosen": conv + [{"role": "assistant", "content": "hello!"}],
-           "rejected": conv + [{"role": "assistant", "content": "go away"}]}
+    rec = {
+        "chosen": conv + [{"role": "assistant", "content": "hello!"}],
+        "rejected": conv + [{"role": "assistant", "content": "go away"}],
+    }
     groups, _ = groups_of(write_jsonl(tmp_path / "c.jsonl", [rec]), "chat")
     assert (groups[0].prompt, *groups[0].responses) == ("\n\nHuman: hi\n\nAssistant:", " hello!", " go away")
 
@@ -124,10 +149,18 @@ def test_chat_with_fallback_template_and_tokenizer_template(tmp_path):
 
 
 def test_chat_prompt_in_its_own_field_and_score_margin(tmp_path):
-    rec = {"q": "2+2?", "c": [{"role": "assistant", "content": "4"}], "r": [{"role": "assistant", "content": "5"}],
-           "sc": 9, "sr": "3.5"}
-    groups, _ = groups_of(write_jsonl(tmp_path / "c.jsonl", [rec]), "chat",
-                          {"prompt": "q", "chosen": "c", "rejected": "r", "chosen_score": "sc", "rejected_score": "sr"})
+    rec = {
+        "q": "2+2?",
+        "c": [{"role": "assistant", "content": "4"}],
+        "r": [{"role": "assistant", "content": "5"}],
+        "sc": 9,
+        "sr": "3.5",
+    }
+    groups, _ = groups_of(
+        write_jsonl(tmp_path / "c.jsonl", [rec]),
+        "chat",
+        {"prompt": "q", "chosen": "c", "rejected": "r", "chosen_score": "sc", "rejected_score": "sr"},
+    )
     assert groups[0].prompt == "\n\nHuman: 2+2?\n\nAssistant:" and cmp_tuples(groups[0])[0][2] == 5.5
 
 
@@ -144,7 +177,11 @@ def test_ratings_long_form_pairings_ties_and_max_k(tmp_path):
     best, _ = groups_of(src, "ratings", pairing="best_vs_rest")
     assert [(w, lo) for w, lo, *_ in cmp_tuples(best[0])] == [("r1", "r2"), ("r1", "r3"), ("r1", "r0")]
     adj, _ = groups_of(src, "ratings", pairing="adjacent")
-    assert [(w, lo, m) for w, lo, m, *_ in cmp_tuples(adj[0])] == [("r1", "r2", 0.0), ("r2", "r3", 1.0), ("r3", "r0", 1.0)]
+    assert [(w, lo, m) for w, lo, m, *_ in cmp_tuples(adj[0])] == [
+        ("r1", "r2", 0.0),
+        ("r2", "r3", 1.0),
+        ("r3", "r0", 1.0),
+    ]
 
     capped, report = groups_of(src, "ratings", max_k=2, max_k_strategy="spread")
     assert capped[0].responses == ["r0", "r1"] and capped[0].n_records == 2  # best and worst kept
@@ -159,19 +196,30 @@ def test_pick_k_random_is_stable_per_prompt():
 
 
 def test_ratings_wide_form_with_grader_lists_and_extract(tmp_path):
-    rows = [{"text": "GRADE THIS: Q? ### A: answer one ### end",
-             "completions": [{"out": "a", "g": [4, 5, 5]}, {"out": "b", "g": [1, 2, 3]}, {"out": "c", "g": "2"}]}]
+    rows = [
+        {
+            "text": "GRADE THIS: Q? ### A: answer one ### end",
+            "completions": [{"out": "a", "g": [4, 5, 5]}, {"out": "b", "g": [1, 2, 3]}, {"out": "c", "g": "2"}],
+        }
+    ]
     src = write_jsonl(tmp_path / "w.jsonl", rows)
-    groups, report = groups_of(src, "ratings", {"prompt": "text", "responses": "completions", "response": "out", "score": "g"},
-                               extract={"prompt": ["GRADE THIS:", "### A:"]}, max_k=2)
+    groups, report = groups_of(
+        src,
+        "ratings",
+        {"prompt": "text", "responses": "completions", "response": "out", "score": "g"},
+        extract={"prompt": ["GRADE THIS:", "### A:"]},
+        max_k=2,
+    )
     g = groups[0]
     assert g.prompt == "Q?" and g.responses == ["a", "c"] and g.scores == pytest.approx([14 / 3, 2.0])  # best, worst
     assert report.truncated["responses_over_max_k"] == 1 and report.kept == 1  # one record, kept
 
 
 def test_rankings_with_and_without_ranks(tmp_path):
-    rows = [{"prompt": "p", "responses": ["best", "mid", "worst"]},
-            {"prompt": "q", "responses": ["x", "y", "z"], "rk": [2, 1, 2]}]
+    rows = [
+        {"prompt": "p", "responses": ["best", "mid", "worst"]},
+        {"prompt": "q", "responses": ["x", "y", "z"], "rk": [2, 1, 2]},
+    ]
     groups, _ = groups_of(write_jsonl(tmp_path / "k.jsonl", rows), "rankings", {"ranks": "rk"}, higher_is_better=False)
     assert groups[0].ranks == [0.0, 1.0, 2.0]
     assert [(w, lo) for w, lo, *_ in cmp_tuples(groups[0])] == [("best", "mid"), ("best", "worst"), ("mid", "worst")]
@@ -187,7 +235,9 @@ def test_every_local_source_type_gives_the_same_groups(tmp_path):
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "a.json").write_text(json.dumps({"data": rows}))
-    (tmp_path / "a.csv").write_text("prompt,chosen,rejected\n" + "".join(f'{r["prompt"]},"{r["chosen"]}",{r["rejected"]}\n' for r in rows))
+    (tmp_path / "a.csv").write_text(
+        "prompt,chosen,rejected\n" + "".join(f'{r["prompt"]},"{r["chosen"]}",{r["rejected"]}\n' for r in rows)
+    )
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     paths += [str(tmp_path / f"a.{s}") for s in ("jsonl.gz", "json", "csv", "parquet")]
     want = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]

@@ -27,16 +27,25 @@ def check_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     """A list of {role, content} dicts with string values, or a DataError naming the field."""
     if isinstance(value, str):
         raise DataError(
-            where, f"field {field!r} is a string, the chat format needs a list of {{role, content}} messages",
+            where,
+            f"field {field!r} is a string, the chat format needs a list of {{role, content}} messages",
             "use data.format=pairs for plain text, or data.format=implicit_prompt for HH-style text",
         )
     if not isinstance(value, list) or not value:
-        raise DataError(where, f"field {field!r} must be a non-empty list of messages, got {type(value).__name__}")
+        raise DataError(
+            where,
+            f"field {field!r} must be a non-empty list of messages, got {type(value).__name__}",
+            "map data.fields to the messages field, or set data.on_error=skip",
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             got = sorted(m) if isinstance(m, dict) else type(m).__name__
-            raise DataError(where, f"field {field!r}, message {i}: needs string 'role' and 'content', got {got}")
+            raise DataError(
+                where,
+                f"field {field!r}, message {i}: needs string 'role' and 'content', got {got}",
+                "convert the messages to {role, content}, or set data.on_error=skip",
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields as dc_fields
+from dataclasses import dataclass
+from dataclasses import fields as dc_fields
 from typing import Any
 
 from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, check_messages, split_chat
@@ -34,13 +35,35 @@ HH_ASSISTANT = "\n\nAssistant:"
 # The adapter's logical names -> the dataset's field names. None = not used unless mapped.
 # A value may be a list: prompt parts are joined (instruction + input), labels are annotators' votes.
 DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
-    "pairs": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": None, "strength": None,
-              "label": None, "chosen_score": None, "rejected_score": None, "subset": None},
+    "pairs": {
+        "prompt": "prompt",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "margin": None,
+        "strength": None,
+        "label": None,
+        "chosen_score": None,
+        "rejected_score": None,
+        "subset": None,
+    },
     "implicit_prompt": {"chosen": "chosen", "rejected": "rejected", "margin": None, "subset": None},
-    "chat": {"prompt": None, "chosen": "chosen", "rejected": "rejected", "margin": None, "chosen_score": None,
-             "rejected_score": None, "subset": None},
-    "ratings": {"prompt": "prompt", "response": "response", "score": "score", "responses": None, "scores": None,
-                "subset": None},
+    "chat": {
+        "prompt": None,
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "margin": None,
+        "chosen_score": None,
+        "rejected_score": None,
+        "subset": None,
+    },
+    "ratings": {
+        "prompt": "prompt",
+        "response": "response",
+        "score": "score",
+        "responses": None,
+        "scores": None,
+        "subset": None,
+    },
     "rankings": {"prompt": "prompt", "responses": "responses", "ranks": None, "subset": None},
 }
 
@@ -79,7 +102,10 @@ class FormatOptions:
 
 
 REDUCERS: dict[str, Callable[[list[float]], float]] = {
-    "mean": statistics.fmean, "median": statistics.median, "min": min, "max": max,
+    "mean": statistics.fmean,
+    "median": statistics.median,
+    "min": min,
+    "max": max,
 }
 
 
@@ -88,7 +114,9 @@ class Field:
 
     def __init__(self, rec: Any, where: str, fields: dict[str, Any], opts: FormatOptions | None = None):
         if not isinstance(rec, dict):
-            raise DataError(where, f"a record must be an object, got {type(rec).__name__}", "each line must be a JSON object")
+            raise DataError(
+                where, f"a record must be an object, got {type(rec).__name__}", "each line must be a JSON object"
+            )
         self.rec, self.where, self.fields = rec, where, fields
         self.opts = opts or FormatOptions()
 
@@ -125,7 +153,8 @@ class Field:
                 return None
             if not isinstance(v, str):
                 raise DataError(
-                    self.where, f"field {name!r} must be a string, got {type(v).__name__}",
+                    self.where,
+                    f"field {name!r} must be a string, got {type(v).__name__}",
                     f"map data.fields.{key} to a text field, or fix the record",
                 )
         return self._extract(key, v)
@@ -138,21 +167,27 @@ class Field:
         i = v.find(after) if after else 0
         if i < 0:
             raise DataError(
-                self.where, f"field {self.fields[key]!r} has no {after!r} marker to cut the {key} from",
+                self.where,
+                f"field {self.fields[key]!r} has no {after!r} marker to cut the {key} from",
                 f"fix data.format_options.extract.{key}, or set data.on_error=skip",
             )
         i += len(after or "")
         j = v.find(before, i) if before else len(v)
         if j < 0:
-            raise DataError(self.where, f"field {self.fields[key]!r} has no {before!r} marker after {after!r}",
-                            f"fix data.format_options.extract.{key}, or set data.on_error=skip")
+            raise DataError(
+                self.where,
+                f"field {self.fields[key]!r} has no {before!r} marker after {after!r}",
+                f"fix data.format_options.extract.{key}, or set data.on_error=skip",
+            )
         return v[i:j].strip()
 
     def number(self, key: str, required: bool = True, value: Any = None) -> float | None:
         v = self.raw(key, required) if value is None else value
         if v is None or (isinstance(v, str) and not v.strip()):
             if required:
-                raise DataError(self.where, f"field {self.fields[key]!r} is empty", "fill it in, or set data.on_error=skip")
+                raise DataError(
+                    self.where, f"field {self.fields[key]!r} is empty", "fill it in, or set data.on_error=skip"
+                )
             return None
         if isinstance(v, list) and v and key in ("score", "scores"):  # several graders: reduce
             return REDUCERS[self.opts.score_reduce]([self.number(key, value=x) for x in v])
@@ -162,7 +197,8 @@ class Field:
             return float(v)
         except (TypeError, ValueError):
             raise DataError(
-                self.where, f"field {self.fields[key]!r} = {str(v)[:60]!r} is not a number",
+                self.where,
+                f"field {self.fields[key]!r} = {str(v)[:60]!r} is not a number",
                 "fix the value, map another field, or set data.on_error=skip",
             ) from None
 
@@ -171,8 +207,22 @@ class Field:
 
 
 WINNER_TABLE: dict[str, int | None] = {
-    "1": 0, "2": 1, "1.0": 0, "2.0": 1, "A": 0, "B": 1, "A>B": 0, "B>A": 1, "B<A": 0, "A<B": 1,
-    "0": None, "0.0": None, "TIE": None, "A=B": None, "FIRST": 0, "SECOND": 1,
+    "1": 0,
+    "2": 1,
+    "1.0": 0,
+    "2.0": 1,
+    "A": 0,
+    "B": 1,
+    "A>B": 0,
+    "B>A": 1,
+    "B<A": 0,
+    "A<B": 1,
+    "0": None,
+    "0.0": None,
+    "TIE": None,
+    "A=B": None,
+    "FIRST": 0,
+    "SECOND": 1,
 }
 SIDES = {"first": 0, "second": 1, "tie": None}
 
@@ -192,7 +242,8 @@ def parse_winner(v: Any, where: str, field: str, label_map: dict | None = None) 
     s = str(v).strip().upper().replace(" ", "")
     if s not in WINNER_TABLE:
         raise DataError(
-            where, f"label {field!r} = {v!r} is not one of 1|2|0(tie), A|B, A>B|B>A|A=B",
+            where,
+            f"label {field!r} = {v!r} is not one of 1|2|0(tie), A|B, A>B|B>A|A=B",
             "map other labels with data.format_options.label_map={raw: first|second|tie}",
         )
     return WINNER_TABLE[s]
@@ -246,7 +297,9 @@ def _score_margin(f: Field) -> float | None:
     return f.optional_number("margin")
 
 
-def _pair_group(f: Field, prompt: str, a: str, b: str, margin: float | None, strength: float | None = None) -> PreferenceGroup | str:
+def _pair_group(
+    f: Field, prompt: str, a: str, b: str, margin: float | None, strength: float | None = None
+) -> PreferenceGroup | str:
     labelled, swap, votes_strength, votes_margin = _label(f)
     tie = labelled and votes_margin == 0.0
     if swap:
@@ -260,9 +313,12 @@ def _pair_group(f: Field, prompt: str, a: str, b: str, margin: float | None, str
     if margin is not None and margin < 0:
         return "scores_contradict_label"
     return PreferenceGroup(
-        prompt=prompt, responses=[a, b],
+        prompt=prompt,
+        responses=[a, b],
         comparisons=[Comparison(0, 1, margin=margin, strength=None if strength is None else int(strength), tie=tie)],
-        subset=f.text("subset", required=False) if f.name("subset") else None, source=f.where, group_id=f.where,
+        subset=f.text("subset", required=False) if f.name("subset") else None,
+        source=f.where,
+        group_id=f.where,
     )
 
 
@@ -300,7 +356,11 @@ def adapt_chat(f: Field) -> PreferenceGroup | str:
     rejected = check_messages(f.raw("rejected"), f.where, f.fields["rejected"])
     head = f.raw("prompt", required=False) if f.name("prompt") else None
     if head is not None and chosen[0]["role"] != "user":  # the prompt lives in its own field
-        head = [{"role": "user", "content": head}] if isinstance(head, str) else check_messages(head, f.where, f.fields["prompt"])
+        head = (
+            [{"role": "user", "content": head}]
+            if isinstance(head, str)
+            else check_messages(head, f.where, f.fields["prompt"])
+        )
         chosen, rejected = head + chosen, head + rejected
     prompt, a, b = split_chat(chosen, rejected, f.opts.tokenizer, f.opts.fallback_template)
     if not prompt:
@@ -311,7 +371,11 @@ def adapt_chat(f: Field) -> PreferenceGroup | str:
 def _list(f: Field, key: str) -> list:
     v = f.raw(key)
     if not isinstance(v, list):
-        raise DataError(f.where, f"field {f.fields[key]!r} must be a list, got {type(v).__name__}", f"map data.fields.{key} to a list field")
+        raise DataError(
+            f.where,
+            f"field {f.fields[key]!r} must be a list, got {type(v).__name__}",
+            f"map data.fields.{key} to a list field",
+        )
     return v
 
 
@@ -321,7 +385,11 @@ def _texts(f: Field, items: list, key: str) -> list[str]:
         if isinstance(r, dict):  # [{"response": ..., "score": ...}, ...]
             r = Field(r, f"{f.where} {f.fields[key]}[{i}]", f.fields, f.opts).text("response")
         if not isinstance(r, str):
-            raise DataError(f.where, f"field {f.fields[key]!r}[{i}] must be a string, got {type(r).__name__}")
+            raise DataError(
+                f.where,
+                f"field {f.fields[key]!r}[{i}] must be a string, got {type(r).__name__}",
+                f"data.fields.{key} must hold a list of texts (or of objects with data.fields.response)",
+            )
         out.append(r)
     return out
 
@@ -338,7 +406,11 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
         if f.name("scores"):
             raw = _list(f, "scores")
             if len(raw) != len(items):
-                raise DataError(f.where, f"{len(items)} responses but {len(raw)} scores", "each response needs one score")
+                raise DataError(
+                    f.where,
+                    f"{len(items)} responses but {len(raw)} scores",
+                    "each response needs one score; fix the record or set data.on_error=skip",
+                )
         else:
             raw = [Field(r, f.where, f.fields, f.opts).raw("score") if isinstance(r, dict) else None for r in items]
         scores = [f.number("scores" if f.name("scores") else "score", value=s) for s in raw]
@@ -351,8 +423,13 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
     if len(set(responses)) < len(responses):
         return "identical_responses_in_record"
     return PreferenceGroup(
-        prompt=prompt, responses=responses, comparisons=[], scores=[s + f.opts.score_offset for s in scores],
-        subset=f.text("subset", required=False) if f.name("subset") else None, source=f.where, group_id=f.where,
+        prompt=prompt,
+        responses=responses,
+        comparisons=[],
+        scores=[s + f.opts.score_offset for s in scores],
+        subset=f.text("subset", required=False) if f.name("subset") else None,
+        source=f.where,
+        group_id=f.where,
     )
 
 
@@ -363,7 +440,9 @@ def adapt_rankings(f: Field) -> PreferenceGroup | str:
     if f.name("ranks") and f.raw("ranks", required=False) is not None:  # a record without ranks is in order
         ranks = [f.number("ranks", value=r) for r in _list(f, "ranks")]
         if len(ranks) != len(responses):
-            raise DataError(f.where, f"{len(responses)} responses but {len(ranks)} ranks", "each response needs one rank")
+            raise DataError(
+                f.where, f"{len(responses)} responses but {len(ranks)} ranks", "each response needs one rank"
+            )
         if f.opts.higher_is_better:
             ranks = [-r for r in ranks]
     else:
@@ -378,9 +457,13 @@ def adapt_rankings(f: Field) -> PreferenceGroup | str:
     levels = sorted(set(ranks))
     dense = [float(levels.index(r)) for r in ranks]
     return PreferenceGroup(
-        prompt=prompt, responses=responses, ranks=dense,
+        prompt=prompt,
+        responses=responses,
+        ranks=dense,
         comparisons=comparisons_from_scores([-r for r in dense], f.opts.pairing, 0.0, with_margin=False),
-        subset=f.text("subset", required=False) if f.name("subset") else None, source=f.where, group_id=f.where,
+        subset=f.text("subset", required=False) if f.name("subset") else None,
+        source=f.where,
+        group_id=f.where,
     )
 
 
@@ -418,7 +501,9 @@ def records_to_groups(
         raise ValueError(f"data.on_error must be raise|skip, got {on_error!r}")
     unknown = sorted(set(fields or {}) - set(DEFAULT_FIELDS[fmt]))
     if unknown:
-        raise ValueError(f"data.fields {unknown} mean nothing to data.format={fmt}; it reads {sorted(DEFAULT_FIELDS[fmt])}")
+        raise ValueError(
+            f"data.fields {unknown} mean nothing to data.format={fmt}; it reads {sorted(DEFAULT_FIELDS[fmt])}"
+        )
     opts = FormatOptions.build(options)
     mapping = {**DEFAULT_FIELDS[fmt], **(fields or {})}
     adapter = ADAPTERS[fmt]
@@ -458,7 +543,10 @@ def records_to_groups(
         groups = groups[: opts.max_prompts]
     if fmt == "ratings":
         long_form = not mapping.get("responses")
-        done = (finish_rated(g, report, opts.pairing, opts.tie_eps, opts.max_k, opts.max_k_strategy, long_form) for g in groups)
+        done = (
+            finish_rated(g, report, opts.pairing, opts.tie_eps, opts.max_k, opts.max_k_strategy, long_form)
+            for g in groups
+        )
         groups = [g for g in done if g is not None]
     for g in groups:
         g.validate()

@@ -78,8 +78,14 @@ def merge_by_prompt(groups: list[PreferenceGroup], report: DataReport) -> list[P
         m = merged.get(g.prompt)
         if m is None:
             m = merged[g.prompt] = PreferenceGroup(
-                prompt=g.prompt, responses=[], comparisons=[], group_id=g.group_id, subset=g.subset,
-                source=g.source, n_records=0, scores=[] if g.scores is not None else None,
+                prompt=g.prompt,
+                responses=[],
+                comparisons=[],
+                group_id=g.group_id,
+                subset=g.subset,
+                source=g.source,
+                n_records=0,
+                scores=[] if g.scores is not None else None,
             )
         index = {r: i for i, r in enumerate(m.responses)}
         if g.scores is not None and any(r in index for r in g.responses):

@@ -54,8 +54,13 @@ def read_records(
     paths = resolve_paths(os.path.expanduser(source))
     if not paths:
         if looks_local(source):
-            yield source, DataError(
-                source, "file not found", "check data.source and paths.data_dir (relative paths start at the repo root)"
+            yield (
+                source,
+                DataError(
+                    source,
+                    "file not found",
+                    "check data.source and paths.data_dir (relative paths start at the repo root)",
+                ),
             )
             return
         yield from _read_hub(source, split, hub_kwargs or {})
@@ -91,7 +96,12 @@ def _read_file(path: str) -> Iterator[tuple[str, Any]]:
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for a damaged file
-            yield path, DataError(path, f"not a readable parquet file ({type(e).__name__}: {str(e)[:120]})", "re-export the file")
+            yield (
+                path,
+                DataError(
+                    path, f"not a readable parquet file ({type(e).__name__}: {str(e)[:120]})", "re-export the file"
+                ),
+            )
             return
         for n, rec in enumerate(table.to_pylist()):
             yield f"{path}:row {n}", rec
@@ -108,14 +118,28 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield where, DataError(where, f"not valid UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8, or set data.on_error=skip")
+                    yield (
+                        where,
+                        DataError(
+                            where,
+                            f"not valid UTF-8 ({e.reason} at byte {e.start})",
+                            "re-encode the file as UTF-8, or set data.on_error=skip",
+                        ),
+                    )
                     continue
                 if not line.strip():
                     continue
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield where, DataError(where, f"malformed JSON ({e.msg}, column {e.colno})", "fix or remove the line, or set data.on_error=skip")
+                    yield (
+                        where,
+                        DataError(
+                            where,
+                            f"malformed JSON ({e.msg}, column {e.colno})",
+                            "fix or remove the line, or set data.on_error=skip",
+                        ),
+                    )
         except (OSError, EOFError) as e:  # a truncated .gz: everything before it was read
             yield f"{path}:{n + 1}", DataError(f"{path}:{n + 1}", f"the file is cut off ({e})", "download it again")
 
@@ -126,7 +150,14 @@ def _read_json(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
             blob = json.load(f)
     except json.JSONDecodeError as e:
         where = f"{path}:{e.lineno}"
-        yield where, DataError(where, f"not a valid JSON document ({e.msg}, column {e.colno})", "a .json file holds one list of records; use .jsonl for one record per line")
+        yield (
+            where,
+            DataError(
+                where,
+                f"not a valid JSON document ({e.msg}, column {e.colno})",
+                "a .json file holds one list of records; use .jsonl for one record per line",
+            ),
+        )
         return
     except UnicodeDecodeError as e:
         yield path, DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8")
@@ -151,10 +182,24 @@ def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
             start = reader.line_num + 1
             bad = [k for k, v in row.items() if isinstance(v, str) and _has_surrogate(v)]
             if bad or any(_has_surrogate(str(k)) for k in row):
-                yield where, DataError(where, f"not valid UTF-8 in column {bad[0] if bad else '(header)'!r}", "re-encode the file as UTF-8, or set data.on_error=skip")
+                yield (
+                    where,
+                    DataError(
+                        where,
+                        f"not valid UTF-8 in column {bad[0] if bad else '(header)'!r}",
+                        "re-encode the file as UTF-8, or set data.on_error=skip",
+                    ),
+                )
                 continue
             if None in row:  # more cells than header columns
-                yield where, DataError(where, f"{len(row) - 1 + len(row[None])} cells for {len(row) - 1} header columns", "quote cells that hold commas")
+                yield (
+                    where,
+                    DataError(
+                        where,
+                        f"{len(row) - 1 + len(row[None])} cells for {len(row) - 1} header columns",
+                        "quote cells that hold commas",
+                    ),
+                )
                 continue
             yield where, row
 
