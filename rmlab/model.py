@@ -49,12 +49,14 @@ def pool_index(attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
 class RewardModel(nn.Module):
     """Backbone + scalar head. ``forward`` returns one reward per row, shape [N]."""
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, pooling: str = "auto"):
+    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, pooling: str = "auto", num_outputs: int = 1):
         super().__init__()
+        # num_outputs > 1 only for multi-output heads (rmlab.heads), which combine them into one reward.
+        self.num_outputs = num_outputs
         n = getattr(hf_model.config, "num_labels", 1)
-        if n != 1:
+        if n != num_outputs:
             raise ValueError(
-                f"a reward model has a scalar head: num_labels must be 1, got {n}. "
+                f"a reward model has a scalar head: num_labels must be {num_outputs}, got {n}. "
                 "Load the backbone with num_labels=1 (rmlab does) or drop the classifier's extra outputs."
             )
         self.hf = hf_model
@@ -72,8 +74,8 @@ class RewardModel(nn.Module):
         else:
             raise ValueError(f"{type(hf).__name__} has no `score` or `classifier` head that rmlab knows")
         out = head.out_features if isinstance(head, nn.Linear) else getattr(getattr(head, "out_proj", None), "out_features", 1)
-        if out != 1:
-            raise ValueError(f"the reward head must have exactly 1 output, this one has {out}")
+        if out != self.num_outputs:
+            raise ValueError(f"the reward head must have exactly {self.num_outputs} output(s), this one has {out}")
         pre = []
         pooler = getattr(hf.base_model, "pooler", None)
         if pooler is not None and self.pooling == "first":
@@ -99,10 +101,15 @@ class RewardModel(nn.Module):
 
     def reward_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The head on pooled hidden states [N, H] -> rewards [N] (shared by every forward mode)."""
+        return self.head_outputs(h).reshape(-1).float()
+
+    def head_outputs(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on pooled hidden states [N, H] -> [N, num_outputs] (multi-output heads read this)."""
+        n = h.shape[0]
         for name, mod in self.pre_head:
             h = mod(h[:, None, :]) if name == "pooler" else mod(h)
         r = self.head(h[:, None, :]) if self.head_wants_seq else self.head(h)
-        return r.reshape(-1).float()
+        return r.reshape(n, -1)
 
     # Set by build_model (rmlab.packing.configure_speed); a bare RewardModel stays padded.
     forward_mode: str = "padded"
@@ -174,6 +181,8 @@ def build_model(
     forward_mode: str = "padded",
     row_tokens: int | None = None,
     compile: bool = False,
+    head: str = "scalar",
+    head_options: dict | None = None,
     **_: Any,
 ) -> RewardModel:
     """Build a RewardModel.
@@ -183,12 +192,19 @@ def build_model(
     tokenizer: ``byt5`` for a file-free byte tokenizer, another name/path, or None (= name_or_path).
     forward_mode: ``padded`` | ``packed`` | ``prefix_shared`` | ``auto`` (rmlab.packing); encoders stay padded.
     row_tokens: packed row width (None = the batch's longest segment). compile: torch.compile the backbone.
+    head: ``scalar`` or ``attributes`` (one output per attribute, combined into one reward: rmlab.heads),
+        with ``head_options`` (attribute names, combine, weights, ...).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if name_or_path == "minilm":
         name_or_path = minilm_path()
     tok = build_tokenizer(tokenizer, name_or_path, trust_remote_code)
+    n_out = 1
+    if head != "scalar":
+        from rmlab.heads import head_size
+
+        n_out = head_size(head, head_options, name_or_path)
     kw: dict[str, Any] = {}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
@@ -196,16 +212,16 @@ def build_model(
         cfg = dict(config)
         model_type = cfg.pop("model_type")
         cfg.setdefault("vocab_size", len(tok))
-        hf_cfg = AutoConfig.for_model(model_type, num_labels=1, pad_token_id=tok.pad_token_id, **cfg)
+        hf_cfg = AutoConfig.for_model(model_type, num_labels=n_out, pad_token_id=tok.pad_token_id, **cfg)
         _set_dropout(nn.Module(), hf_cfg, dropout)
         hf = AutoModelForSequenceClassification.from_config(hf_cfg, **kw)
     elif name_or_path:
         hf_cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        if getattr(hf_cfg, "num_labels", 1) != 1 and getattr(hf_cfg, "architectures", None) and any(
+        if getattr(hf_cfg, "num_labels", 1) != n_out and getattr(hf_cfg, "architectures", None) and any(
             a.endswith("ForSequenceClassification") for a in hf_cfg.architectures
         ):
-            raise ValueError(f"{name_or_path} has a classification head with {hf_cfg.num_labels} outputs; a reward model needs exactly 1")
-        hf_cfg.num_labels = 1
+            raise ValueError(f"{name_or_path} has a classification head with {hf_cfg.num_labels} outputs; a {head} reward model needs exactly {n_out}")
+        hf_cfg.num_labels = n_out
         if hf_cfg.pad_token_id is None:
             hf_cfg.pad_token_id = tok.pad_token_id
         _set_dropout(nn.Module(), hf_cfg, dropout)
@@ -220,6 +236,10 @@ def build_model(
     rmlab_meta = getattr(hf.config, "rmlab", None)
     if isinstance(rmlab_meta, dict) and pooling == "auto":
         pooling = rmlab_meta.get("pooling", "auto")
+    if head != "scalar":
+        from rmlab.heads import build_head
+
+        return build_head(head, hf, tok, pooling, head_options, name_or_path)
     from rmlab.packing import configure_speed
 
     return configure_speed(RewardModel(hf, tok, pooling), forward_mode, row_tokens, compile)

@@ -60,8 +60,15 @@ class RewardModule(L.LightningModule):
         )
 
     def shared_step(self, batch, stage: str) -> torch.Tensor:
-        rewards = self(batch)
-        out: LossOutput = self.loss_fn(rewards, batch)
+        if getattr(self.loss_fn, "needs_heads", False):
+            # Multi-output heads (rmlab.heads): the loss also trains the per-attribute outputs.
+            if not hasattr(self.model, "score_heads"):
+                raise ValueError(f"loss {type(self.loss_fn).__name__} needs a multi-output head (model.head=attributes)")
+            rewards, heads = self.model.score_heads(batch)
+            out: LossOutput = self.loss_fn(rewards, batch, heads=heads)
+        else:
+            rewards = self(batch)
+            out = self.loss_fn(rewards, batch)
         self.last_rewards = rewards.detach()  # read by rmlab.callbacks.EvalMetricsCallback: no second forward
         if not torch.isfinite(out.loss):
             raise FloatingPointError(

@@ -97,7 +97,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     model = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")
-    dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), _convert_="all")
+    # Generative models re-template each group into their own rows (rmlab.generative.GroupTemplate).
+    dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=getattr(model, "group_template", None),
+                     _convert_="all")
     module = instantiate(cfg.optim, model=model, loss=loss, _convert_="all")
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
@@ -129,6 +131,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
     }
     if trainer.is_global_zero:
+        if hasattr(model, "head_report"):  # judge position bias, attribute correlations (rmlab.heads, rmlab.generative)
+            summary["head_report"] = model.head_report(dm.val_dataloader())
         if cfg.get("export", True):
             stats = reward_stats(module, dm)
             summary["export_dir"] = str(model.save_pretrained(out / "export", extra=stats))
@@ -150,6 +154,8 @@ def format_summary(s: dict) -> str:
         f"  steps {s['train_steps']}, {s['minutes']:.1f} min",
         f"  run dir: {s['run_dir']}",
     ]
+    for k, v in (s.get("head_report") or {}).items():
+        lines.append(f"  {k:<33} {v:.3f}")
     if s.get("export_dir"):
         lines.append(f"  exported model (transformers): {s['export_dir']}")
     lines.append("  next: python eval.py ckpt_path=<run dir>/checkpoints/last.ckpt, or load the export with AutoModelForSequenceClassification")
