@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-from itertools import combinations
 from pathlib import Path
 
 import pytest
@@ -99,8 +98,20 @@ LOSSES = {
     "center_pair": lambda: BTLoss(center_coef=0.3, center="pair"),
     "center_group": lambda: PlackettLuceLoss(center_coef=0.3, center="group"),
 }
-SHIFT_INVARIANT = {"bt", "logexp", "grouped", "margin_value", "margin_rating", "margin_large", "margin_small",
-                   "hinge", "davidson", "rao_kupper", "plackett_luce", "plackett_luce_efron"}
+SHIFT_INVARIANT = {
+    "bt",
+    "logexp",
+    "grouped",
+    "margin_value",
+    "margin_rating",
+    "margin_large",
+    "margin_small",
+    "hinge",
+    "davidson",
+    "rao_kupper",
+    "plackett_luce",
+    "plackett_luce_efron",
+}
 
 
 # ---------------------------------------------------------------- golden values, one prompt, by hand
@@ -144,7 +155,9 @@ def test_hinge_golden():
     # max(0, 2.5 - d) for d = (2, 3, 1) -> (0.5, 0, 1.5); with the Llama 2 large table on top: +(3, 1, 0).
     assert HingeLoss(margin=2.5)(t(R3), group3()).loss.item() == pytest.approx(2.0 / 3, abs=1e-12)
     b = group3(strength=torch.tensor([3, 1, 0]))
-    assert HingeLoss(margin=2.5, source="strength")(t(R3), b).loss.item() == pytest.approx((3.5 + 0.5 + 1.5) / 3, abs=1e-12)
+    assert HingeLoss(margin=2.5, source="strength")(t(R3), b).loss.item() == pytest.approx(
+        (3.5 + 0.5 + 1.5) / 3, abs=1e-12
+    )
 
 
 def test_ties_golden():
@@ -167,11 +180,21 @@ def test_ties_golden():
 def test_tie_models_are_probabilities(loss):
     """At any d the model's P(w > l) + P(l > w) + P(tie) = 1; at d = 0 with these params each is 1/3."""
     for d in (0.0, 0.7, -2.3):
-        r, b = t([d, 0.0]), Comparisons(winner=torch.tensor([0, 1, 0]), loser=torch.tensor([1, 0, 1]),
-                                        tie=torch.tensor([False, False, True]))
-        p = torch.exp(-torch.stack([loss.pair_term(r[b.winner] - r[b.loser], b)[0],
-                                    loss.pair_term(r[b.winner] - r[b.loser], b)[1],
-                                    loss.tie_term(r[b.winner] - r[b.loser], b)[2]]))
+        r, b = (
+            t([d, 0.0]),
+            Comparisons(
+                winner=torch.tensor([0, 1, 0]), loser=torch.tensor([1, 0, 1]), tie=torch.tensor([False, False, True])
+            ),
+        )
+        p = torch.exp(
+            -torch.stack(
+                [
+                    loss.pair_term(r[b.winner] - r[b.loser], b)[0],
+                    loss.pair_term(r[b.winner] - r[b.loser], b)[1],
+                    loss.tie_term(r[b.winner] - r[b.loser], b)[2],
+                ]
+            )
+        )
         assert p.sum().item() == pytest.approx(1.0, abs=1e-7)
         if d == 0.0:
             assert p.tolist() == pytest.approx([1 / 3] * 3, abs=1e-7)
@@ -198,10 +221,14 @@ def test_plackett_luce_ties_golden():
     efron = (top + (lse(0, -1) - 0) + (lse(0, -1) - math.log(2) + 1)) / 2
     assert PlackettLuceLoss(ties="efron")(t(R3), b).loss.item() == pytest.approx(efron, abs=1e-12)
     # A fully tied pair: Breslow = 2 x BT-at-1/2, Efron = that minus log 2; both minimal at equal rewards.
-    pair = Comparisons(winner=torch.tensor([0]), loser=torch.tensor([1]), group_index=torch.tensor([0, 0]), rank=t([0.0, 0.0]))
+    pair = Comparisons(
+        winner=torch.tensor([0]), loser=torch.tensor([1]), group_index=torch.tensor([0, 0]), rank=t([0.0, 0.0])
+    )
     half = 0.5 * (softplus(-0.3) + softplus(0.3))
     assert PlackettLuceLoss()(t([0.3, 0.0]), pair).loss.item() == pytest.approx(2 * half, abs=1e-12)
-    assert PlackettLuceLoss(ties="efron")(t([0.3, 0.0]), pair).loss.item() == pytest.approx(2 * half - math.log(2), abs=1e-12)
+    assert PlackettLuceLoss(ties="efron")(t([0.3, 0.0]), pair).loss.item() == pytest.approx(
+        2 * half - math.log(2), abs=1e-12
+    )
 
 
 def test_regression_golden_and_mask():
@@ -211,8 +238,13 @@ def test_regression_golden_and_mask():
     assert RegressionLoss(scale=0.5, shift=-1.0)(r, b).loss.item() == pytest.approx((0.5**2 + 0.5**2) / 2, abs=1e-12)
     # Pointwise batches: zero comparisons are fine; no labels at all gives 0 and a zero gradient.
     rr = t([1.0, 2.0]).requires_grad_()
-    none = Comparisons(winner=torch.zeros(0, dtype=torch.long), loser=torch.zeros(0, dtype=torch.long),
-                       group_index=torch.tensor([0, 1]), score=t([NAN, 4.0]), label=t([NAN, NAN]))
+    none = Comparisons(
+        winner=torch.zeros(0, dtype=torch.long),
+        loser=torch.zeros(0, dtype=torch.long),
+        group_index=torch.tensor([0, 1]),
+        score=t([NAN, 4.0]),
+        label=t([NAN, NAN]),
+    )
     assert RegressionLoss()(rr, none).loss.item() == pytest.approx(4.0)
     out = RegressionLoss(target="label")(rr, none)
     out.loss.backward()
@@ -236,7 +268,9 @@ def test_center_golden_composes_with_any_loss():
 def test_grouped_weights_prompts_equally():
     """Eq 6 on two prompts, K = 3 (3 pairs) and K = 2 (1 pair): the lone pair weighs as much as all three."""
     r = t([2.0, 0.0, -1.0, 0.5, 0.0])
-    b = Comparisons(winner=torch.tensor([0, 0, 1, 3]), loser=torch.tensor([1, 2, 2, 4]), group_index=torch.tensor([0, 0, 0, 1, 1]))
+    b = Comparisons(
+        winner=torch.tensor([0, 0, 1, 3]), loser=torch.tensor([1, 2, 2, 4]), group_index=torch.tensor([0, 0, 0, 1, 1])
+    )
     assert b.group_weight.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
     want = 0.5 * (sum(softplus(-d) for d in D3) / 3 + softplus(-0.5))
     assert BTLoss(balance="group")(r, b).loss.item() == pytest.approx(want, abs=1e-12)
@@ -342,9 +376,17 @@ def test_shape_guards(name):
 
 
 def test_bad_options_raise():
-    for bad in (lambda: BTLoss(balance="prompt"), lambda: BTLoss(center="mean"), lambda: BTLoss(center_coef=-1),
-                lambda: MarginLoss(source="gap"), lambda: MarginLoss(table="medium"), lambda: PlackettLuceLoss(ties="avg"),
-                lambda: DavidsonLoss(tie_param=0.0), lambda: RaoKupperLoss(tie_param=1.0), lambda: RegressionLoss(target="y")):
+    for bad in (
+        lambda: BTLoss(balance="prompt"),
+        lambda: BTLoss(center="mean"),
+        lambda: BTLoss(center_coef=-1),
+        lambda: MarginLoss(source="gap"),
+        lambda: MarginLoss(table="medium"),
+        lambda: PlackettLuceLoss(ties="avg"),
+        lambda: DavidsonLoss(tie_param=0.0),
+        lambda: RaoKupperLoss(tie_param=1.0),
+        lambda: RegressionLoss(target="y"),
+    ):
         with pytest.raises(ValueError):
             bad()
 
@@ -372,12 +414,24 @@ def train_rows(name: str, tmp_root: Path) -> list[dict[str, str]]:
         out = tmp_root / name
         cfg = compose(
             [
-                "model=tiny_llama", f"loss={name}", "seed=0", "threads=1", "export=false",
-                "data.simulator.num_prompts=24", "data.cache=false", "data.max_groups=8",
-                "trainer.max_epochs=-1", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
-                "trainer.check_val_every_n_epoch=1000", "trainer.enable_progress_bar=false",
-                "optim.lr=1e-3", "optim.warmup_ratio=0", "optim.scheduler=constant",
-                "~callbacks.model_checkpoint", "~callbacks.progress_bar",
+                "model=tiny_llama",
+                f"loss={name}",
+                "seed=0",
+                "threads=1",
+                "export=false",
+                "data.simulator.num_prompts=24",
+                "data.cache=false",
+                "data.max_groups=8",
+                "trainer.max_epochs=-1",
+                f"trainer.max_steps={STEPS}",
+                "trainer.log_every_n_steps=1",
+                "trainer.check_val_every_n_epoch=1000",
+                "trainer.enable_progress_bar=false",
+                "optim.lr=1e-3",
+                "optim.warmup_ratio=0",
+                "optim.scheduler=constant",
+                "~callbacks.model_checkpoint",
+                "~callbacks.progress_bar",
             ],
             out,
         )

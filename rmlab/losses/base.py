@@ -69,7 +69,9 @@ class Comparisons:
         if self.cmp_group is None:
             # Without a group per comparison, the comparisons belong to the winner's group when
             # responses have one, else to a single group.
-            self.cmp_group = self.group_index[self.winner] if self.group_index is not None else torch.zeros(c, dtype=torch.long)
+            self.cmp_group = (
+                self.group_index[self.winner] if self.group_index is not None else torch.zeros(c, dtype=torch.long)
+            )
         if self.group_weight is None:
             # Eq 6: each comparison weighs 1 / (comparisons of its prompt), as the collator does.
             # float64, so 1/3 is exact to float64 tests; a loss casts weights to the rewards' dtype.
@@ -90,8 +92,13 @@ def check_rewards(rewards: torch.Tensor, batch) -> None:
     if w.shape != lo.shape or w.dim() != 1:
         raise ValueError(f"winner and loser must be 1-D and equal in shape, got {tuple(w.shape)} and {tuple(lo.shape)}")
     if w.numel() and int(max(w.max(), lo.max())) >= rewards.numel():
-        raise ValueError(f"a comparison indexes response {int(max(w.max(), lo.max()))} but there are {rewards.numel()} rewards")
-    for names, n, axis in ((COMPARISON_FIELDS, w.numel(), "C (comparisons)"), (RESPONSE_FIELDS, rewards.numel(), "N (responses)")):
+        raise ValueError(
+            f"a comparison indexes response {int(max(w.max(), lo.max()))} but there are {rewards.numel()} rewards"
+        )
+    for names, n, axis in (
+        (COMPARISON_FIELDS, w.numel(), "C (comparisons)"),
+        (RESPONSE_FIELDS, rewards.numel(), "N (responses)"),
+    ):
         for name in names:
             t = getattr(batch, name, None)
             if t is not None and tuple(t.shape) != (n,):
@@ -154,7 +161,9 @@ class RewardLoss(nn.Module):
         check_rewards(rewards, batch)
         out = self.objective(rewards, batch)
         if out.loss.dim() != 0:
-            raise ValueError(f"{type(self).__name__} returned a loss of shape {tuple(out.loss.shape)}, expected a scalar")
+            raise ValueError(
+                f"{type(self).__name__} returned a loss of shape {tuple(out.loss.shape)}, expected a scalar"
+            )
         if self.center_coef > 0:
             c = center_term(rewards, batch, self.center)
             out = LossOutput(out.loss + self.center_coef * c, out.terms, {**out.parts, "center": c.detach()})

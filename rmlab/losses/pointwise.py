@@ -16,7 +16,9 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     0 that is still attached to ``pred``'s graph, so a batch without labels steps nothing.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)} (no broadcasting)")
+        raise ValueError(
+            f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)} (no broadcasting)"
+        )
     mask = torch.isfinite(target)
     # nan_to_num before the subtraction keeps NaN out of the backward pass of masked entries.
     err = torch.where(mask, pred - torch.nan_to_num(target.to(pred.dtype), nan=0.0, posinf=0.0, neginf=0.0), 0.0) ** 2

@@ -20,7 +20,9 @@ from rmlab.losses.base import PairwiseLoss
 class TieModelLoss(PairwiseLoss):
     """Shared part of the tie models: a positive tie parameter, fixed or learned (in log space)."""
 
-    def __init__(self, tie_param: float, minimum: float, learn_tie_param: bool, balance: str, center_coef: float, center: str):
+    def __init__(
+        self, tie_param: float, minimum: float, learn_tie_param: bool, balance: str, center_coef: float, center: str
+    ):
         super().__init__(balance, center_coef, center)
         if not tie_param > minimum:
             raise ValueError(f"{type(self).__name__} needs tie_param > {minimum}, got {tie_param}")
