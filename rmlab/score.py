@@ -1,0 +1,219 @@
+"""Score a jsonl file with a trained reward model; write jsonl with rewards.
+
+    python -m rmlab.score data.jsonl --model outputs/train/runs/<run>/export --output scored.jsonl
+    python -m rmlab.score data.jsonl --ckpt <run>/checkpoints/last.ckpt --fields prompt=question,response=answer
+
+Records are either ``{prompt, response}`` (gets ``reward``) or ``{prompt, chosen, rejected}`` (gets
+``reward_chosen``, ``reward_rejected`` and ``p_chosen = sigmoid(reward_chosen - reward_rejected)``).
+``--fields`` maps those names to a file's own. Every input field is kept; output order = input order.
+
+It streams: at most ``--buffer`` records are held at a time. Inside the buffer the responses are
+sorted by length and cut into batches of at most ``--batch-size`` rows and ``--max-tokens`` padded
+tokens, so little compute goes to padding. Memory stays flat whatever the file size. Tokenization is
+the training one (same special tokens, same truncation), so scores equal those seen in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+NAN = float("nan")
+
+
+def parse_fields(spec: str | None) -> dict[str, str]:
+    """'prompt=question,response=answer' -> {'prompt': 'question', 'response': 'answer'}."""
+    out = {}
+    for part in filter(None, (spec or "").split(",")):
+        k, _, v = part.partition("=")
+        if k.strip() not in ("prompt", "response", "chosen", "rejected") or not v.strip():
+            raise SystemExit(f"--fields: {part!r} must be one of prompt|response|chosen|rejected=<your field>")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def record_texts(rec: dict, where: str, fields: dict[str, str]) -> tuple[str, list[str], bool]:
+    """(prompt, responses, is_pair) of one record."""
+    from rmlab.data.sources import DataError
+
+    f = {k: fields.get(k, k) for k in ("prompt", "response", "chosen", "rejected")}
+    if not isinstance(rec, dict):
+        raise DataError(where, f"a record must be an object, got {type(rec).__name__}")
+    is_pair = f["chosen"] in rec and f["rejected"] in rec
+    names = ["chosen", "rejected"] if is_pair else ["response"]
+    missing = [f[k] for k in ["prompt", *names] if not isinstance(rec.get(f[k]), str)]
+    if missing:
+        raise DataError(
+            where,
+            f"missing or non-text field(s) {missing}",
+            f"fields present: {', '.join(map(str, rec))}; map them with --fields prompt=..,response=.. (or chosen=..,rejected=..)",
+        )
+    return rec[f["prompt"]], [rec[f[k]] for k in names], is_pair
+
+
+def batches_by_length(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of <= batch_size rows and <= max_tokens padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out, cur = [], []
+    for i in order:
+        # rows are ascending, so the newest row is the longest: padded size = rows x its length
+        if cur and (len(cur) + 1 > batch_size or (len(cur) + 1) * lengths[i] > max_tokens):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+class Scorer:
+    """Rewards for (prompt, response) rows, independent of batch size and padding side."""
+
+    def __init__(self, model: Any, max_length: int = 512, min_prompt_tokens: int = 16, padding_side: str = "right",
+                 batch_size: int = 32, max_tokens: int = 16384, device: str = "cpu"):
+        self.model, self.tok = model.eval().to(device), model.tokenizer
+        self.max_length, self.min_prompt_tokens = max_length, min_prompt_tokens
+        self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
+    def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        """[(prompt, [response, ...]), ...] -> rewards in the same nesting."""
+        import torch
+
+        from rmlab.data.collate import collate
+        from rmlab.data.tokenize import TokenizedGroup, tokenize_groups
+        from rmlab.data.types import DataReport, PreferenceGroup
+
+        # Unlabelled pointwise groups (labels NaN, no comparisons): tokenize_groups keeps them as they
+        # are, truncated by the training policy, instead of dropping "groups without a comparison".
+        groups = [PreferenceGroup(prompt=p, responses=rs, comparisons=[], labels=[NAN] * len(rs)) for p, rs in items]
+        toks = tokenize_groups(groups, self.tok, DataReport(), self.max_length, self.min_prompt_tokens)
+        rows = [(gi, ri) for gi, t in enumerate(toks) for ri in range(t.k)]
+        lens = [len(toks[gi].prompt_ids) + len(toks[gi].response_ids[ri]) for gi, ri in rows]
+        out = [[NAN] * t.k for t in toks]
+        with torch.inference_mode():
+            for idx in batches_by_length(lens, self.batch_size, self.max_tokens):
+                singles = [
+                    TokenizedGroup(prompt_ids=toks[rows[i][0]].prompt_ids, response_ids=[toks[rows[i][0]].response_ids[rows[i][1]]],
+                                   winner=[], loser=[], margin=[], strength=[], weight=[], tie=[], group_weight=[])
+                    for i in idx
+                ]
+                b = collate(singles, self.pad_id, self.padding_side)
+                r = self.model(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.position_ids.to(self.device))
+                for i, v in zip(idx, r.float().cpu().tolist()):
+                    gi, ri = rows[i]
+                    out[gi][ri] = v
+        return out
+
+
+def chunks(it: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def score_file(scorer: Scorer, src: str, dst: str, fields: dict[str, str] | None = None, buffer: int = 2048,
+               normalize: tuple[float, float] | None = None, progress: bool = True) -> int:
+    """Stream ``src`` -> ``dst``; returns the number of records written."""
+    from rmlab.data.sources import DataError, read_records
+
+    fields = fields or {}
+    total = None
+    if progress and src.endswith(".jsonl"):
+        with open(src, "rb") as f:  # one cheap pass, so the bar shows an ETA
+            total = sum(1 for line in f if line.strip())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="rec", desc="scoring", file=sys.stderr)
+    n = 0
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "w", encoding="utf-8") as out:
+        for chunk in chunks(read_records(src), buffer):
+            recs, items, pair = [], [], []
+            for where, rec in chunk:
+                if isinstance(rec, DataError):
+                    raise rec
+                p, rs, is_pair = record_texts(rec, where, fields)
+                recs.append(rec)
+                items.append((p, rs))
+                pair.append(is_pair)
+            rewards = scorer.score(items)
+            for rec, rs, is_pair in zip(recs, rewards, pair):
+                if normalize:
+                    rs = [(r - normalize[0]) / normalize[1] for r in rs]
+                if is_pair:
+                    gap = rs[0] - rs[1]
+                    rec.update(reward_chosen=rs[0], reward_rejected=rs[1], p_chosen=1 / (1 + math.exp(-gap)) if abs(gap) < 700 else float(gap > 0))
+                else:
+                    rec["reward"] = rs[0]
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += len(recs)
+            if bar is not None:
+                bar.update(len(recs))
+    if bar is not None:
+        bar.close()
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rmlab.score", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="a .jsonl / .jsonl.gz file of {prompt, response} or {prompt, chosen, rejected} records")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="an exported model dir (<run>/export), an HF reward model, or `minilm`")
+    src.add_argument("--ckpt", help="a Lightning checkpoint inside a run dir (its config.yaml gives the architecture)")
+    ap.add_argument("--output", "-o", help="output jsonl (default: <input stem>.scored.jsonl)")
+    ap.add_argument("--fields", help="your field names: prompt=question,response=answer or chosen=a,rejected=b")
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per forward at most")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per forward at most (rows x longest)")
+    ap.add_argument("--buffer", type=int, default=2048, help="records held at once; length-sorting happens inside it")
+    ap.add_argument("--max-length", type=int, default=512, help="tokens per row; the prompt is cut first (training policy)")
+    ap.add_argument("--min-prompt-tokens", type=int, default=16, help="the prompt keeps at least this many tokens")
+    ap.add_argument("--padding-side", default="right", choices=["right", "left"], help="rewards do not depend on it")
+    ap.add_argument("--normalize", action="store_true", help="(r - mean) / std with the export's val statistics")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is best on busy shared cores)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from rmlab.evaluate import find_run_config, load_reward_model
+    from rmlab.model import build_model, read_export_meta
+
+    transformers.logging.set_verbosity_error()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.ckpt:
+        model = load_reward_model(a.ckpt, None, find_run_config(a.ckpt))
+        meta = read_export_meta(str(Path(a.ckpt).resolve().parent.parent / "export"))
+    else:
+        model = build_model(name_or_path=a.model)
+        meta = read_export_meta(a.model)
+    norm = None
+    if a.normalize:
+        if "reward_mean" not in meta:
+            raise SystemExit("--normalize needs reward_mean/reward_std in the export's config.json (rmlab train writes them)")
+        norm = (float(meta["reward_mean"]), float(meta["reward_std"]) or 1.0)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = Scorer(model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device)
+    dst = a.output or str(Path(a.input).with_suffix("")).removesuffix(".jsonl") + ".scored.jsonl"
+    n = score_file(scorer, a.input, dst, parse_fields(a.fields), a.buffer, norm, progress=not a.no_progress)
+    print(f"scored {n} records -> {dst}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

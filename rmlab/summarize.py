@@ -1,0 +1,141 @@
+"""Summarize a Hydra multirun: which overrides vary, against the final metrics; mean ± std over seeds.
+
+    python -m rmlab.summarize outputs/train/multiruns/<date>        # writes summary.md, summary.csv, summary.png there
+
+Each run dir holds ``metrics.json`` (train or eval) and ``.hydra/overrides.yaml``. Overrides that
+take one value in every run are left out of the table; ``seed`` is the replicate axis: runs that
+differ only by seed are one configuration, reported as mean ± std (sample std, n - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+DEFAULT_METRICS = ("val/acc", "val/loss", "val/ece", "val/brier", "val/truth/acc", "acc", "ece")
+
+
+def load_run(run_dir: Path) -> dict[str, Any] | None:
+    import json
+
+    import yaml
+
+    m, o = run_dir / "metrics.json", run_dir / ".hydra" / "overrides.yaml"
+    if not m.exists():
+        return None
+    blob = json.loads(m.read_text())
+    metrics = {k: v for k, v in (blob.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    overrides = {}
+    for item in (yaml.safe_load(o.read_text()) if o.exists() else None) or []:
+        k, _, v = str(item).partition("=")
+        overrides[k.lstrip("+~")] = v
+    return {"dir": run_dir.name, "overrides": overrides, "metrics": metrics}
+
+
+def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    runs = [load_run(p.parent) for p in sorted(Path(sweep_dir).rglob("metrics.json"))]
+    return [r for r in runs if r is not None]
+
+
+def varying_keys(runs: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    return [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]], metrics: list[str] | None = None, seed_key: str = "seed") -> dict[str, Any]:
+    """{'keys': varying override keys, 'metrics': names, 'runs': rows, 'groups': mean ± std rows}."""
+    if not runs:
+        raise ValueError("no run dirs with metrics.json found")
+    keys = varying_keys(runs)
+    avail = {k for r in runs for k in r["metrics"]}
+    metrics = [m for m in (metrics or DEFAULT_METRICS) if m in avail]
+    if not metrics:
+        raise ValueError(f"none of the metrics asked for are in the runs; they have: {sorted(avail)[:30]}")
+    cfg_keys = [k for k in keys if k != seed_key]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r["overrides"].get(k, "") for k in cfg_keys), []).append(r)
+    grows = []
+    for cfg, members in groups.items():
+        row = {"config": dict(zip(cfg_keys, cfg)), "n": len(members)}
+        for m in metrics:
+            row[m] = mean_std([float(r["metrics"].get(m, math.nan)) for r in members])
+        grows.append(row)
+    return {"keys": keys, "config_keys": cfg_keys, "metrics": metrics, "runs": runs, "groups": grows}
+
+
+def _f(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.4f}"
+
+
+def to_markdown(s: dict[str, Any]) -> str:
+    keys, ms = s["keys"], s["metrics"]
+    lines = ["## Runs", "", "| run | " + " | ".join(keys + ms) + " |", "|" + "---|" * (1 + len(keys) + len(ms))]
+    for r in s["runs"]:
+        cells = [r["overrides"].get(k, "") for k in keys] + [_f(float(r["metrics"].get(m, math.nan))) for m in ms]
+        lines.append(f"| {r['dir']} | " + " | ".join(cells) + " |")
+    ck = s["config_keys"]
+    lines += ["", "## Mean ± std over seeds", "", "| " + " | ".join(ck + ["n"] + ms) + " |", "|" + "---|" * (len(ck) + 1 + len(ms))]
+    for g in s["groups"]:
+        cells = [g["config"][k] for k in ck] + [str(g["n"])] + [f"{_f(g[m][0])} ± {_f(g[m][1])}" for m in ms]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(s: dict[str, Any], path: Path, metric: str | None = None) -> Path:
+    """Mean ± std of ``metric`` (default: the first) per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric or s["metrics"][0]
+    labels = [", ".join(f"{k}={v}" for k, v in g["config"].items()) or "all" for g in s["groups"]]
+    means = [g[metric][0] for g in s["groups"]]
+    stds = [g[metric][1] for g in s["groups"]]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels) + 2), 4), dpi=100)
+    ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="C0", alpha=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set(ylabel=metric, title=f"{metric}: mean ± std over seeds (n = {', '.join(str(g['n']) for g in s['groups'])})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rmlab.summarize", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep_dir", help="a Hydra multirun dir (holds one sub-dir per run)")
+    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names (those present are shown)")
+    ap.add_argument("--plot-metric", default=None, help="metric of the bar chart (default: the first shown)")
+    ap.add_argument("--seed-key", default="seed", help="the override that marks replicates")
+    ap.add_argument("--out", default=None, help="where summary.{md,csv,png} go (default: the sweep dir)")
+    a = ap.parse_args(argv)
+    s = summarize(collect(a.sweep_dir), a.metrics.split(","), a.seed_key)
+    out = Path(a.out or a.sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(s)
+    (out / "summary.md").write_text(md + "\n")
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", *s["keys"], *s["metrics"]])
+        for r in s["runs"]:
+            w.writerow([r["dir"], *[r["overrides"].get(k, "") for k in s["keys"]], *[r["metrics"].get(m, "") for m in s["metrics"]]])
+    png = bar_chart(s, out / "summary.png", a.plot_metric)
+    print(md)
+    print(f"\nwrote {out / 'summary.md'}, {out / 'summary.csv'}, {png}")
+
+
+if __name__ == "__main__":
+    main()
