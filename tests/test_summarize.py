@@ -1,0 +1,73 @@
+"""rmlab.summarize: the varying overrides against the final metrics, mean ± std over seeds, a PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rmlab.summarize import collect, main, summarize, to_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fake_sweep(root: Path) -> None:
+    # 2 losses x 2 seeds; model=tiny_llama is the same in every run, so it must not be a column.
+    accs = {("bt", 1): 0.60, ("bt", 2): 0.70, ("margin", 1): 0.80, ("margin", 2): 0.84}
+    for i, ((loss, seed), acc) in enumerate(accs.items()):
+        d = root / f"{i}_loss={loss},seed={seed}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- seed={seed}\n- model=tiny_llama\n")
+        (d / "metrics.json").write_text(json.dumps({"val_acc": acc, "metrics": {"val/acc": acc, "val/loss": 1 - acc}}))
+
+
+def test_summary_of_a_2x2_sweep_by_hand(tmp_path):
+    _fake_sweep(tmp_path)
+    s = summarize(collect(tmp_path), ["val/acc", "val/loss", "val/missing"])
+    assert s["keys"] == ["loss", "seed"] and s["config_keys"] == ["loss"]
+    assert s["metrics"] == ["val/acc", "val/loss"]  # a metric no run has is dropped, not a column of n/a
+    by = {g["config"]["loss"]: g for g in s["groups"]}
+    assert by["bt"]["n"] == 2 and by["bt"]["val/acc"][0] == pytest.approx(0.65)
+    assert by["bt"]["val/acc"][1] == pytest.approx(statistics.stdev([0.6, 0.7]))  # sample std: 0.0707
+    assert by["margin"]["val/acc"] == pytest.approx((0.82, statistics.stdev([0.8, 0.84])))
+    md = to_markdown(s)
+    assert "| bt | 2 | 0.6500 ± 0.0707 |" in md and "tiny_llama" not in md
+
+
+def test_cli_writes_table_csv_and_png(tmp_path, capsys):
+    _fake_sweep(tmp_path)
+    main([str(tmp_path), "--metrics", "val/acc"])
+    assert "| margin | 2 | 0.8200 ± 0.0283 |" in capsys.readouterr().out
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert rows[0] == "run,loss,seed,val/acc" and len(rows) == 5
+
+
+def test_no_runs_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no run dirs"):
+        summarize(collect(tmp_path))
+
+
+@pytest.mark.slow
+def test_real_2x2_multirun(tmp_path):
+    """python train.py -m loss=bt,logexp seed=1,2 ..., then rmlab.summarize on the sweep dir."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline", "RMLAB_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "train.py", "-m", "loss=bt,logexp", "seed=1,2", "model=tiny_llama", "trainer.max_steps=2",
+           "data.simulator.num_prompts=60", "export=false", "threads=1",
+           f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=400)
+    out = subprocess.run([sys.executable, "-m", "rmlab.summarize", str(sweep)], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    s = summarize(collect(sweep))
+    assert s["config_keys"] == ["loss"] and [g["n"] for g in s["groups"]] == [2, 2]
+    by = {g["config"]["loss"]: g for g in s["groups"]}
+    # logexp is BT written another way: same seeds, same data -> the same numbers
+    assert by["bt"]["val/acc"][0] == pytest.approx(by["logexp"]["val/acc"][0], abs=1e-6)
+    assert "val/ece" in s["metrics"]  # the eval callback's metrics reach the sweep table
+    assert "| bt | 2 |" in out and (sweep / "summary.png").stat().st_size > 1000
