@@ -26,10 +26,20 @@ def make_groups(n: int = 60, seed: int = 0) -> list[TokenizedGroup]:
             resp.append(list(range(tok, tok + length)))
             tok += length
         cmps: list[Comparison] = comparisons_from_scores([rng.random() for _ in range(k)])
-        out.append(TokenizedGroup(
-            prompt_ids=[1, 2], response_ids=resp, winner=[c.winner for c in cmps], loser=[c.loser for c in cmps],
-            margin=[NAN] * len(cmps), strength=[-1] * len(cmps), weight=[1.0] * len(cmps), tie=[False] * len(cmps),
-            group_weight=[1 / len(cmps)] * len(cmps), group_id=f"g{g}"))
+        out.append(
+            TokenizedGroup(
+                prompt_ids=[1, 2],
+                response_ids=resp,
+                winner=[c.winner for c in cmps],
+                loser=[c.loser for c in cmps],
+                margin=[NAN] * len(cmps),
+                strength=[-1] * len(cmps),
+                weight=[1.0] * len(cmps),
+                tie=[False] * len(cmps),
+                group_weight=[1 / len(cmps)] * len(cmps),
+                group_id=f"g{g}",
+            )
+        )
     return out
 
 

@@ -499,13 +499,15 @@ def records_to_groups(
         raise ValueError(f"data.format={fmt!r} is not one of {sorted(ADAPTERS)}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be raise|skip, got {on_error!r}")
-    unknown = sorted(set(fields or {}) - set(DEFAULT_FIELDS[fmt]))
+    # A null mapping means "the format's default name": a generic config can list every key as null.
+    fields = {k: v for k, v in (fields or {}).items() if v is not None}
+    unknown = sorted(set(fields) - set(DEFAULT_FIELDS[fmt]))
     if unknown:
         raise ValueError(
             f"data.fields {unknown} mean nothing to data.format={fmt}; it reads {sorted(DEFAULT_FIELDS[fmt])}"
         )
     opts = FormatOptions.build(options)
-    mapping = {**DEFAULT_FIELDS[fmt], **(fields or {})}
+    mapping = {**DEFAULT_FIELDS[fmt], **fields}
     adapter = ADAPTERS[fmt]
     groups, seen = [], set()
     for where, rec in records:
