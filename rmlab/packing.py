@@ -18,8 +18,11 @@ An encoder (bidirectional attention) cannot share a prefix exactly: the prompt's
 on every response. ``RewardModel.score_batch`` keeps encoders on the padded path.
 
 On CPU the mask is a 4D boolean tensor that transformers passes to SDPA as is (``masking_utils``
-returns a 4D mask unchanged). It costs full T x T attention per row, so rows are capped at
-``row_tokens`` and filled first-fit-decreasing: the longest segment sets the width.
+returns a 4D mask unchanged). It costs full T x T attention per row, masked blocks included, so a
+shared-prefix segment is capped (``row_tokens``, default twice the batch's longest row; a longer group
+goes on in a second segment with its own prompt copy) and segments are laid first-fit-decreasing into
+rows as wide as the widest segment. On GPU, ``attn_implementation=flex_attention`` skips the masked
+blocks instead.
 """
 
 from __future__ import annotations
@@ -141,12 +144,19 @@ def pack_segments(segments: list[Segment], pad_id: int, row_tokens: int | None =
 
 
 def segments_from_rows(
-    prompts: list[list[int]], responses: list[list[int]], group_of: list[int], mode: str
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    group_of: list[int],
+    mode: str,
+    max_segment: int | None = None,
 ) -> list[Segment]:
     """Segments for ``mode`` from per-response rows (``prompts[i] + responses[i]`` is row i).
 
     prefix_shared: consecutive rows of one group share one segment (their prompts are equal by
-    construction: collate writes the group's prompt into each of its rows). packed: one segment per row.
+    construction: collate writes the group's prompt into each of its rows). A segment stops growing at
+    ``max_segment`` tokens and the group goes on in a new one with its own prompt copy: with a dense
+    mask, attention costs T^2 per row, and a long prompt-plus-K-responses row would spend more on the
+    blocks it masks out than sharing the prompt saves. packed: one segment per row.
     """
     if mode == "packed":
         return [([], [p + r]) for p, r in zip(prompts, responses)]
@@ -155,8 +165,10 @@ def segments_from_rows(
     segments: list[Segment] = []
     last = None
     for p, r, g in zip(prompts, responses, group_of):
-        if g == last and segments[-1][0] == p:
-            segments[-1][1].append(r)
+        cur = segments[-1] if segments else None
+        fits = cur is not None and (max_segment is None or len(p) + sum(map(len, cur[1])) + len(r) <= max_segment)
+        if g == last and fits and cur[0] == p:
+            cur[1].append(r)
         else:
             segments.append((p, [r]))
             last = g
@@ -179,7 +191,10 @@ def pack_batch(batch, mode: str, pad_id: int = 0, row_tokens: int | None = None)
         toks = ids[i][mask[i]].tolist()
         prompts.append(toks[: plen[i]])
         responses.append(toks[plen[i] :])
-    return pack_segments(segments_from_rows(prompts, responses, group, mode), pad_id, row_tokens)
+    # Default cap: twice the batch's longest row. A K = 2 group always fits whole (its prompt is shared),
+    # and no row's attention costs more than 4x the padded batch's longest row.
+    cap = row_tokens or 2 * max(len(p) + len(r) for p, r in zip(prompts, responses))
+    return pack_segments(segments_from_rows(prompts, responses, group, mode, cap), pad_id, row_tokens)
 
 
 def padded_tokens(batch) -> int:

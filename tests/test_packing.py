@@ -57,11 +57,13 @@ def test_rewards_equal_separate_forwards(tiny_llama, side, k, mode):
         padded = _scores(tiny_llama, batch, "padded")
         got = _scores(tiny_llama, batch, mode)
         several_per_row = _scores(tiny_llama, batch, mode, row_tokens=4096)  # all segments in one row
+        split_groups = _scores(tiny_llama, batch, mode, row_tokens=1)  # every response its own prompt copy
     single = _singles(tiny_llama, groups)
     assert got.shape == single.shape == (sum(g.k for g in groups),)
     torch.testing.assert_close(padded, single, atol=1e-4, rtol=0)
     torch.testing.assert_close(got, single, atol=1e-4, rtol=0)
     torch.testing.assert_close(several_per_row, single, atol=1e-4, rtol=0)
+    torch.testing.assert_close(split_groups, single, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
