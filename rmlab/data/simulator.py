@@ -63,7 +63,7 @@ class SimulatorConfig:
     comparisons: str = "all"  # all | adjacent | one | ranking (the pairs the PL ranking implies)
     temperature: float = 0.5  # BT temperature of the annotator (lower = less label noise)
     tie_band: float = 0.15  # |perceived gap| below this is reported as a tie
-    arithmetic_fraction: float = 0.25  # share of prompts that are sums (on_topic = correct sum)
+    arithmetic_fraction: float = 0.15  # share of prompts that are sums (on_topic = correct sum)
     weights: tuple[float, float, float] = (1.5, 1.0, 1.0)  # true-reward weights of on_topic, format_ok, polite
     noise: float = 0.2  # std of the unobserved part of the true reward
     seed: int = 0
@@ -109,7 +109,7 @@ def generate(cfg: SimulatorConfig) -> list[PreferenceGroup]:
         topic = rng.randrange(len(TOPICS))
         arith = None
         if rng.random() < cfg.arithmetic_fraction:
-            arith = (rng.randint(2, 49), rng.randint(2, 49))
+            arith = (rng.randint(1, 9), rng.randint(1, 9))  # single digits: checkable by a small model
             question = f"What is {arith[0]} plus {arith[1]}"
         else:
             question = TOPICS[topic][0]

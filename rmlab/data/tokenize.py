@@ -223,7 +223,7 @@ def explode_pairs(tg: TokenizedGroup) -> list[TokenizedGroup]:
     out = []
     for ci, (w, lo) in enumerate(zip(tg.winner, tg.loser)):
 
-        def pick(xs):
+        def pick(xs, w=w, lo=lo):
             return [xs[w], xs[lo]] if xs else []
 
         out.append(
