@@ -43,6 +43,8 @@ class PackedRows:
     segment: torch.Tensor  # [R, T] segment within its row, -1 = padding
     part: torch.Tensor  # [R, T] 0 = shared prefix, i >= 1 = part i of the segment
     read_index: torch.Tensor  # [N] flat index (row * T + col) of each response's last token, batch order
+    # Per segment: (row, first column, prefix length, part lengths), for attention by segments.
+    spans: list[tuple[int, int, int, list[int]]] | None = None
 
     @property
     def processed_tokens(self) -> int:
@@ -54,8 +56,9 @@ class PackedRows:
         return int((self.segment >= 0).sum())
 
     def to(self, device: torch.device | str) -> PackedRows:
-        return PackedRows(*(t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.position_ids, self.segment, self.part, self.read_index)))
+        moved = (t.to(device, non_blocking=True) for t in (
+            self.input_ids, self.position_ids, self.segment, self.part, self.read_index))
+        return PackedRows(*moved, spans=self.spans)
 
     def attention_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
         """[R, 1, T, T]: True (or 0.0 for a float dtype) where a query may attend to a key.
@@ -120,11 +123,13 @@ def pack_segments(segments: list[Segment], pad_id: int, row_tokens: int | None =
     for _, parts in segments:
         first_part.append(first_part[-1] + len(parts))
     read = torch.empty(first_part[-1], dtype=torch.long)
+    spans = []
     for r, row in enumerate(rows):
         col = 0
         for s_local, s in enumerate(row):
             prefix, parts = segments[s]
             p = len(prefix)
+            spans.append((r, col, p, [len(x) for x in parts]))
             if p:
                 ids[r, col : col + p] = torch.tensor(prefix)
                 pos[r, col : col + p] = torch.arange(p)
@@ -140,7 +145,7 @@ def pack_segments(segments: list[Segment], pad_id: int, row_tokens: int | None =
                 part[r, col : col + n] = j + 1
                 col += n
                 read[first_part[s] + j] = r * width + col - 1
-    return PackedRows(ids, pos, seg, part, read)
+    return PackedRows(ids, pos, seg, part, read, spans)
 
 
 def segments_from_rows(
@@ -175,11 +180,15 @@ def segments_from_rows(
     return segments
 
 
-def pack_batch(batch, mode: str, pad_id: int = 0, row_tokens: int | None = None) -> PackedRows:
+def pack_batch(
+    batch, mode: str, pad_id: int = 0, row_tokens: int | None = None, one_row: bool = False
+) -> PackedRows:
     """The packed layout of a ``RewardBatch`` (padded rows, either padding side).
 
     Reads the real tokens of each row through the attention mask and splits them at
     ``batch.prompt_len`` (no prompt_len: the whole row is the response, so only ``packed`` gains).
+    one_row: every segment in a single row with no padding at all (attention by segments needs no
+    mask, so a wide row costs nothing extra); otherwise rows are capped for the dense-mask path.
     """
     ids = batch.input_ids.detach().cpu()
     mask = batch.attention_mask.detach().cpu().bool()
@@ -191,8 +200,11 @@ def pack_batch(batch, mode: str, pad_id: int = 0, row_tokens: int | None = None)
         toks = ids[i][mask[i]].tolist()
         prompts.append(toks[: plen[i]])
         responses.append(toks[plen[i] :])
-    # Default cap: twice the batch's longest row. A K = 2 group always fits whole (its prompt is shared),
-    # and no row's attention costs more than 4x the padded batch's longest row.
+    if one_row:
+        segments = segments_from_rows(prompts, responses, group, mode, row_tokens)
+        return pack_segments(segments, pad_id, row_tokens=sum(len(p) + sum(map(len, x)) for p, x in segments))
+    # Dense mask: cap a segment at twice the batch's longest row. A K = 2 group always fits whole (its
+    # prompt is shared), and no row's attention costs more than 4x the padded batch's longest row.
     cap = row_tokens or 2 * max(len(p) + len(r) for p, r in zip(prompts, responses))
     return pack_segments(segments_from_rows(prompts, responses, group, mode, cap), pad_id, row_tokens)
 
@@ -237,10 +249,73 @@ def _encoder_types() -> set[str]:
     return ENCODER_TYPES
 
 
+SEGMENTS_ATTN = "rmlab_sdpa_segments"
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      rmlab_spans=None, **kwargs):
+    """Attention by segments: exact, no mask over the whole row, no masked-out work.
+
+    For each segment, the prefix attends causally to itself, and each part attends to the whole
+    prefix plus itself causally: one SDPA call per prefix and per part, on exactly the blocks a
+    token may see. Without ``rmlab_spans`` (the padded path) it is plain SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if rmlab_spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = query.shape[1] != key.shape[1]
+    rows: dict[int, list[torch.Tensor]] = {}
+    for r, col, p, parts in rmlab_spans:
+        out = rows.setdefault(r, [])
+        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
+        if p:
+            sl = slice(col, col + p)
+            out.append(sdpa(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True, scale=scaling, enable_gqa=gqa))
+        start = col + p
+        for n in parts:
+            sl = slice(start, start + n)
+            if p:
+                keys = torch.cat([k[:, :, col : col + p], k[:, :, sl]], dim=2)
+                vals = torch.cat([v[:, :, col : col + p], v[:, :, sl]], dim=2)
+                # The whole prefix, then causal within the part (SDPA's is_causal aligns top-left: wrong here).
+                allowed = torch.ones(n, p + n, dtype=torch.bool, device=query.device)
+                allowed[:, p:] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+                out.append(sdpa(q[:, :, sl], keys, vals, attn_mask=allowed, scale=scaling, enable_gqa=gqa))
+            else:
+                out.append(sdpa(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True, scale=scaling, enable_gqa=gqa))
+            start += n
+    t = query.shape[2]
+    full = []
+    for r in range(query.shape[0]):
+        pieces = rows.get(r, [])
+        used = sum(x.shape[2] for x in pieces)
+        if used < t:  # row padding: its outputs are never read
+            pieces = pieces + [query.new_zeros(1, query.shape[1], t - used, value.shape[-1])]
+        full.append(torch.cat(pieces, dim=2))
+    return torch.cat(full, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _register_segments_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SEGMENTS_ATTN, segment_attention)
+    AttentionMaskInterface.register(SEGMENTS_ATTN, sdpa_mask)  # the padded path still builds SDPA's mask
+
+
 def configure_speed(model, forward_mode: str = "padded", row_tokens: int | None = None, compile: bool = False):
-    """Set the forward mode (resolved for this backbone) and optionally compile the backbone."""
+    """Set the forward mode (resolved for this backbone) and optionally compile the backbone.
+
+    With SDPA, a packed mode switches the backbone to attention by segments (``segment_attention``),
+    which is plain SDPA whenever no segments are given, so padded forwards and exports are unchanged.
+    """
     model.forward_mode = resolve_forward_mode(model, forward_mode)
     model.row_tokens = row_tokens
+    if model.forward_mode != "padded" and model.config._attn_implementation == "sdpa":
+        _register_segments_attention()
+        model.config._attn_implementation = SEGMENTS_ATTN
     if compile:
         # dynamic=True: every batch has another shape, and recompiling per shape would cost more than it saves.
         base = model.hf.base_model
@@ -277,18 +352,19 @@ def backbone_mask(packed: PackedRows, attn: str, dtype: torch.dtype):
 
 def packed_hidden(model, batch) -> torch.Tensor:
     """Hidden states [N, H] at each response's last token, from the packed layout of ``batch``."""
-    packed = getattr(batch, "packed", None)
-    if packed is None:
-        pad = getattr(model.tokenizer, "pad_token_id", None) or 0
-        packed = pack_batch(batch, model.forward_mode, pad, model.row_tokens)
-    device = batch.input_ids.device
-    packed = packed.to(device)
     attn = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    dtype = next(model.parameters()).dtype
-    out = model.hf.base_model(
-        input_ids=packed.input_ids,
-        attention_mask=backbone_mask(packed, attn, dtype),
-        position_ids=packed.position_ids,
-    )
+    by_segments = attn == SEGMENTS_ATTN
+    pad = getattr(model.tokenizer, "pad_token_id", None) or 0
+    packed = pack_batch(batch, model.forward_mode, pad, model.row_tokens, one_row=by_segments)
+    packed = packed.to(batch.input_ids.device)
+    kw = {}
+    if by_segments:
+        # A 4D placeholder: transformers passes a 4D mask through untouched, and segment_attention
+        # reads the spans instead, so no [T, T] mask is ever built.
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=packed.input_ids.device)
+        kw["rmlab_spans"] = packed.spans
+    else:
+        mask = backbone_mask(packed, attn, next(model.parameters()).dtype)
+    out = model.hf.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, **kw)
     h = out[0] if isinstance(out, tuple) else out.last_hidden_state
     return h.reshape(-1, h.shape[-1])[packed.read_index]

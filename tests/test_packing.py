@@ -47,10 +47,21 @@ def _singles(model, groups) -> torch.Tensor:
     return torch.cat(out)
 
 
+@pytest.fixture(scope="module", params=["segments", "mask"])
+def llama(request):
+    """The two CPU attention paths: SDPA by segments (what build_model picks) and one 4D boolean mask."""
+    torch.manual_seed(0)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared").eval()
+    if request.param == "mask":
+        model.config._attn_implementation = "sdpa"
+    return model
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("k", [2, 5])
 @pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
-def test_rewards_equal_separate_forwards(tiny_llama, side, k, mode):
+def test_rewards_equal_separate_forwards(llama, side, k, mode):
+    tiny_llama = llama
     groups = _groups(tiny_llama.tokenizer, k)
     batch = collate(groups, tiny_llama.tokenizer.pad_token_id, side)
     with torch.no_grad():
@@ -69,7 +80,8 @@ def test_rewards_equal_separate_forwards(tiny_llama, side, k, mode):
 @pytest.mark.parametrize("mode", ["packed", "prefix_shared"])
 def test_gradients_equal_padded(mode):
     torch.manual_seed(1)
-    model = build_model(config=TINY_LLAMA, tokenizer="byt5")
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode=mode)
+    assert model.config._attn_implementation == "rmlab_sdpa_segments"
     groups = _groups(model.tokenizer, 3, n=2)
     batch = collate(groups, model.tokenizer.pad_token_id, "left")
     w = torch.randn(batch.input_ids.shape[0])
