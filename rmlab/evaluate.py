@@ -15,7 +15,6 @@ the one the model was trained on (so training prompts never inflate the score) a
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -26,7 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("rmlab")
 
 # Data keys that decide which examples a data config yields; equal keys = the training data.
-_DATA_IDENTITY = ("name", "source", "split", "val_source", "val_split", "val_fraction", "simulator", "format", "fields", "seed")
+_DATA_IDENTITY = (
+    "name",
+    "source",
+    "split",
+    "val_source",
+    "val_split",
+    "val_fraction",
+    "simulator",
+    "format",
+    "fields",
+    "seed",
+)
 
 
 def find_run_config(path: str | None) -> DictConfig | None:
@@ -56,7 +66,7 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
         model = instantiate(arch, _convert_="all")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
         # The module stores the RewardModel as `model`; the loss may own buffers, which are not ours.
-        own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        own = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         model.load_state_dict(own, strict=True)
     else:
         if model_cfg is None:
@@ -144,8 +154,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = write_report(out, result, pred, info, tokenizer=model.tokenizer, worst_k=int(cfg.worst_k))
     print(summary, flush=True)
     return {"metrics": result.scalars, "info": info}
-
-
-def metrics_json(path: str | Path) -> dict[str, Any]:
-    """Read an eval or train ``metrics.json`` (both keep scalars under ``metrics``)."""
-    return json.loads(Path(path).read_text())

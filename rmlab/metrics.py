@@ -69,8 +69,12 @@ class PredictionCollector:
         self.reset()
 
     def reset(self) -> None:
-        self._resp: dict[str, list[np.ndarray]] = {k: [] for k in ("reward", "group", "response_len", "true_reward", "rank")}
-        self._cmp: dict[str, list[np.ndarray]] = {k: [] for k in ("winner", "loser", "tie", "margin", "strength", "subset")}
+        self._resp: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("reward", "group", "response_len", "true_reward", "rank")
+        }
+        self._cmp: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("winner", "loser", "tie", "margin", "strength", "subset")
+        }
         self._group_ids: list[str] = []
         self._tokens: list[tuple[list[int], list[int]]] = []
         self._n = 0
@@ -154,7 +158,9 @@ def accuracy_by(correct: np.ndarray, keys: np.ndarray) -> dict[str, tuple[float,
     return out
 
 
-def section_scores(by_subset: dict[str, tuple[float, int]], sections: dict[str, list[str]] | None = None) -> dict[str, float]:
+def section_scores(
+    by_subset: dict[str, tuple[float, int]], sections: dict[str, list[str]] | None = None
+) -> dict[str, float]:
     """RewardBench-style sections: a section's score is its subsets' accuracies weighted by their
     example counts (= accuracy over the section's pooled examples); ``score`` is the plain mean of
     the sections, so a big section does not drown a small one. Without ``sections`` every subset is
@@ -244,7 +250,9 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
     return float((sx * sy).sum() / den) if den > 0 else NAN
 
 
-def group_rank_correlation(score: np.ndarray, target: np.ndarray, group: np.ndarray, min_k: int = 3) -> dict[str, float]:
+def group_rank_correlation(
+    score: np.ndarray, target: np.ndarray, group: np.ndarray, min_k: int = 3
+) -> dict[str, float]:
     """Mean Kendall tau-b and Spearman rho between score and target within each group.
 
     Groups with fewer than ``min_k`` scored responses, or a constant target, have no ranking to
@@ -337,7 +345,7 @@ def compute_all(pred: Predictions, sections: dict[str, list[str]] | None = None,
     if subsets.size and any(subsets):
         by = accuracy_by(correct, subsets)
         tables["subset"] = by
-        for k, (a, n) in by.items():
+        for k, (a, _) in by.items():
             s[f"subset/{k or 'none'}"] = a
         sec = section_scores(by, sections)
         tables["sections"] = sec

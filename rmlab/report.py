@@ -61,10 +61,24 @@ def reliability_figure(bins: list[dict]):
     fig, ax = _figure()
     ok = [b for b in bins if b["count"]]
     width = bins[0]["hi"] - bins[0]["lo"] if bins else 0.1
-    ax.bar([b["lo"] for b in ok], [b["accuracy"] for b in ok], width=width, align="edge", alpha=0.6, edgecolor="k", label="observed")
+    ax.bar(
+        [b["lo"] for b in ok],
+        [b["accuracy"] for b in ok],
+        width=width,
+        align="edge",
+        alpha=0.6,
+        edgecolor="k",
+        label="observed",
+    )
     ax.plot([b["confidence"] for b in ok], [b["accuracy"] for b in ok], "o", color="C1", label="bin mean p")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(xlabel="p = sigmoid(r_a - r_b)", ylabel="share where a is preferred", title="Reliability diagram", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="p = sigmoid(r_a - r_b)",
+        ylabel="share where a is preferred",
+        title="Reliability diagram",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(loc="upper left")
     fig.tight_layout()
     return fig
@@ -75,7 +89,12 @@ def histogram_figure(chosen: np.ndarray, rejected: np.ndarray):
     both = np.concatenate([chosen, rejected]) if chosen.size + rejected.size else np.zeros(1)
     edges = np.histogram_bin_edges(both, bins=30)
     ax.hist(chosen, bins=edges, alpha=0.55, label=f"chosen (mean {chosen.mean():.3f})" if chosen.size else "chosen")
-    ax.hist(rejected, bins=edges, alpha=0.55, label=f"rejected (mean {rejected.mean():.3f})" if rejected.size else "rejected")
+    ax.hist(
+        rejected,
+        bins=edges,
+        alpha=0.55,
+        label=f"rejected (mean {rejected.mean():.3f})" if rejected.size else "rejected",
+    )
     ax.set(xlabel="reward", ylabel="count", title="Rewards of chosen and rejected")
     ax.legend()
     fig.tight_layout()
@@ -173,7 +192,9 @@ def _md_cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def write_report(out: Path, result: EvalResult, pred: Predictions, info: dict[str, Any], tokenizer: Any = None, worst_k: int = 10) -> str:
+def write_report(
+    out: Path, result: EvalResult, pred: Predictions, info: dict[str, Any], tokenizer: Any = None, worst_k: int = 10
+) -> str:
     """Write metrics.json, the PNGs and report.md into ``out``; return the console summary."""
     out = Path(out)
     s, t = result.scalars, result.tables
@@ -181,7 +202,10 @@ def write_report(out: Path, result: EvalResult, pred: Predictions, info: dict[st
     plots = {
         "reliability": save(reliability_figure(t["reliability"]), out / "reliability.png"),
         "reward_hist": save(histogram_figure(pred.rw[nt], pred.rl[nt]), out / "reward_hist.png"),
-        "length_bias": save(length_figure(pred.reward, pred.response_len, s.get("length/pearson", float("nan"))), out / "length_bias.png"),
+        "length_bias": save(
+            length_figure(pred.reward, pred.response_len, s.get("length/pearson", float("nan"))),
+            out / "length_bias.png",
+        ),
     }
     if "buckets" in t:
         plots["acc_by_bucket"] = save(bucket_figure(t["buckets"]), out / "acc_by_bucket.png")
@@ -189,12 +213,18 @@ def write_report(out: Path, result: EvalResult, pred: Predictions, info: dict[st
         plots["acc_by_subset"] = save(subset_figure(t["subset"]), out / "acc_by_subset.png")
     worst = worst_comparisons(pred, tokenizer, worst_k)
     (out / "metrics.json").write_text(
-        json.dumps(json_safe({"metrics": s, "tables": t, "info": info, "plots": plots, "worst": worst}), indent=2, default=str)
+        json.dumps(
+            json_safe({"metrics": s, "tables": t, "info": info, "plots": plots, "worst": worst}), indent=2, default=str
+        )
     )
 
     md = [f"# rmlab eval: {info.get('data', '')}", ""]
-    md += [f"- model: `{info.get('model')}`", f"- split: {info.get('split')}, {info.get('groups')} groups, "
-           f"{info.get('responses')} responses, {int(s.get('n_comparisons', 0))} non-tie comparisons, {int(s.get('n_ties', 0))} ties", ""]
+    md += [
+        f"- model: `{info.get('model')}`",
+        f"- split: {info.get('split')}, {info.get('groups')} groups, "
+        f"{info.get('responses')} responses, {int(s.get('n_comparisons', 0))} non-tie comparisons, {int(s.get('n_ties', 0))} ties",
+        "",
+    ]
     md += ["## Headline", "", "| metric | value |", "|---|---|"]
     md += [f"| {label} | {_fmt(s[k], rate)} |" for k, label, rate in HEADLINE if k in s]
     if "subset" in t:
@@ -207,10 +237,18 @@ def write_report(out: Path, result: EvalResult, pred: Predictions, info: dict[st
         md += ["", f"## Accuracy by {b['kind']} bucket", ""]
         if b.get("edges"):
             md += [f"Quartile edges of |{b['kind']}|: " + ", ".join(f"{e:.3g}" for e in b["edges"]), ""]
-        md += ["| bucket | accuracy | n |", "|---|---|---|"] + [f"| {k} | {_fmt(a, True)} | {n} |" for k, (a, n) in b["acc"].items()]
+        md += ["| bucket | accuracy | n |", "|---|---|---|"] + [
+            f"| {k} | {_fmt(a, True)} | {n} |" for k, (a, n) in b["acc"].items()
+        ]
     md += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
     if worst:
-        md += ["", f"## The {len(worst)} worst-scored comparisons", "", "| prompt | chosen | rejected | r chosen | r rejected |", "|---|---|---|---|---|"]
+        md += [
+            "",
+            f"## The {len(worst)} worst-scored comparisons",
+            "",
+            "| prompt | chosen | rejected | r chosen | r rejected |",
+            "|---|---|---|---|---|",
+        ]
         md += [
             f"| {_md_cell(w['prompt'][-120:])} | {_md_cell(w['chosen'][-160:])} | {_md_cell(w['rejected'][-160:])} | "
             f"{w['reward_chosen']:.3f} | {w['reward_rejected']:.3f} |"
@@ -218,4 +256,7 @@ def write_report(out: Path, result: EvalResult, pred: Predictions, info: dict[st
         ]
     md += ["", "All metrics: `metrics.json`. Glossary: docs/eval.md.", ""]
     (out / "report.md").write_text("\n".join(md))
-    return summary_table(s, f"rmlab eval: {info.get('data', '')} ({info.get('split')})") + f"\n  report: {out / 'report.md'}"
+    return (
+        summary_table(s, f"rmlab eval: {info.get('data', '')} ({info.get('split')})")
+        + f"\n  report: {out / 'report.md'}"
+    )

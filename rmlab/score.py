@@ -74,8 +74,16 @@ def batches_by_length(lengths: list[int], batch_size: int, max_tokens: int) -> l
 class Scorer:
     """Rewards for (prompt, response) rows, independent of batch size and padding side."""
 
-    def __init__(self, model: Any, max_length: int = 512, min_prompt_tokens: int = 16, padding_side: str = "right",
-                 batch_size: int = 32, max_tokens: int = 16384, device: str = "cpu"):
+    def __init__(
+        self,
+        model: Any,
+        max_length: int = 512,
+        min_prompt_tokens: int = 16,
+        padding_side: str = "right",
+        batch_size: int = 32,
+        max_tokens: int = 16384,
+        device: str = "cpu",
+    ):
         self.model, self.tok = model.eval().to(device), model.tokenizer
         self.max_length, self.min_prompt_tokens = max_length, min_prompt_tokens
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device
@@ -99,12 +107,23 @@ class Scorer:
         with torch.inference_mode():
             for idx in batches_by_length(lens, self.batch_size, self.max_tokens):
                 singles = [
-                    TokenizedGroup(prompt_ids=toks[rows[i][0]].prompt_ids, response_ids=[toks[rows[i][0]].response_ids[rows[i][1]]],
-                                   winner=[], loser=[], margin=[], strength=[], weight=[], tie=[], group_weight=[])
+                    TokenizedGroup(
+                        prompt_ids=toks[rows[i][0]].prompt_ids,
+                        response_ids=[toks[rows[i][0]].response_ids[rows[i][1]]],
+                        winner=[],
+                        loser=[],
+                        margin=[],
+                        strength=[],
+                        weight=[],
+                        tie=[],
+                        group_weight=[],
+                    )
                     for i in idx
                 ]
                 b = collate(singles, self.pad_id, self.padding_side)
-                r = self.model(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.position_ids.to(self.device))
+                r = self.model(
+                    b.input_ids.to(self.device), b.attention_mask.to(self.device), b.position_ids.to(self.device)
+                )
                 for i, v in zip(idx, r.float().cpu().tolist()):
                     gi, ri = rows[i]
                     out[gi][ri] = v
@@ -122,8 +141,15 @@ def chunks(it: Iterable, n: int) -> Iterator[list]:
         yield buf
 
 
-def score_file(scorer: Scorer, src: str, dst: str, fields: dict[str, str] | None = None, buffer: int = 2048,
-               normalize: tuple[float, float] | None = None, progress: bool = True) -> int:
+def score_file(
+    scorer: Scorer,
+    src: str,
+    dst: str,
+    fields: dict[str, str] | None = None,
+    buffer: int = 2048,
+    normalize: tuple[float, float] | None = None,
+    progress: bool = True,
+) -> int:
     """Stream ``src`` -> ``dst``; returns the number of records written."""
     from rmlab.data.sources import DataError, read_records
 
@@ -155,7 +181,11 @@ def score_file(scorer: Scorer, src: str, dst: str, fields: dict[str, str] | None
                     rs = [(r - normalize[0]) / normalize[1] for r in rs]
                 if is_pair:
                     gap = rs[0] - rs[1]
-                    rec.update(reward_chosen=rs[0], reward_rejected=rs[1], p_chosen=1 / (1 + math.exp(-gap)) if abs(gap) < 700 else float(gap > 0))
+                    rec.update(
+                        reward_chosen=rs[0],
+                        reward_rejected=rs[1],
+                        p_chosen=1 / (1 + math.exp(-gap)) if abs(gap) < 700 else float(gap > 0),
+                    )
                 else:
                     rec["reward"] = rs[0]
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -168,9 +198,14 @@ def score_file(scorer: Scorer, src: str, dst: str, fields: dict[str, str] | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rmlab.score", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", help="a .jsonl / .jsonl.gz file of {prompt, response} or {prompt, chosen, rejected} records")
+    ap = argparse.ArgumentParser(
+        prog="python -m rmlab.score",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "input", help="a .jsonl / .jsonl.gz file of {prompt, response} or {prompt, chosen, rejected} records"
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="an exported model dir (<run>/export), an HF reward model, or `minilm`")
     src.add_argument("--ckpt", help="a Lightning checkpoint inside a run dir (its config.yaml gives the architecture)")
@@ -179,12 +214,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="rows per forward at most")
     ap.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per forward at most (rows x longest)")
     ap.add_argument("--buffer", type=int, default=2048, help="records held at once; length-sorting happens inside it")
-    ap.add_argument("--max-length", type=int, default=512, help="tokens per row; the prompt is cut first (training policy)")
+    ap.add_argument(
+        "--max-length", type=int, default=512, help="tokens per row; the prompt is cut first (training policy)"
+    )
     ap.add_argument("--min-prompt-tokens", type=int, default=16, help="the prompt keeps at least this many tokens")
     ap.add_argument("--padding-side", default="right", choices=["right", "left"], help="rewards do not depend on it")
     ap.add_argument("--normalize", action="store_true", help="(r - mean) / std with the export's val statistics")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is best on busy shared cores)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is best on busy shared cores)"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
 
@@ -206,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     norm = None
     if a.normalize:
         if "reward_mean" not in meta:
-            raise SystemExit("--normalize needs reward_mean/reward_std in the export's config.json (rmlab train writes them)")
+            raise SystemExit(
+                "--normalize needs reward_mean/reward_std in the export's config.json (rmlab train writes them)"
+            )
         norm = (float(meta["reward_mean"]), float(meta["reward_std"]) or 1.0)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = Scorer(model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device)

@@ -86,7 +86,13 @@ def to_markdown(s: dict[str, Any]) -> str:
         cells = [r["overrides"].get(k, "") for k in keys] + [_f(float(r["metrics"].get(m, math.nan))) for m in ms]
         lines.append(f"| {r['dir']} | " + " | ".join(cells) + " |")
     ck = s["config_keys"]
-    lines += ["", "## Mean ± std over seeds", "", "| " + " | ".join(ck + ["n"] + ms) + " |", "|" + "---|" * (len(ck) + 1 + len(ms))]
+    lines += [
+        "",
+        "## Mean ± std over seeds",
+        "",
+        "| " + " | ".join(ck + ["n"] + ms) + " |",
+        "|" + "---|" * (len(ck) + 1 + len(ms)),
+    ]
     for g in s["groups"]:
         cells = [g["config"][k] for k in ck] + [str(g["n"])] + [f"{_f(g[m][0])} ± {_f(g[m][1])}" for m in ms]
         lines.append("| " + " | ".join(cells) + " |")
@@ -117,7 +123,9 @@ def bar_chart(s: dict[str, Any], path: Path, metric: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m rmlab.summarize", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", help="a Hydra multirun dir (holds one sub-dir per run)")
-    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names (those present are shown)")
+    ap.add_argument(
+        "--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names (those present are shown)"
+    )
     ap.add_argument("--plot-metric", default=None, help="metric of the bar chart (default: the first shown)")
     ap.add_argument("--seed-key", default="seed", help="the override that marks replicates")
     ap.add_argument("--out", default=None, help="where summary.{md,csv,png} go (default: the sweep dir)")
@@ -131,7 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         w = csv.writer(f)
         w.writerow(["run", *s["keys"], *s["metrics"]])
         for r in s["runs"]:
-            w.writerow([r["dir"], *[r["overrides"].get(k, "") for k in s["keys"]], *[r["metrics"].get(m, "") for m in s["metrics"]]])
+            w.writerow(
+                [
+                    r["dir"],
+                    *[r["overrides"].get(k, "") for k in s["keys"]],
+                    *[r["metrics"].get(m, "") for m in s["metrics"]],
+                ]
+            )
     png = bar_chart(s, out / "summary.png", a.plot_metric)
     print(md)
     print(f"\nwrote {out / 'summary.md'}, {out / 'summary.csv'}, {png}")

@@ -69,3 +69,15 @@ def minilm():
     from rmlab.model import build_model
 
     return build_model(name_or_path="minilm").eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a busy shared 2-core machine the thread pool spin-waits and
+    tiny forwards run tens of times slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tests.conftest import ROOT, compose, needs_shared_data
 
 PNGS = {"reliability.png", "reward_hist.png", "length_bias.png", "acc_by_bucket.png"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: torch's thread pool spin-waits under load; one thread is fastest here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards: no thread-pool contention
 
 
 def _eval(overrides, out):
@@ -32,7 +25,10 @@ def _eval(overrides, out):
     return blob
 
 
-@pytest.mark.skipif(not (ROOT / "conf" / "data" / "local.yaml").exists(), reason="needs conf/data/local.yaml (the data group's own-file config)")
+@pytest.mark.skipif(
+    not (ROOT / "conf" / "data" / "local.yaml").exists(),
+    reason="needs conf/data/local.yaml (the data group's own-file config)",
+)
 def test_own_field_names_through_field_mapping_alone(tiny_llama, tmp_path):
     from rmlab.data.simulator import SimulatorConfig, generate
     from rmlab.score import Scorer
@@ -42,9 +38,24 @@ def test_own_field_names_through_field_mapping_alone(tiny_llama, tmp_path):
     src = tmp_path / "mine.jsonl"
     with open(src, "w") as f:
         for i, g in enumerate(groups):
-            f.write(json.dumps({"question": g.prompt, "good": g.responses[0], "bad": g.responses[1], "category": "ab"[i % 2]}) + "\n")
-    blob = _eval(["data=local", f"data.source={src}", "data.fields.prompt=question", "data.fields.chosen=good",
-                  "data.fields.rejected=bad", "data.fields.subset=category", f"model.name_or_path={export}"], tmp_path / "ev")
+            f.write(
+                json.dumps(
+                    {"question": g.prompt, "good": g.responses[0], "bad": g.responses[1], "category": "ab"[i % 2]}
+                )
+                + "\n"
+            )
+    blob = _eval(
+        [
+            "data=local",
+            f"data.source={src}",
+            "data.fields.prompt=question",
+            "data.fields.chosen=good",
+            "data.fields.rejected=bad",
+            "data.fields.subset=category",
+            f"model.name_or_path={export}",
+        ],
+        tmp_path / "ev",
+    )
     m = blob["metrics"]
     assert blob["info"]["split"] == "all"  # not the training data: every record is scored
     assert m["n_comparisons"] == 12 and m["tie_rate"] == 0
@@ -61,8 +72,17 @@ def trained(tmp_path_factory):
     from rmlab.train import run
 
     out = tmp_path_factory.mktemp("train")
-    cfg = compose(["model=tiny_llama", "trainer.max_steps=4", "data.simulator.num_prompts=100", "threads=1",
-                   "logger=wandb", "optim.lr=1e-3"], out)
+    cfg = compose(
+        [
+            "model=tiny_llama",
+            "trainer.max_steps=4",
+            "data.simulator.num_prompts=100",
+            "threads=1",
+            "logger=wandb",
+            "optim.lr=1e-3",
+        ],
+        out,
+    )
     return out, run(cfg)
 
 
@@ -71,7 +91,14 @@ def test_train_then_eval_checkpoint_and_export_agree(trained, tmp_path):
     run_dir, summary = trained
     tm = summary["metrics"]
     # the validation callback logged the report's metrics as val/...
-    for k in ("val/ece", "val/brier", "val/length/pearson", "val/rank/kendall_tau", "val/truth/acc", "val/bucket_strength/3"):
+    for k in (
+        "val/ece",
+        "val/brier",
+        "val/length/pearson",
+        "val/rank/kendall_tau",
+        "val/truth/acc",
+        "val/bucket_strength/3",
+    ):
         assert k in tm
     media = {p.parent.name + "/" + p.name.split("_1_")[0] for p in (run_dir / "wandb").rglob("media/*/val/*")}
     assert {"val/reliability_diagram", "val/worst_comparisons"} <= media  # wandb dashboards (offline run)
@@ -81,7 +108,9 @@ def test_train_then_eval_checkpoint_and_export_agree(trained, tmp_path):
     m = ck["metrics"]
     # the eval of the final checkpoint reproduces the final validation exactly
     assert m["acc"] == pytest.approx(tm["val/acc"], abs=1e-6)
-    assert m["ece"] == pytest.approx(tm["val/ece"], abs=1e-6) and m["truth/acc"] == pytest.approx(tm["val/truth/acc"], abs=1e-6)
+    assert m["ece"] == pytest.approx(tm["val/ece"], abs=1e-6) and m["truth/acc"] == pytest.approx(
+        tm["val/truth/acc"], abs=1e-6
+    )
     assert 0 < m["tie_rate"] < 0.5 and m["truth/oracle_acc"] > 0.8
     assert len(ck["worst"]) == 10 and ck["worst"][0]["reward_chosen"] < ck["worst"][0]["reward_rejected"]
 
@@ -99,7 +128,9 @@ def test_train_then_eval_checkpoint_and_export_agree(trained, tmp_path):
 @pytest.mark.skipif(not (ROOT / "conf" / "data" / "pandalm.yaml").exists(), reason="needs conf/data/pandalm.yaml")
 def test_eval_checkpoint_on_pandalm(trained, tmp_path):
     run_dir, _ = trained
-    blob = _eval([f"ckpt_path={run_dir}/checkpoints/last.ckpt", "data=pandalm", "data.max_records=200"], tmp_path / "pl")
+    blob = _eval(
+        [f"ckpt_path={run_dir}/checkpoints/last.ckpt", "data=pandalm", "data.max_records=200"], tmp_path / "pl"
+    )
     m, t = blob["metrics"], blob["tables"]
     assert blob["info"]["split"] == "all"  # a dataset the model never saw: all of it
     assert m["n_ties"] > 0 and 0 < m["tie_rate"] < 1  # PandaLM's annotators split or vote tie

@@ -157,8 +157,19 @@ def test_collector_makes_indices_global():
     from rmlab.data.collate import collate
     from rmlab.data.tokenize import TokenizedGroup
 
-    g = TokenizedGroup(prompt_ids=[5, 6], response_ids=[[7, 1], [8, 9, 1]], winner=[1], loser=[0], margin=[float("nan")],
-                       strength=[2], weight=[1.0], tie=[False], group_weight=[1.0], group_id="a", subset="s")
+    g = TokenizedGroup(
+        prompt_ids=[5, 6],
+        response_ids=[[7, 1], [8, 9, 1]],
+        winner=[1],
+        loser=[0],
+        margin=[float("nan")],
+        strength=[2],
+        weight=[1.0],
+        tie=[False],
+        group_weight=[1.0],
+        group_id="a",
+        subset="s",
+    )
     col = PredictionCollector(keep_tokens=True)
     col.add(torch.tensor([0.0, 1.0, 2.0, 1.5]), collate([g, g], 0))
     col.add(torch.tensor([4.0, 3.0]), collate([g], 0))

@@ -11,14 +11,7 @@ import torch
 from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.score import Scorer, batches_by_length, parse_fields, score_file
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: torch's thread pool spin-waits under load (40x slower here); one thread is fastest.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards: no thread-pool contention
 
 
 def _items(n=6, k=3):
@@ -48,8 +41,15 @@ def test_eval_loader_rewards_do_not_depend_on_batch_size_or_padding_side(tiny_ll
     per_key = {}
     for side in ("right", "left"):
         for groups_per_batch in (1, 3, 8):
-            dm = RewardDataModule(tokenizer=tiny_llama.tokenizer, simulator={"num_prompts": 40, "k": 3}, val_fraction=0.3,
-                                  max_length=256, padding_side=side, max_groups=groups_per_batch, cache=False)
+            dm = RewardDataModule(
+                tokenizer=tiny_llama.tokenizer,
+                simulator={"num_prompts": 40, "k": 3},
+                val_fraction=0.3,
+                max_length=256,
+                padding_side=side,
+                max_groups=groups_per_batch,
+                cache=False,
+            )
             dm.setup("validate")
             p = score_loader(tiny_llama, dm.val_dataloader())
             # key each response by (group id, position in the group): batching reorders groups
@@ -95,7 +95,9 @@ def test_score_file_streams_keeps_order_and_fields(tiny_llama, tmp_path, monkeyp
     seen = []
     real = scorer.score
     monkeypatch.setattr(scorer, "score", lambda its: seen.append(len(its)) or real(its))
-    n = score_file(scorer, str(src), str(tmp_path / "out.jsonl"), parse_fields("prompt=q,response=a"), buffer=3, progress=False)
+    n = score_file(
+        scorer, str(src), str(tmp_path / "out.jsonl"), parse_fields("prompt=q,response=a"), buffer=3, progress=False
+    )
     assert n == 7 and seen == [3, 3, 1]  # never more than --buffer records in memory
     out = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     assert [r["id"] for r in out] == list(range(7))

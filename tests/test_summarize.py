@@ -58,12 +58,29 @@ def test_real_2x2_multirun(tmp_path):
     """python train.py -m loss=bt,logexp seed=1,2 ..., then rmlab.summarize on the sweep dir."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline", "RMLAB_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "train.py", "-m", "loss=bt,logexp", "seed=1,2", "model=tiny_llama", "trainer.max_steps=2",
-           "data.simulator.num_prompts=60", "export=false", "threads=1",
-           f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "loss=bt,logexp",
+        "seed=1,2",
+        "model=tiny_llama",
+        "trainer.max_steps=2",
+        "data.simulator.num_prompts=60",
+        "export=false",
+        "threads=1",
+        f"hydra.sweep.dir={sweep}",
+    ]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=400)
-    out = subprocess.run([sys.executable, "-m", "rmlab.summarize", str(sweep)], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "rmlab.summarize", str(sweep)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     s = summarize(collect(sweep))
     assert s["config_keys"] == ["loss"] and [g["n"] for g in s["groups"]] == [2, 2]
     by = {g["config"]["loss"]: g for g in s["groups"]}
