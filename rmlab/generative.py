@@ -279,8 +279,10 @@ def judge_stats(rewards: torch.Tensor, first: torch.Tensor, second: torch.Tensor
     r1, r2 = rewards[first][keep].double(), rewards[second][keep].double()
     if r1.numel() == 0:
         return {}
-    p = 0.5 * (torch.sigmoid(r1) + torch.sigmoid(-r2))
-    acc = torch.where(p > 0.5, 1.0, torch.where(p == 0.5, 0.5, 0.0))
+    # (s(r1) + s(-r2)) / 2 written as 1/2 + (s(r1) - s(r2)) / 2: exactly 1/2 when r1 == r2. The verdict is
+    # read from r1 vs r2 (the same order, but no sigmoid saturation can turn a win into a tie).
+    p = 0.5 + 0.5 * (torch.sigmoid(r1) - torch.sigmoid(r2))
+    acc = torch.where(r1 > r2, 1.0, torch.where(r1 == r2, 0.5, 0.0))
     return {
         "p_chosen": float(p.mean()),
         "acc": float(acc.mean()),
