@@ -4,8 +4,8 @@ Prompts and responses are plain English built from templates. Each response has 
 must *read* to judge:
 
 - ``on_topic``: it answers the question that was asked (or, for arithmetic, gives the right sum);
-- ``format_ok``: it follows the format the prompt requested (a bulleted list, capital letters, one
-  sentence);
+- ``format_ok``: it follows the format the prompt requested (a bulleted list, a required opening
+  word, one sentence); every format is visible to an uncased tokenizer such as MiniLM's;
 - ``polite``: its tone is courteous rather than dismissive.
 
 The true reward is a weighted sum of these qualities plus a small unobserved term. Filler sentences
@@ -46,7 +46,7 @@ TOPICS: list[tuple[str, list[str]]] = [
 FORMATS = {
     "none": "",
     "list": " Answer as a bulleted list.",
-    "caps": " Answer in capital letters.",
+    "tag": " Start your answer with 'Answer:'.",
     "one": " Answer in one sentence.",
 }
 POLITE = ["Happy to help!", "Good question.", "Sure, here are some ideas.", "Thanks for asking."]
@@ -89,12 +89,12 @@ def _render(rng: random.Random, topic: int, fmt: str, on_topic: bool, follow: bo
         text = opener + " " + " ".join(f"{s}." for s in body)
     if filler:
         text += " " + " ".join(filler)
-    if fmt == "caps" and follow:
-        text = text.upper()
+    if fmt == "tag" and follow:
+        text = "Answer: " + text
     ok = {
         "none": True,
         "list": "\n- " in text,
-        "caps": text == text.upper(),
+        "tag": text.startswith("Answer:"),
         "one": follow or (len(body) == 1 and not filler),
     }[fmt]
     return text, ok
