@@ -39,13 +39,12 @@ import torch
 from torch import nn
 
 from rmlab.data.tokenize import special_tokens
-from rmlab.data.types import Comparison, PreferenceGroup
+from rmlab.data.types import PreferenceGroup
 from rmlab.model import _set_dropout, build_tokenizer, pool_index
 
 VERIFIER_TEMPLATE = "Question: {prompt}\nResponse: {response}\nIs this response good? Answer Yes or No:"
 JUDGE_TEMPLATE = (
-    "Question: {prompt}\nResponse A: {response_a}\nResponse B: {response_b}\n"
-    "Which response is better? Answer A or B:"
+    "Question: {prompt}\nResponse A: {response_a}\nResponse B: {response_b}\nWhich response is better? Answer A or B:"
 )
 FIELDS = {"verifier": ("prompt", "response"), "judge": ("prompt", "response_a", "response_b")}
 
@@ -74,12 +73,16 @@ def check_template(template: str, kind: str) -> None:
         raise ValueError("the template must not end with whitespace; put the space in the answer token (' Yes')")
 
 
-def answer_token_ids(tokenizer: Any, answers: tuple[str, str], answer_ids: tuple[int, int] | None = None) -> tuple[int, int]:
+def answer_token_ids(
+    tokenizer: Any, answers: tuple[str, str], answer_ids: tuple[int, int] | None = None
+) -> tuple[int, int]:
     """The two answer tokens' ids. Each answer must encode as exactly one token, or the config names the ids."""
     if answer_ids is not None:
         ids = tuple(int(i) for i in answer_ids)
         if len(ids) != 2 or ids[0] == ids[1] or not all(0 <= i < len(tokenizer) for i in ids):
-            raise ValueError(f"answer_ids must be two distinct ids below the vocabulary size {len(tokenizer)}, got {answer_ids}")
+            raise ValueError(
+                f"answer_ids must be two distinct ids below the vocabulary size {len(tokenizer)}, got {answer_ids}"
+            )
         return ids  # type: ignore[return-value]
     out = []
     for a in answers:
@@ -141,8 +144,15 @@ class GroupTemplate:
             i = len(rows) - 2
             comps.append(dataclasses.replace(c, winner=i, loser=i + 1))
         return dataclasses.replace(
-            g, prompt=prefix, responses=rows, comparisons=comps, labels=labels,
-            true_rewards=true if truth is not None else None, ranks=None, scores=None, attributes=None,
+            g,
+            prompt=prefix,
+            responses=rows,
+            comparisons=comps,
+            labels=labels,
+            true_rewards=true if truth is not None else None,
+            ranks=None,
+            scores=None,
+            attributes=None,
         )
 
 
@@ -175,13 +185,20 @@ class GenerativeVerifier(nn.Module):
     """A causal LM read as a verifier: ``forward`` returns ``log P(yes) - log P(no)`` per row, shape [N]."""
 
     kind = "verifier"
+    default_template, default_answers = VERIFIER_TEMPLATE, ("Yes", "No")
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any, template: str = VERIFIER_TEMPLATE,
-                 answers: tuple[str, str] = ("Yes", "No"), answer_ids: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any,
+        template: str | None = None,
+        answers: tuple[str, str] | None = None,
+        answer_ids: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.hf, self.tokenizer = hf_model, tokenizer
-        self.group_template = GroupTemplate(self.kind, template)
-        self.answers = tuple(answers)
+        self.group_template = GroupTemplate(self.kind, template or self.default_template)
+        self.answers = tuple(answers or self.default_answers)
         self.answer_ids = answer_token_ids(tokenizer, self.answers, answer_ids)
         # Rows end with the tokenizer's end specials; the answer cue sits just before them.
         self.n_end = len(special_tokens(tokenizer)[2])
@@ -227,8 +244,13 @@ class GenerativeVerifier(nn.Module):
         cfg = self.hf.config
         if getattr(cfg, "pad_token_id", None) is None:
             cfg.pad_token_id = self.tokenizer.pad_token_id
-        cfg.rmlab = {"head": self.kind, "template": self.group_template.template, "answers": list(self.answers),
-                     "answer_ids": list(self.answer_ids), **(extra or {})}
+        cfg.rmlab = {
+            "head": self.kind,
+            "template": self.group_template.template,
+            "answers": list(self.answers),
+            "answer_ids": list(self.answer_ids),
+            **(extra or {}),
+        }
         self.hf.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         return out
@@ -238,10 +260,7 @@ class PairwiseJudge(GenerativeVerifier):
     """A causal LM that reads two responses and answers A or B; a row's output is log P(A) - log P(B)."""
 
     kind = "judge"
-
-    def __init__(self, hf_model: nn.Module, tokenizer: Any, template: str = JUDGE_TEMPLATE,
-                 answers: tuple[str, str] = ("A", "B"), answer_ids: tuple[int, int] | None = None):
-        super().__init__(hf_model, tokenizer, template, answers, answer_ids)
+    default_template, default_answers = JUDGE_TEMPLATE, ("A", "B")
 
     @torch.no_grad()
     def head_report(self, batches: Iterable) -> dict[str, float]:
@@ -254,7 +273,9 @@ class PairwiseJudge(GenerativeVerifier):
         dev = self.lm_head.weight.device
         for b in batches:
             b = move_data_to_device(b, dev)
-            parts.append((self(b.input_ids, b.attention_mask, b.position_ids).cpu(), b.winner.cpu(), b.loser.cpu(), b.tie.cpu()))
+            parts.append(
+                (self(b.input_ids, b.attention_mask, b.position_ids).cpu(), b.winner.cpu(), b.loser.cpu(), b.tie.cpu())
+            )
         self.train(was)
         if not parts:
             return {}
@@ -265,7 +286,9 @@ class PairwiseJudge(GenerativeVerifier):
         return judge_stats(torch.cat(r), torch.cat(w), torch.cat(lo), torch.cat(t))
 
 
-def judge_stats(rewards: torch.Tensor, first: torch.Tensor, second: torch.Tensor, tie: torch.Tensor | None = None) -> dict[str, float]:
+def judge_stats(
+    rewards: torch.Tensor, first: torch.Tensor, second: torch.Tensor, tie: torch.Tensor | None = None
+) -> dict[str, float]:
     """Order-averaged judge metrics over comparisons on non-tie labels.
 
     ``first`` rows show the chosen response as A (output r1 = log P(A)/P(B)); ``second`` rows show it as B (r2).
@@ -321,8 +344,9 @@ def build_generative(
     kw: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if config is not None:
         cfg = dict(config)
-        hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), pad_token_id=tok.pad_token_id,
-                                      **{"vocab_size": len(tok), **cfg})
+        hf_cfg = AutoConfig.for_model(
+            cfg.pop("model_type"), pad_token_id=tok.pad_token_id, **{"vocab_size": len(tok), **cfg}
+        )
         _set_dropout(nn.Module(), hf_cfg, dropout)
         hf = AutoModelForCausalLM.from_config(hf_cfg, **kw)
     elif name_or_path:
@@ -334,13 +358,13 @@ def build_generative(
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     meta = getattr(hf.config, "rmlab", None) or {}
     cls = GenerativeVerifier if kind == "verifier" else PairwiseJudge
-    default_template, default_answers = (VERIFIER_TEMPLATE, ("Yes", "No")) if kind == "verifier" else (JUDGE_TEMPLATE, ("A", "B"))
-    same = meta.get("head") == cls.kind
+    saved = meta if meta.get("head") == cls.kind else {}  # an rmlab export of the same kind: its settings
     model = cls(
-        hf, tok,
-        template=template or (meta["template"] if same else default_template),
-        answers=tuple(answers or (meta["answers"] if same else default_answers)),
-        answer_ids=tuple(answer_ids) if answer_ids else (tuple(meta["answer_ids"]) if same and not answers else None),
+        hf,
+        tok,
+        template=template or saved.get("template"),
+        answers=answers or saved.get("answers"),
+        answer_ids=answer_ids or (saved.get("answer_ids") if not answers else None),
     )
     check_restricted_head(model)
     return model

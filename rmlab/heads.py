@@ -38,7 +38,11 @@ HEADS = ("scalar", "attributes")
 
 def _options(head_options: dict | None, name_or_path: str | None) -> dict:
     meta = read_export_meta(name_or_path) if name_or_path and Path(name_or_path).is_dir() else {}
-    saved = {k: meta[k] for k in ("attributes", "combine", "weights", "gating_hidden") if k in meta} if meta.get("head") == "attributes" else {}
+    saved = (
+        {k: meta[k] for k in ("attributes", "combine", "weights", "gating_hidden") if k in meta}
+        if meta.get("head") == "attributes"
+        else {}
+    )
     opts = {**saved, **{k: v for k, v in (head_options or {}).items() if v is not None}}
     if not opts.get("attributes"):
         raise ValueError("head=attributes needs model.head_options.attributes: the list of attribute names")
@@ -70,9 +74,16 @@ class AttributeRewardModel(RewardModel):
     "weights": [N, A]}) for losses that train the attributes. The gate needs ``batch.prompt_len``.
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, pooling: str = "auto",
-                 attributes: list[str] = (), combine: str = "gating", weights: list[float] | None = None,
-                 gating_hidden: int = 64):
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any = None,
+        pooling: str = "auto",
+        attributes: list[str] = (),
+        combine: str = "gating",
+        weights: list[float] | None = None,
+        gating_hidden: int = 64,
+    ):
         names = list(attributes)
         super().__init__(hf_model, tokenizer, pooling, num_outputs=len(names))
         if combine not in ("fixed", "gating"):
@@ -84,7 +95,11 @@ class AttributeRewardModel(RewardModel):
         self.attributes, self.combine, self.gating_hidden = names, combine, int(gating_hidden)
         self.register_buffer("fixed_weights", torch.tensor(w))
         hsz = hf_model.config.hidden_size
-        self.gate = nn.Sequential(nn.Linear(hsz, gating_hidden), nn.ReLU(), nn.Linear(gating_hidden, a)) if combine == "gating" else None
+        self.gate = (
+            nn.Sequential(nn.Linear(hsz, gating_hidden), nn.ReLU(), nn.Linear(gating_hidden, a))
+            if combine == "gating"
+            else None
+        )
         # transformers then reads the head as A named regression outputs.
         cfg = hf_model.config
         cfg.id2label = dict(enumerate(names))
@@ -147,7 +162,11 @@ class AttributeRewardModel(RewardModel):
             b = move_data_to_device(b, self.fixed_weights.device)
             r, out = self.score_heads(b)
             pred.append(out["attributes"].cpu())
-            truth.append(b.attributes.cpu() if b.attributes.shape[1] == len(self.attributes) else torch.full_like(out["attributes"].cpu(), float("nan")))
+            truth.append(
+                b.attributes.cpu()
+                if b.attributes.shape[1] == len(self.attributes)
+                else torch.full_like(out["attributes"].cpu(), float("nan"))
+            )
             rew.append(r.cpu())
             true_r.append(b.true_reward.cpu())
         self.train(was)
@@ -159,8 +178,14 @@ class AttributeRewardModel(RewardModel):
         return rep
 
     def save_pretrained(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-        meta = {"head": "attributes", "attributes": self.attributes, "combine": self.combine,
-                "weights": self.fixed_weights.tolist(), "gating_hidden": self.gating_hidden, **(extra or {})}
+        meta = {
+            "head": "attributes",
+            "attributes": self.attributes,
+            "combine": self.combine,
+            "weights": self.fixed_weights.tolist(),
+            "gating_hidden": self.gating_hidden,
+            **(extra or {}),
+        }
         out = super().save_pretrained(out_dir, extra=meta)
         if self.gate is not None:
             from safetensors.torch import save_file
@@ -169,8 +194,9 @@ class AttributeRewardModel(RewardModel):
         return out
 
 
-def build_head(head: str, hf: nn.Module, tokenizer: Any, pooling: str, head_options: dict | None,
-               name_or_path: str | None = None) -> RewardModel:
+def build_head(
+    head: str, hf: nn.Module, tokenizer: Any, pooling: str, head_options: dict | None, name_or_path: str | None = None
+) -> RewardModel:
     """The multi-output model around a built backbone (called by ``rmlab.model.build_model``)."""
     if head != "attributes":
         raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")

@@ -26,7 +26,9 @@ BYTE = 3  # ByT5 ids are byte + 3
 @pytest.fixture(scope="module")
 def verifier():
     torch.manual_seed(0)
-    return build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Y", "N"]).eval()
+    return build_generative(
+        "verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Y", "N"]
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,9 @@ def test_answers_and_template_checked_at_start_up():
     with pytest.raises(ValueError, match=r"'Yes' encodes as 3 tokens"):
         build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Yes", "No"])
     ids = [ord("Y") + BYTE, ord("N") + BYTE]
-    m = build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Yes", "No"], answer_ids=ids)
+    m = build_generative(
+        "verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Yes", "No"], answer_ids=ids
+    )
     assert m.answer_ids == tuple(ids)
     with pytest.raises(ValueError, match="two distinct ids"):
         build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answer_ids=[5, 5])
@@ -195,7 +199,9 @@ def test_answer_cross_entropy_golden_values():
     assert out.terms.tolist() == pytest.approx(terms, abs=1e-6)
     out.loss.backward()
     assert r.grad[2] == 0.0  # the unlabelled row gets no gradient
-    none = AnswerCELoss()(r, Comparisons(winner=torch.tensor([1]), loser=torch.tensor([0]), label=torch.full((4,), float("nan"))))
+    none = AnswerCELoss()(
+        r, Comparisons(winner=torch.tensor([1]), loser=torch.tensor([0]), label=torch.full((4,), float("nan")))
+    )
     assert none.loss.item() == 0.0 and none.loss.requires_grad
 
 
@@ -243,9 +249,21 @@ def _short_run(model: str, tmp_path, steps: int, extra: list[str] = ()):
     from rmlab.train import run
 
     cfg = compose(
-        ["experiment=heads", f"model={model}", "logger=csv", f"trainer.max_steps={steps}", "trainer.max_epochs=1",
-         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
-         "optim.lr=3e-3", "threads=1", "export=false", "data.cache=false", *extra],
+        [
+            "experiment=heads",
+            f"model={model}",
+            "logger=csv",
+            f"trainer.max_steps={steps}",
+            "trainer.max_epochs=1",
+            "model.config.hidden_size=32",
+            "model.config.intermediate_size=64",
+            "model.config.num_hidden_layers=1",
+            "optim.lr=3e-3",
+            "threads=1",
+            "export=false",
+            "data.cache=false",
+            *extra,
+        ],
         tmp_path,
     )
     return run(cfg)

@@ -25,7 +25,9 @@ def _model(combine="gating", weights=None, seed=0):
 
 
 def _batch(model, n=4, side="right", seed=3):
-    toks = tokenize_groups(generate(SimulatorConfig(num_prompts=n, k=3, seed=seed)), model.tokenizer, DataReport(), 512, 8)
+    toks = tokenize_groups(
+        generate(SimulatorConfig(num_prompts=n, k=3, seed=seed)), model.tokenizer, DataReport(), 512, 8
+    )
     return collate(toks, model.tokenizer.pad_token_id, side)
 
 
@@ -78,7 +80,11 @@ def test_attribute_loss_golden_and_stage_separation():
     pref = AttributeLoss(regression_weight=0.0, preference_weight=1.0)(r, b, heads=heads)
     combined = (heads["weights"] * heads["attributes"]).sum(-1).detach()
     d = combined[b.winner] - combined[b.loser]
-    bt = torch.where(b.tie, -0.5 * (torch.nn.functional.logsigmoid(d) + torch.nn.functional.logsigmoid(-d)), -torch.nn.functional.logsigmoid(d))
+    bt = torch.where(
+        b.tie,
+        -0.5 * (torch.nn.functional.logsigmoid(d) + torch.nn.functional.logsigmoid(-d)),
+        -torch.nn.functional.logsigmoid(d),
+    )
     assert pref.loss.item() == pytest.approx(float(bt.mean()), rel=1e-5)
     pref.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.gate.parameters())
@@ -122,9 +128,13 @@ def test_export_is_a_multi_output_sequence_classifier(tmp_path):
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
     assert hf.config.num_labels == 3 and hf.config.id2label[2] == "polite" and hf.config.problem_type == "regression"
     with torch.no_grad():
-        logits = hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # right padding: HF's pad pooling is fine
+        logits = hf(
+            input_ids=b.input_ids, attention_mask=b.attention_mask
+        ).logits  # right padding: HF's pad pooling is fine
     torch.testing.assert_close(logits, heads["attributes"], atol=1e-5, rtol=0)
-    again = build_model(name_or_path=str(tmp_path / "export"), head="attributes").eval()  # names, combine and gate restored
+    again = build_model(
+        name_or_path=str(tmp_path / "export"), head="attributes"
+    ).eval()  # names, combine and gate restored
     assert again.attributes == NAMES and again.combine == "gating"
     with torch.no_grad():
         torch.testing.assert_close(again.score_batch(b), r, atol=1e-5, rtol=0)
@@ -137,9 +147,21 @@ def test_attribute_head_recovers_the_true_qualities(tmp_path):
     from rmlab.train import run
 
     cfg = compose(
-        ["experiment=heads", "model=attributes", "logger=csv", "trainer.max_steps=150", "trainer.max_epochs=1",
-         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
-         "data.simulator.num_prompts=900", "optim.lr=3e-3", "threads=1", "export=false", "data.cache=false"],
+        [
+            "experiment=heads",
+            "model=attributes",
+            "logger=csv",
+            "trainer.max_steps=150",
+            "trainer.max_epochs=1",
+            "model.config.hidden_size=32",
+            "model.config.intermediate_size=64",
+            "model.config.num_hidden_layers=1",
+            "data.simulator.num_prompts=900",
+            "optim.lr=3e-3",
+            "threads=1",
+            "export=false",
+            "data.cache=false",
+        ],
         tmp_path,
     )
     s = run(cfg)
