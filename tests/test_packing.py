@@ -153,3 +153,17 @@ def test_encoders_and_flash_fall_back():
     assert resolve_forward_mode(llama, "prefix_shared") == "packed"
     with pytest.raises(ValueError, match="forward_mode"):
         resolve_forward_mode(llama, "sideways")
+
+
+@pytest.mark.parametrize("cost", [0, 10**9])
+def test_segment_attention_per_part_and_joint(monkeypatch, cost):
+    # cost 0: one SDPA call per response (long responses); 10**9: one masked call for all of a group's.
+    import rmlab.packing as packing
+
+    monkeypatch.setattr(packing, "CALL_COST_PAIRS", cost)
+    torch.manual_seed(3)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared").eval()
+    groups = _groups(model.tokenizer, 5, n=2)
+    batch = collate(groups, model.tokenizer.pad_token_id, "left")
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_batch(batch), _singles(model, groups), atol=1e-4, rtol=0)
