@@ -67,22 +67,23 @@ class RewardModel(nn.Module):
 
     def _find_head(self):
         hf = self.hf
-        if hasattr(hf, "score") and isinstance(hf.score, nn.Linear):  # Llama, Qwen2, GPT-NeoX, ...
+        if hasattr(hf, "score") and isinstance(getattr(hf.score, "original_module", hf.score), nn.Linear):  # Llama, Qwen2, ...
             head = hf.score
         elif hasattr(hf, "classifier"):  # BERT-style (Linear) or RoBERTa-style (module over [CLS])
             head = hf.classifier
         else:
             raise ValueError(f"{type(hf).__name__} has no `score` or `classifier` head that rmlab knows")
-        out = head.out_features if isinstance(head, nn.Linear) else getattr(getattr(head, "out_proj", None), "out_features", 1)
+        inner = getattr(head, "original_module", head)  # under LoRA the head is wrapped by peft (rmlab.lora)
+        out = inner.out_features if isinstance(inner, nn.Linear) else getattr(getattr(inner, "out_proj", None), "out_features", 1)
         if out != self.num_outputs:
             raise ValueError(f"the reward head must have exactly {self.num_outputs} output(s), this one has {out}")
         pre = []
         pooler = getattr(hf.base_model, "pooler", None)
         if pooler is not None and self.pooling == "first":
             pre.append(("pooler", pooler))
-        if isinstance(head, nn.Linear) and isinstance(getattr(hf, "dropout", None), nn.Dropout):
+        if isinstance(inner, nn.Linear) and isinstance(getattr(hf, "dropout", None), nn.Dropout):
             pre.append(("dropout", hf.dropout))
-        return head, not isinstance(head, nn.Linear), pre
+        return head, not isinstance(inner, nn.Linear), pre
 
     @property
     def config(self):
@@ -177,6 +178,7 @@ def build_model(
     pooling: str = "auto",
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
+    lora: dict | None = None,
     attn_implementation: str | None = "sdpa",
     forward_mode: str = "padded",
     row_tokens: int | None = None,
@@ -233,6 +235,10 @@ def build_model(
     _set_dropout(hf, hf.config, dropout)
     if gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora and int(lora.get("r") or 0) > 0:  # adapters + a trained head, in place (rmlab.lora)
+        from rmlab.lora import apply_lora
+
+        apply_lora(hf, **lora)
     rmlab_meta = getattr(hf.config, "rmlab", None)
     if isinstance(rmlab_meta, dict) and pooling == "auto":
         pooling = rmlab_meta.get("pooling", "auto")

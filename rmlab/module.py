@@ -70,11 +70,8 @@ class RewardModule(L.LightningModule):
             rewards = self(batch)
             out = self.loss_fn(rewards, batch)
         self.last_rewards = rewards.detach()  # read by rmlab.callbacks.EvalMetricsCallback: no second forward
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite {stage} loss ({out.loss.item()}) at global step {self.global_step}; "
-                f"prompt ids in the batch: {batch.group_ids[:8]}. Lower model.lr / optim.lr, check margins, or use trainer.precision=32"
-            )
+        if not (torch.isfinite(out.loss) and torch.isfinite(rewards).all()):
+            self.stop_on_nonfinite(out.loss, rewards, batch, stage)
         n = max(batch.num_comparisons, 1)
         m = self.metrics[f"{stage}_"]
         on_step = stage == "train"
@@ -103,6 +100,42 @@ class RewardModule(L.LightningModule):
         if not torch.isnan(acc):
             self.val_acc_best.update(acc)
             self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=False)
+
+    def stop_on_nonfinite(self, loss: torch.Tensor, rewards: torch.Tensor, batch, stage: str) -> None:
+        """Stop on a NaN/inf loss or reward, naming the step and the batch's prompts. The state is saved to
+        ``nonfinite-step<N>.ckpt`` for a post-mortem; the last good checkpoint is untouched, since this raises
+        before the step's update and before any checkpoint of this step."""
+        from rmlab.checkpoint import save_inspection_checkpoint
+
+        step, ids = self.global_step, list(batch.group_ids)
+        bad = int((~torch.isfinite(rewards.detach())).sum())
+        info = {"stage": stage, "global_step": step, "group_ids": ids, "loss": float(loss.detach()), "nonfinite_rewards": bad}
+        saved = ""
+        if stage == "train" and self._trainer is not None:
+            path = save_inspection_checkpoint(self.trainer, f"nonfinite-step{step}.ckpt", info)
+            saved = f" State saved for inspection: {path}; the last good checkpoint is untouched." if path else ""
+        shown = ", ".join(map(str, ids[:32])) + (f" ... ({len(ids) - 32} more)" if len(ids) > 32 else "")
+        raise FloatingPointError(
+            f"non-finite {stage} loss ({float(loss.detach())}) or rewards ({bad} of {rewards.numel()} non-finite) "
+            f"at global step {step}; prompt ids in the batch: [{shown}].{saved} "
+            "Lower optim.lr, check margins and data, or use trainer.precision=32-true"
+        )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # FSDP shards the gradients: Lightning refuses norm clipping there, FSDP's own clip_grad_norm_ takes the
+        # global norm across shards.
+        wrapped = self.trainer.model if self._trainer is not None else None
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and hasattr(wrapped, "clip_grad_norm_"):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The global L2 norm before clipping: spikes here flag bad pairs or a too-high lr before the loss does.
+        # Under FSDP/DeepSpeed each rank sees its own shard, so this is that shard's norm.
+        norms = [p.grad.detach().float().norm(2) for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms), 2), on_step=True, on_epoch=False, batch_size=1)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

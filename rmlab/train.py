@@ -42,6 +42,11 @@ def build_loggers(cfg: DictConfig) -> list:
                 if lcfg.get("offline") is None:
                     # No key: run offline, never prompt, never hang. `wandb sync` uploads later.
                     lcfg.offline = not has_wandb_key()
+                if lcfg.get("id") is None:
+                    from rmlab.checkpoint import wandb_run_id
+
+                    # The id lives in the run dir, so a resumed or requeued run continues the same wandb run.
+                    lcfg.id, lcfg.resume = wandb_run_id(cfg.paths.output_dir), "allow"
             os.environ.setdefault("WANDB_SILENT", "true")
             lg = instantiate(lcfg)
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # resolved, never ${...}
@@ -103,7 +108,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = instantiate(cfg.optim, model=model, loss=loss, _convert_="all")
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
+    from rmlab.checkpoint import ResumeState, checkpoint_plugins, resolve_ckpt_path
+
+    # `last` = this run dir's newest checkpoint (or a fresh start): one command for launch and requeue.
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+    # RNG states + CSV rows kept in step with checkpoints: exact resume.
+    callbacks.append(ResumeState(resuming_loggers=loggers if ckpt_path else ()))
+    plugins = checkpoint_plugins(cfg.trainer)  # atomic checkpoint files
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),
+                          **({"plugins": plugins} if plugins else {}))
 
     failed = True
     try:
@@ -111,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             for line in dm.report["one_line"]:
                 print(line, flush=True)
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if "val/acc" not in trainer.callback_metrics or getattr(module, "_last_val_step", -1) != trainer.global_step:
             # max_steps can stop mid-epoch before validation: score the final weights once.
             trainer.validate(module, datamodule=dm, verbose=False)
@@ -135,6 +148,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             summary["head_report"] = model.head_report(dm.val_dataloader())
         if cfg.get("export", True):
             stats = reward_stats(module, dm)
+            from rmlab.lora import merge_lora, peft_of
+
+            if peft_of(model) is not None:
+                # The adapter (with the head, via modules_to_save) is kept; the export is merged, plain transformers.
+                summary["adapter_dir"] = str(merge_lora(model, out / "adapter"))
             summary["export_dir"] = str(model.save_pretrained(out / "export", extra=stats))
         (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
         print(format_summary(summary), flush=True)

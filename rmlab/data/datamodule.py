@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from rmlab.checkpoint import ResumableLoader, batches_done
 from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
 from rmlab.data.sampler import GroupBatchSampler
@@ -84,6 +85,7 @@ class RewardDataModule(L.LightningDataModule):
         output_dir: str | None = None,
         hub_kwargs: dict | None = None,
         format_options: dict | None = None,
+        global_batch_comparisons: int | None = None,
         template: Any = None,
         pair_batching: str = "grouped",
     ):
@@ -98,6 +100,7 @@ class RewardDataModule(L.LightningDataModule):
         self.sort_by_length, self.num_workers, self.seed, self.cache = sort_by_length, num_workers, seed, cache
         self.output_dir, self.hub_kwargs = output_dir, dict(hub_kwargs or {})
         self.format_options = dict(format_options or {})
+        self.global_batch_comparisons = global_batch_comparisons
         # A generative model's row builder (rmlab.generative.GroupTemplate), applied after the split.
         self.template = template
         self.pair_batching = pair_batching
@@ -223,6 +226,20 @@ class RewardDataModule(L.LightningDataModule):
             return 1, 0
         return t.world_size, t.global_rank
 
+    def per_rank_comparisons(self) -> int | None:
+        """The comparison cap of one micro-batch: the global batch divided across ranks and accumulation."""
+        if self.global_batch_comparisons is None:
+            return None
+        world, _ = self._world()
+        accum = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self.trainer is not None else 1
+        parts = world * accum
+        if self.global_batch_comparisons <= 0 or self.global_batch_comparisons % parts:
+            raise ValueError(
+                f"data.global_batch_comparisons={self.global_batch_comparisons} does not divide across {world} ranks x "
+                f"{accum} accumulation steps; use a positive multiple of {parts}"
+            )
+        return self.global_batch_comparisons // parts
+
     def make_sampler(self, groups: list[TokenizedGroup], train: bool) -> GroupBatchSampler:
         world, rank = self._world()
         return GroupBatchSampler(
@@ -237,16 +254,21 @@ class RewardDataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
             even=train,
+            comparisons=[len(g.winner) for g in groups],
+            max_comparisons=self.per_rank_comparisons(),
         )
 
     def _loader(self, groups: list[TokenizedGroup], train: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(
+        # The training loader is stateful: its sampler position goes into checkpoints (rmlab.checkpoint).
+        cls, extra = (ResumableLoader, {"progress": lambda: batches_done(self.trainer)}) if train and self.trainer else (DataLoader, {})
+        return cls(
             groups,
             batch_sampler=self.make_sampler(groups, train),
             collate_fn=Collator(pad, self.padding_side),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -6,9 +6,12 @@
 - Groups are shuffled, cut into pools of ``pool_size`` batches' worth, and sorted by length inside a
   pool, so a batch holds similar lengths (little padding) while the order stays random.
 - It shards itself across DDP ranks: batch b goes to rank ``b % world_size``. Ranks see disjoint
-  groups. For training, every rank must run the same number of steps, so the last batches are
-  repeated to even out (as ``DistributedSampler`` does); for evaluation (``even=False``) nothing is
-  repeated, so every group is scored exactly once.
+  groups. For training, every rank must run the same number of steps, so the last (at most
+  world_size - 1) batches of the epoch are dropped; repeating them instead, as ``DistributedSampler``
+  does, would give two ranks the same groups. Batches are reshuffled each epoch, so a different tail is
+  dropped each time. For evaluation (``even=False``) nothing is dropped: every group is scored once.
+- ``max_comparisons`` caps the comparisons in a batch (a group is never cut): the data module sets it
+  from ``data.global_batch_comparisons`` divided across ranks and accumulation steps.
 - ``set_epoch(e)`` reshuffles; ``state_dict``/``load_state_dict`` carry the position for exact resume.
 """
 
@@ -33,6 +36,8 @@ class GroupBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
         even: bool = True,
+        comparisons: Sequence[int] | None = None,
+        max_comparisons: int | None = None,
     ):
         if len(rows) != len(row_len):
             raise ValueError("rows and row_len must have one entry per group")
@@ -40,8 +45,18 @@ class GroupBatchSampler:
         self.max_tokens, self.max_responses, self.max_groups = max_tokens, max_responses, max_groups
         self.shuffle, self.sort_by_length, self.pool_size = shuffle, sort_by_length, pool_size
         self.seed, self.num_replicas, self.rank, self.even = seed, num_replicas, rank, even
+        self.comparisons = list(comparisons) if comparisons is not None else [0] * len(self.rows)
+        self.max_comparisons = max_comparisons
         self.epoch = 0
-        self._skip = 0  # batches already consumed in this epoch (set by load_state_dict)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches consumed), set by load_state_dict
+        if max_comparisons is not None:
+            too_big = [i for i, c in enumerate(self.comparisons) if c > max_comparisons]
+            if too_big:
+                raise ValueError(
+                    f"group {too_big[0]} has {self.comparisons[too_big[0]]} comparisons, more than the per-rank "
+                    f"batch of {max_comparisons} (data.global_batch_comparisons / (ranks x accumulate_grad_batches)); "
+                    "a group is never cut, so raise data.global_batch_comparisons"
+                )
         for i, (k, n) in enumerate(zip(self.rows, self.row_len)):
             if k > max_responses or k * n > max_tokens:
                 raise ValueError(
@@ -53,8 +68,10 @@ class GroupBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _fits(self, n_rows: int, longest: int, n_groups: int) -> bool:
+    def _fits(self, n_rows: int, longest: int, n_groups: int, n_cmp: int = 0) -> bool:
         if self.max_groups is not None and n_groups > self.max_groups:
+            return False
+        if self.max_comparisons is not None and n_cmp > self.max_comparisons:
             return False
         return n_rows <= self.max_responses and n_rows * longest <= self.max_tokens
 
@@ -69,14 +86,14 @@ class GroupBatchSampler:
             order = [
                 i for s in range(0, len(order), pool) for i in sorted(order[s : s + pool], key=lambda j: self.row_len[j])
             ]
-        batches, cur, n_rows, longest = [], [], 0, 0
+        batches, cur, n_rows, longest, n_cmp = [], [], 0, 0, 0
         for i in order:
-            nr, nl = n_rows + self.rows[i], max(longest, self.row_len[i])
-            if cur and not self._fits(nr, nl, len(cur) + 1):
+            nr, nl, nc = n_rows + self.rows[i], max(longest, self.row_len[i]), n_cmp + self.comparisons[i]
+            if cur and not self._fits(nr, nl, len(cur) + 1, nc):
                 batches.append(cur)
-                cur, nr, nl = [], self.rows[i], self.row_len[i]
+                cur, nr, nl, nc = [], self.rows[i], self.row_len[i], self.comparisons[i]
             cur.append(i)
-            n_rows, longest = nr, nl
+            n_rows, longest, n_cmp = nr, nl, nc
         if cur:
             batches.append(cur)
         if self.shuffle:
@@ -87,12 +104,19 @@ class GroupBatchSampler:
         batches = self._all_batches()
         w = self.num_replicas
         if self.even and w > 1 and len(batches) % w:
-            batches = batches + batches[: w - len(batches) % w]
+            # Fewer batches than ranks (a toy dataset) cannot be split: repeat rather than hang a rank.
+            batches = batches[: len(batches) - len(batches) % w] if len(batches) >= w else (batches * w)[:w]
         return batches[self.rank :: w]
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self._my_batches()
-        skip, self._skip = self._skip, 0
+        skip = 0
+        if self._resume is not None:
+            # Skip only in the epoch the checkpoint was taken in: Lightning calls set_epoch after
+            # load_state_dict, and a checkpoint from an epoch's end resumes in the next epoch.
+            epoch, consumed = self._resume
+            skip = consumed if epoch == self.epoch else 0
+            self._resume = None
         for b in mine[skip:]:
             yield b
 
@@ -100,7 +124,14 @@ class GroupBatchSampler:
         return len(self._my_batches())
 
     def state_dict(self, consumed: int) -> dict:
-        return {"epoch": self.epoch, "consumed": consumed, "seed": self.seed}
+        return {"epoch": self.epoch, "consumed": consumed, "seed": self.seed, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._skip = state["epoch"], state["consumed"]
+        if state.get("seed", self.seed) != self.seed or state.get("num_replicas", self.num_replicas) != self.num_replicas:
+            # Another seed or world size orders the batches differently: skipping by count would be wrong.
+            raise ValueError(
+                f"the checkpoint's sampler ran with seed={state.get('seed')} on {state.get('num_replicas')} ranks; "
+                f"this run has seed={self.seed} on {self.num_replicas}. Resume with the same seed and devices."
+            )
+        self.epoch = state["epoch"]
+        self._resume = (state["epoch"], state["consumed"])

@@ -1,0 +1,51 @@
+"""Fault injection for the resume, NaN-guard and DDP tests. Added to a run from the command line, e.g.
+``python train.py +callbacks.kill._target_=tests.faults.KillAtStep +callbacks.kill.step=12``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process when ``global_step`` reaches ``step``: no cleanup, no final checkpoint, no
+    flushed buffers, as when a node dies or SLURM preempts without a grace signal."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonAtStep(L.Callback):
+    """Set the reward head's weights to NaN before optimizer step ``step + 1``, recording the last good
+    checkpoint's hash and the batch's prompt ids, so a test can check what the NaN guard left behind."""
+
+    def __init__(self, step: int, record: str):
+        self.step, self.record = step, record
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        info = {"group_ids": list(batch.group_ids), "last_sha": hashlib.sha256(last.read_bytes()).hexdigest()}
+        Path(self.record).write_text(json.dumps(info))
+        with torch.no_grad():
+            pl_module.model.head.weight.fill_(float("nan"))
+
+
+class RecordGroups(L.Callback):
+    """Each rank appends the prompt ids of its training batches to ``<run dir>/groups_rank<r>.jsonl``."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        path = Path(trainer.default_root_dir) / f"groups_rank{trainer.global_rank}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps(list(batch.group_ids)) + "\n")
