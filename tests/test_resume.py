@@ -99,7 +99,7 @@ def test_nonfinite_reward_stops_with_step_and_prompt_ids(tmp_path):
 
     record = tmp_path / "poison.json"
     cfg = compose(
-        [*RUN, "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2", "model.dropout=false",
+        [*RUN, "data.simulator.num_prompts=120", "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2", "model.dropout=false",
          "+callbacks.poison._target_=tests.faults.PoisonAtStep", "+callbacks.poison.step=5", f"+callbacks.poison.record={record}"],
         tmp_path / "run",
     )
