@@ -169,4 +169,8 @@ def test_attribute_head_recovers_the_true_qualities(tmp_path):
     print("attribute correlations:", rep)
     assert s["val_acc"] > 0.56, s
     assert rep["attr_corr/format_ok"] > 0.3 and rep["attr_corr/polite"] > 0.3, rep
+    # on_topic is reported but not recovered at this scale: it needs the response matched against the
+    # question (and sums checked), which a 1-layer random-init byte model does not learn in 150 steps
+    # (docs/heads.md: still ~0 after 586 steps of the 2-layer model).
+    assert -1.0 <= rep["attr_corr/on_topic"] <= 1.0
     assert rep["reward_true_corr"] > 0.15, rep
