@@ -111,18 +111,26 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------ the sampler position
 class ResumableLoader(DataLoader):
-    """A DataLoader that Lightning treats as stateful (``state_dict``/``load_state_dict``).
+    """The training DataLoader: stateful for Lightning (``state_dict``/``load_state_dict``), and the one
+    that sets the batch sampler's epoch.
 
-    The position is read from the trainer's batch progress, not counted in the sampler: Lightning
-    prefetches a batch ahead, so the sampler has always yielded one more batch than was trained on.
+    - The position is read from the trainer's batch progress, not counted in the sampler: Lightning
+      prefetches a batch ahead, so the sampler has always yielded one more batch than was trained on.
+    - Lightning's ``set_epoch`` reaches only ``loader.sampler`` and ``loader.batch_sampler.sampler``, never a
+      custom batch sampler, so without this every epoch would repeat epoch 0's order.
     """
 
-    def __init__(self, *args: Any, progress: Callable[[], int] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._progress = progress
+        self._trainer = trainer
+
+    def __iter__(self):
+        if self._trainer is not None and hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(self._trainer.current_epoch)
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
-        consumed = self._progress() if self._progress is not None else 0
+        consumed = batches_done(self._trainer) if self._trainer is not None else 0
         return self.batch_sampler.state_dict(consumed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

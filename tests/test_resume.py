@@ -16,11 +16,12 @@ import torch
 
 from tests.conftest import ROOT, compose
 
-# 30 steps over ~2 epochs (16 batches each) of a tiny Llama, with dropout on so the RNG state matters.
+# 30 steps over 3 epochs of 10 batches of a tiny Llama, with dropout on so the RNG state matters. The kill at
+# step 12 falls in the second epoch; the step-10 checkpoint it resumes from closes the first.
 RUN = [
     "model=tiny_llama",
     "model.dropout=0.1",
-    "data.simulator.num_prompts=300",
+    "data.simulator.num_prompts=80",
     "trainer.max_steps=30",
     "trainer.max_epochs=-1",
     "trainer.log_every_n_steps=1",
@@ -65,7 +66,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step10.ckpt", "step5.ckpt"], ckpts
     assert _state(killed / "checkpoints" / "last.ckpt")["global_step"] == 10
-    before = _state(killed / "checkpoints" / "step10.ckpt")["state_dict"]
+    ten = _state(killed / "checkpoints" / "step10.ckpt")
+    assert ten["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] | {"seed": 0} == {
+        "epoch": 0, "consumed": 10, "seed": 0, "num_replicas": 1}  # the resume point is an epoch's end
+    before = ten["state_dict"]
     for k, v in _state(full / "checkpoints" / "step10.ckpt")["state_dict"].items():
         # Tells a resume bug from a run that diverged before the kill (e.g. the code changed under the test).
         torch.testing.assert_close(before[k], v, atol=1e-6, rtol=0, msg=f"diverged before the kill: {k}")
@@ -79,7 +83,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)
     # The scheduler continued where it stopped, and the sampler's position came back with the loader.
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 30
-    assert a["loops"]["fit_loop"]["state_dict"]["combined_loader"] == b["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    loader = b["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader == a["loops"]["fit_loop"]["state_dict"]["combined_loader"] and loader[0]["epoch"] >= 2, loader
 
     # Logged steps continue without duplicates (rows logged after step 10 by the killed run were dropped and
     # logged again), and each logged value equals the uninterrupted run's.
@@ -99,7 +104,7 @@ def test_nonfinite_reward_stops_with_step_and_prompt_ids(tmp_path):
 
     record = tmp_path / "poison.json"
     cfg = compose(
-        [*RUN, "data.simulator.num_prompts=120", "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2", "model.dropout=false",
+        [*RUN, "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2", "model.dropout=false",
          "+callbacks.poison._target_=tests.faults.PoisonAtStep", "+callbacks.poison.step=5", f"+callbacks.poison.record={record}"],
         tmp_path / "run",
     )

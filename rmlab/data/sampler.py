@@ -117,8 +117,10 @@ class GroupBatchSampler:
             epoch, consumed = self._resume
             skip = consumed if epoch == self.epoch else 0
             self._resume = None
-        for b in mine[skip:]:
-            yield b
+            if skip >= len(mine) > 0:  # the checkpoint closed its epoch: go on with the next one
+                self.epoch += 1
+                mine, skip = self._my_batches(), 0
+        yield from mine[skip:]
 
     def __len__(self) -> int:
         return len(self._my_batches())
