@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from rmlab.checkpoint import ResumableLoader, batches_done
+from rmlab.checkpoint import ResumableLoader
 from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
 from rmlab.data.sampler import GroupBatchSampler
@@ -261,7 +261,7 @@ class RewardDataModule(L.LightningDataModule):
     def _loader(self, groups: list[TokenizedGroup], train: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # The training loader is stateful: its sampler position goes into checkpoints (rmlab.checkpoint).
-        cls, extra = (ResumableLoader, {"progress": lambda: batches_done(self.trainer)}) if train and self.trainer else (DataLoader, {})
+        cls, extra = (ResumableLoader, {"trainer": self.trainer}) if train and self.trainer else (DataLoader, {})
         return cls(
             groups,
             batch_sampler=self.make_sampler(groups, train),
