@@ -1,0 +1,3 @@
+from rmlab.bench.cli import main
+
+main()

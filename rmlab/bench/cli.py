@@ -1,0 +1,243 @@
+"""``python -m rmlab.bench``: rmlab's training step against TRL's RewardTrainer, side by side.
+
+For every (model, workload) it builds one set of initial weights and one set of comparisons, then
+runs TRL and each rmlab forward mode one after the other, each in its own process (separate peak
+RSS, same threads, same seconds of measurement), and writes ``bench.json`` and ``bench.md``.
+See docs/bench.md for what each column means and the last recorded numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# A causal LM of 4.3M parameters (3.9M of them the embedding of the 30k-word BERT vocabulary): big
+# enough that matrix work, not Python, sets the pace on 2 CPU cores (about 3k tokens/s per thread,
+# forward + backward); small enough that the whole benchmark runs in minutes.
+MODELS: dict[str, dict[str, Any]] = {
+    "llama-small": dict(
+        model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    ),
+    # Qwen2-0.5B's shape (random weights): for the GPU run.
+    "qwen2-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, vocab_size=151936, tie_word_embeddings=True,
+    ),
+    "minilm": {},  # the bundled all-MiniLM-L6-v2 (an encoder: rmlab falls back to padded rows)
+}
+CAUSAL_MODES = ("prefix_shared", "packed", "padded")
+
+
+def non_embedding_params(model) -> int:
+    emb = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
+    return sum(p.numel() for p in model.parameters()) - emb
+
+
+def prepare(args, work: Path) -> dict[str, Any]:
+    """Tokenizer, workloads (JSON) and initial weights (one directory per model), built once."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rmlab.bench import workloads as W
+    from rmlab.model import build_model, minilm_path
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or minilm_path())
+    loads = {}
+    makers = {
+        "hh": lambda: W.hh_groups(tok, args.data_dir, args.hh_pairs, args.max_length),
+        "alpaca": lambda: W.alpaca_groups(tok, args.data_dir, args.alpaca_prompts, args.k, args.max_length, args.seed),
+        "simulator": lambda: W.simulator_groups(tok, args.sim_prompts, 3, args.max_length, args.seed),
+    }
+    for name in args.workloads:
+        path = work / f"{name}.json"
+        if args.reuse and path.exists():  # e.g. on a GPU machine without ../shared/data
+            groups = [W.TokenizedGroup(**d) for d in json.loads(path.read_text())]
+        else:
+            groups = makers[name]()
+            path.write_text(json.dumps([g.to_dict() for g in groups]))
+        loads[name] = {"path": str(path), **W.describe(groups)}
+    models = {}
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        if name == "minilm":
+            m = build_model(name_or_path="minilm")
+        else:
+            m = build_model(config=MODELS[name], tokenizer=args.tokenizer or minilm_path())
+        path = work / f"model-{name}"
+        m.save_pretrained(path)
+        models[name] = {
+            "path": str(path),
+            "params": sum(p.numel() for p in m.parameters()),
+            "non_embedding_params": non_embedding_params(m),
+            "causal": m.pooling == "last",
+        }
+    return {"workloads": loads, "models": models}
+
+
+def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    tag = f"{spec['model']}-{spec['workload_name']}-{spec['side']}-{spec.get('mode', '')}"
+    spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-m", "rmlab.bench.sides", str(spec_path), str(out_path)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out_path.exists():
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+                "side": spec["side"], "mode": spec.get("mode", "")}
+    res = json.loads(out_path.read_text())
+    res["wall_s"] = time.time() - t
+    return res
+
+
+def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None, models: dict[str, Any]) -> None:
+    """rmlab / TRL ratio of each figure, against the TRL row of the same model and workload."""
+    for r in rows:
+        if "error" in r:
+            continue
+        cps_unique = r["comparisons_per_s"] * r["unique_tokens_per_comparison"]
+        if peak_tflops:
+            n = models[r["model"]]["non_embedding_params"]
+            # 6 N flops per token for forward + backward (attention scores left out: a lower bound),
+            # over the unique real tokens: model FLOPs, not the padding a side chose to compute.
+            r["mfu"] = 6 * n * cps_unique / (peak_tflops * 1e12)
+        base = next((b for b in rows if b["side"] == "trl" and b["model"] == r["model"]
+                     and b["workload"] == r["workload"] and "error" not in b), None)
+        if base is None or r["side"] == "trl":
+            continue
+        r["vs_trl"] = {
+            k: r[k] / base[k]
+            for k in ("comparisons_per_s", "comparisons_per_s_aggregate", "processed_tokens_per_comparison",
+                      "useful_token_fraction", "peak_rss_mb")
+        }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    lines = [
+        f"Command: `{m['command']}`  ",
+        f"Date: {m['date']}; machine: {m['machine']}; torch {m['torch']}, transformers {m['transformers']}, "
+        f"trl {m['trl']}; {m['threads']} thread(s); {m['precision']}; {m['seconds']} s measured per side "
+        f"after {m['warmup']} warm-up steps.",
+        "",
+        "| model | workload | side | comparisons/s (median) | aggregate | tokens processed / comparison | "
+        "unique real tokens / comparison | useful fraction | peak RSS MB | speed vs TRL | RSS vs TRL |"
+        + (" MFU |" if m.get("peak_tflops") else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if m.get("peak_tflops") else ""),
+    ]
+    for r in result["runs"]:
+        side = r["side"] if r["side"] == "trl" else f"rmlab {r.get('forward_mode') or r['mode']}"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['workload']} | {side} | error: {r['error'][:80]} |||||||")
+            continue
+        v = r.get("vs_trl", {})
+        lines.append(
+            f"| {r['model']} | {r['workload']} | {side} | {r['comparisons_per_s']:.1f} | "
+            f"{r['comparisons_per_s_aggregate']:.1f} | {r['processed_tokens_per_comparison']:.0f} | "
+            f"{r['unique_tokens_per_comparison']:.0f} | {r['useful_token_fraction']:.2f} | {r['peak_rss_mb']:.0f} | "
+            + (f"{v['comparisons_per_s']:.2f}x | {v['peak_rss_mb']:.2f} |" if v else "1.00x | 1.00 |")
+            + (f" {100 * r['mfu']:.1f}% |" if m.get("peak_tflops") else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rmlab.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="outputs/bench", help="folder for bench.json, bench.md and the work files")
+    p.add_argument("--data-dir", default=os.environ.get("RMLAB_DATA_DIR", "../shared/data"))
+    p.add_argument("--work", default=None, help="folder for workloads, weights and per-side files (default OUT/work)")
+    p.add_argument("--reuse", action="store_true", help="reuse workload files already in --work")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the bundled MiniLM's BERT tokenizer)")
+    p.add_argument("--models", default="llama-small,minilm", help=f"comma list of {sorted(MODELS)}")
+    p.add_argument("--workloads", default="hh,alpaca,simulator")
+    p.add_argument("--modes", default=",".join(CAUSAL_MODES), help="rmlab forward modes on causal models")
+    p.add_argument("--minilm-workloads", default="simulator",
+                   help="workloads for the encoder: 22M parameters are ~50x the causal model's compute per "
+                        "token, so only the short simulator rows fit the time budget on CPU; it runs padded")
+    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per side, after warm-up")
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per row; pairs that do not fit are left out")
+    p.add_argument("--hh-pairs", type=int, default=1500)
+    p.add_argument("--alpaca-prompts", type=int, default=120)
+    p.add_argument("--k", type=int, default=8, help="AlpacaEval responses per prompt (all C(K,2) comparisons)")
+    p.add_argument("--sim-prompts", type=int, default=1000)
+    p.add_argument("--trl-batch-size", type=int, default=8, help="pairs per TRL step (its default)")
+    p.add_argument("--max-tokens", type=int, default=None, help="rmlab padded-token budget per batch (default 8 x max-length)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides (GPU)")
+    p.add_argument("--attn", default="sdpa", help="attention implementation for both sides")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak, to report MFU")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a side is killed")
+    a = p.parse_args(argv)
+    for k in ("models", "workloads", "modes", "minilm_workloads"):
+        setattr(a, k, [x for x in getattr(a, k).split(",") if x])
+    a.max_tokens = a.max_tokens or 8 * a.max_length
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    prep = prepare(args, work)
+    print(f"prepared in {time.time() - t0:.0f}s: " + json.dumps(prep["workloads"], default=str)[:600], flush=True)
+    common = dict(threads=args.threads, seconds=args.seconds, warmup=args.warmup, seed=args.seed, lr=args.lr,
+                  device=args.device, bf16=args.bf16, attn=args.attn, max_length=args.max_length)
+    runs = []
+    for wl in args.workloads:
+        for model in args.models:
+            info = prep["models"][model]
+            if not info["causal"] and wl not in args.minilm_workloads:
+                continue
+            base = dict(common, model=model, workload=prep["workloads"][wl]["path"], workload_name=wl, model_dir=info["path"])
+            sides = [dict(base, side="trl", batch_size=args.trl_batch_size)]
+            for mode in args.modes if info["causal"] else ["padded"]:
+                sides.append(dict(base, side="rmlab", mode=mode, max_tokens=args.max_tokens, max_responses=64))
+            for spec in sides:  # TRL and rmlab one after the other: the same minute of a noisy machine
+                res = run_side(spec, work, args.timeout)
+                res.update(model=model, workload=wl)  # the name, not the file the side read
+                runs.append(res)
+                print(json.dumps({k: res.get(k) for k in ("model", "workload", "side", "mode", "comparisons_per_s",
+                                                         "useful_token_fraction", "peak_rss_mb", "error")}), flush=True)
+    add_ratios(runs, args.peak_tflops, prep["models"])
+    import torch
+    import transformers
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = "missing"
+    meta = {
+        "command": "python -m rmlab.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ", no GPU"),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version,
+        "threads": args.threads, "precision": "bf16 mixed" if args.bf16 else "fp32", "seconds": args.seconds,
+        "warmup": args.warmup, "peak_tflops": args.peak_tflops, "total_s": time.time() - t0,
+    }
+    result = {"meta": meta, "models": prep["models"], "workloads": prep["workloads"], "runs": runs}
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"total {time.time() - t0:.0f}s; wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return result

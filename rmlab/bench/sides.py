@@ -1,0 +1,265 @@
+"""One side of the benchmark (rmlab or TRL), run in its own process so that its peak RSS is its own.
+
+``python -m rmlab.bench.sides SPEC.json OUT.json``. Both sides are timed the same way: the wall time
+between the ends of consecutive optimizer steps (data loading, forward, backward, optimizer step and
+the framework's own bookkeeping all included), minus the time the counters themselves take. The
+tokens a step processes are read from the ``input_ids`` that reach the backbone, padding included.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmlab.bench.workloads import unique_tokens as workload_unique_tokens
+from rmlab.data.tokenize import TokenizedGroup
+
+
+class StepClock:
+    """Per-step wall time and token counts; stops a run ``seconds`` after the warm-up steps."""
+
+    def __init__(self, seconds: float, warmup: int, cuda: bool = False):
+        self.seconds, self.warmup, self.cuda = seconds, warmup, cuda
+        self.steps: list[dict[str, float]] = []
+        self.pending = {"comparisons": 0.0, "unique": 0.0, "processed": 0.0}
+        self.overhead = 0.0
+        self.t_last = self.t_measure = 0.0
+
+    def start(self) -> None:
+        self.t_last = time.perf_counter()
+
+    def add(self, **counts: float) -> None:
+        for k, v in counts.items():
+            self.pending[k] += v
+
+    def step(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()  # a step is over when its kernels are, not when they are queued
+        t = time.perf_counter()
+        self.steps.append({"seconds": t - self.t_last - self.overhead, **self.pending})
+        self.pending = dict.fromkeys(self.pending, 0.0)
+        self.overhead, self.t_last = 0.0, t
+        if len(self.steps) == self.warmup:
+            self.t_measure = t
+
+    def done(self) -> bool:
+        return len(self.steps) > self.warmup and time.perf_counter() - self.t_measure >= self.seconds
+
+    def summary(self) -> dict[str, Any]:
+        m = self.steps[self.warmup :] or self.steps
+        secs = sum(s["seconds"] for s in m)
+        comps = sum(s["comparisons"] for s in m)
+        processed = sum(s["processed"] for s in m)
+        unique = sum(s["unique"] for s in m)
+        return {
+            "steps_measured": len(m),
+            "warmup_steps": min(self.warmup, len(self.steps)),
+            "comparisons_per_s": statistics.median(s["comparisons"] / s["seconds"] for s in m),
+            "comparisons_per_s_aggregate": comps / secs,
+            "median_step_s": statistics.median(s["seconds"] for s in m),
+            "comparisons_per_step": comps / len(m),
+            "processed_tokens_per_comparison": processed / comps,
+            "unique_tokens_per_comparison": unique / comps,
+            "useful_token_fraction": unique / processed,
+            "processed_tokens_per_s": processed / secs,
+        }
+
+
+class Timed:
+    """A context that charges its time to the clock's overhead (subtracted from the step)."""
+
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.clock.overhead += time.perf_counter() - self.t
+
+
+def count_backbone_tokens(module: torch.nn.Module, clock: StepClock) -> None:
+    """Count the tokens of every forward through ``module``: rows x width, padding included."""
+
+    def hook(_mod, args, kwargs):
+        with Timed(clock):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            clock.add(processed=ids.numel())
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_groups(path: str) -> list[TokenizedGroup]:
+    return [TokenizedGroup(**d) for d in json.loads(Path(path).read_text())]
+
+
+def share_per_comparison(groups: list[TokenizedGroup]) -> dict[tuple[tuple[int, ...], tuple[int, ...]], float]:
+    """Each comparison's share of its group's unique tokens, keyed by its (chosen, rejected) rows."""
+    out = {}
+    for g in groups:
+        share = workload_unique_tokens([g]) / len(g.winner)
+        for w, lo in zip(g.winner, g.loser):
+            out[(tuple(g.prompt_ids + g.response_ids[w]), tuple(g.prompt_ids + g.response_ids[lo]))] = share
+    return out
+
+
+def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
+    import lightning as L
+
+    from rmlab.data.datamodule import RewardDataModule
+    from rmlab.losses import BTLoss
+    from rmlab.model import build_model
+    from rmlab.module import RewardModule
+    from rmlab.packing import unique_tokens
+
+    cuda = spec["device"] == "cuda"
+    clock = StepClock(spec["seconds"], spec["warmup"], cuda)
+    model = build_model(
+        name_or_path=spec["model_dir"],
+        tokenizer=spec["model_dir"],
+        forward_mode=spec["mode"],
+        row_tokens=spec.get("row_tokens"),
+        attn_implementation=spec.get("attn", "sdpa"),
+        gradient_checkpointing=spec.get("gradient_checkpointing", False),
+        compile=spec.get("compile", False),
+    )
+    count_backbone_tokens(model.hf.base_model, clock)
+    groups = load_groups(spec["workload"])
+    dm = RewardDataModule(
+        tokenizer=model.tokenizer,
+        max_tokens=spec["max_tokens"],
+        max_responses=spec["max_responses"],
+        max_groups=None,
+        sort_by_length=spec.get("sort_by_length", True),
+        seed=spec["seed"],
+        cache=False,
+    )
+    dm.train_groups, dm.val_groups = groups, []  # setup() is skipped: the workload is already tokenized
+    module = RewardModule(model, BTLoss(), lr=spec["lr"], weight_decay=0.0, warmup_ratio=0.0, scheduler="constant")
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with Timed(clock):
+                clock.add(comparisons=batch.num_comparisons, unique=unique_tokens(batch))
+            clock.step()
+            if clock.done():
+                trainer.should_stop = True
+
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if spec.get("bf16") else "32-true",
+        max_epochs=10_000,
+        max_steps=spec.get("max_steps", -1),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        use_distributed_sampler=False,
+        callbacks=[Clock()],
+    )
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    return {"forward_mode": model.forward_mode, **clock.summary()}
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from rmlab.bench.workloads import trl_pairs
+
+    cuda = spec["device"] == "cuda"
+    clock = StepClock(spec["seconds"], spec["warmup"], cuda)
+    groups = load_groups(spec["workload"])
+    shares = share_per_comparison(groups)
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        spec["model_dir"], num_labels=1, attn_implementation=spec.get("attn", "sdpa"), dtype=torch.float32
+    )
+
+    def count(_mod, args, kwargs):
+        # TRL's rows are [chosen..., rejected...]: pair row i with row B + i to find each comparison.
+        with Timed(clock):
+            ids, mask = kwargs["input_ids"], kwargs["attention_mask"].bool()
+            rows = [tuple(r[m].tolist()) for r, m in zip(ids.cpu(), mask.cpu())]
+            b = len(rows) // 2
+            clock.add(comparisons=b, unique=sum(shares[(rows[i], rows[b + i])] for i in range(b)))
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    count_backbone_tokens(model.base_model, clock)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.step()
+            if clock.done():
+                control.should_training_stop = True
+
+    with tempfile.TemporaryDirectory() as out:
+        args = RewardConfig(
+            output_dir=out,
+            per_device_train_batch_size=spec["batch_size"],
+            learning_rate=spec["lr"],
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            max_grad_norm=1.0,
+            num_train_epochs=10_000,
+            max_steps=spec.get("max_steps", -1),
+            bf16=bool(spec.get("bf16")),  # TRL's default is bf16; off for the fp32 CPU comparison
+            gradient_checkpointing=spec.get("gradient_checkpointing", False),  # TRL's default is on
+            max_length=spec["max_length"],
+            eos_token=tok.sep_token or tok.eos_token,  # a BERT tokenizer has no eos; rows are pre-tokenized anyway
+            logging_steps=10**9,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            use_cpu=not cuda,
+            seed=spec["seed"],
+        )
+        ds = Dataset.from_list(trl_pairs(groups))
+        trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+        if len(trainer.train_dataset) != len(ds):
+            raise RuntimeError(f"TRL dropped {len(ds) - len(trainer.train_dataset)} pairs: the pre-filter failed")
+        trainer.train()
+    return clock.summary()
+
+
+def main(argv: list[str] | None = None) -> None:
+    spec_path, out_path = (argv or sys.argv[1:])[:2]
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    rss0 = peak_rss_mb()
+    res = run_trl(spec) if spec["side"] == "trl" else run_rmlab(spec)
+    res.update(peak_rss_mb=peak_rss_mb(), rss_at_start_mb=rss0, side=spec["side"], mode=spec.get("mode", ""))
+    if spec["device"] == "cuda":
+        res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    Path(out_path).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
