@@ -88,6 +88,7 @@ class RewardDataModule(L.LightningDataModule):
         global_batch_comparisons: int | None = None,
         template: Any = None,
         pair_batching: str = "grouped",
+        max_train_prompts: int | None = None,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -104,6 +105,7 @@ class RewardDataModule(L.LightningDataModule):
         # A generative model's row builder (rmlab.generative.GroupTemplate), applied after the split.
         self.template = template
         self.pair_batching = pair_batching
+        self.max_train_prompts = max_train_prompts
         self.train_groups: list[TokenizedGroup] | None = None
         self.val_groups: list[TokenizedGroup] = []
         self.report: dict[str, Any] = {}
@@ -165,6 +167,13 @@ class RewardDataModule(L.LightningDataModule):
             val_r.loaded = val_r.kept = nv
             train_r.loaded -= nv
             train_r.kept -= nv
+        if self.max_train_prompts is not None and len(train) > self.max_train_prompts:
+            # A learning-curve knob: fewer labelled prompts, the same val set. The rest are counted.
+            cut = train[self.max_train_prompts :]
+            train = train[: self.max_train_prompts]
+            n = sum(g.n_records for g in cut)
+            train_r.drop("beyond_max_train_prompts", n)
+            train_r.kept -= n
         train_t, val_t = self._tokenize(train, train_r), self._tokenize(val, val_r)
         for r, toks in ((train_r, train_t), (val_r, val_t)):
             ks = [t.k for t in toks]
@@ -184,7 +193,7 @@ class RewardDataModule(L.LightningDataModule):
         parts = (
             "v1", self.source, self.format, self.fields, self.split, self.val_source, self.val_split, self.val_fraction,
             self.simulator, self.max_length, self.min_prompt_tokens, self.max_records, self.on_error, self.seed,
-            self.max_tokens, self.max_responses, self.format_options, tok_id, repr(self.template), self.pair_batching,
+            self.max_tokens, self.max_responses, self.format_options, tok_id, repr(self.template), self.pair_batching, self.max_train_prompts,
         )
         return cache_key(*parts)
 
