@@ -64,7 +64,7 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
         if arch is None:
             raise ValueError(f"no model config for {ckpt_path}: pass model=<the one it was trained with>")
         model = instantiate(arch, _convert_="all")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]  # tensors and plain types only
         # The module stores the RewardModel as `model`; the loss may own buffers, which are not ours.
         own = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         model.load_state_dict(own, strict=True)
@@ -114,25 +114,21 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
-    import transformers
     from hydra.utils import instantiate
 
     from rmlab.metrics import compute_all
     from rmlab.report import write_report
+    from rmlab.train import start_run
 
-    transformers.logging.set_verbosity_error()
-    t0 = time.time()
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    out, t0 = start_run(cfg, resolve=False)
 
     ckpt = cfg.get("ckpt_path")
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
     run_cfg = find_run_config(ckpt or name_or_path)
     model = load_reward_model(ckpt, cfg.model, run_cfg)
-    dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), _convert_="all")
+    # Generative heads re-template each group into their own rows, exactly as in training.
+    dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=getattr(model, "group_template", None),
+                     _convert_="all")
     dm.setup("validate")
     split = pick_split(cfg.split, cfg.data, run_cfg)
     groups = dm.val_groups if split == "val" else dm.train_groups + dm.val_groups

@@ -77,6 +77,8 @@ class RewardModule(L.LightningModule):
         on_step = stage == "train"
         m["loss"](out.loss.detach(), n)
         self.log(f"{stage}/loss", m["loss"], on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n)
+        for name, v in out.parts.items():  # add-ons such as the centering penalty, logged apart
+            self.log(f"{stage}/{name}", v, on_step=on_step, on_epoch=True, batch_size=n)
         if batch.num_comparisons:
             for name, (v, w) in pairwise_stats(rewards, batch).items():
                 if w.sum() > 0:

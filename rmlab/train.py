@@ -34,7 +34,7 @@ def build_loggers(cfg: DictConfig) -> list:
     from hydra.utils import instantiate
 
     loggers = []
-    for name, lcfg in (cfg.get("logger") or {}).items():
+    for lcfg in (cfg.get("logger") or {}).values():
         if lcfg is None or "_target_" not in lcfg:
             continue
         if "wandb" in lcfg._target_.lower():
@@ -84,11 +84,10 @@ def reward_stats(module, dm) -> dict[str, float]:
     return {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 1.0, "reward_n": int(r.numel())}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    import lightning as L
+def start_run(cfg: DictConfig, resolve: bool = True) -> tuple[Path, float]:
+    """What every entry (train, eval) does first: quiet transformers, the run dir, threads, the config."""
     import torch
     import transformers
-    from hydra.utils import instantiate
 
     transformers.logging.set_verbosity_error()
     t0 = time.time()
@@ -96,9 +95,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    if cfg.seed is not None:  # 0 is a valid seed
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=resolve))
+    return out, t0
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    if cfg.seed is not None:  # 0 is a valid seed; seeded before anything draws random numbers
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    out, t0 = start_run(cfg)
 
     model = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")

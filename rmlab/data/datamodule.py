@@ -21,7 +21,15 @@ from rmlab.data.formats import records_to_groups
 from rmlab.data.sampler import GroupBatchSampler
 from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.data.sources import read_records
-from rmlab.data.tokenize import TokenizedGroup, cache_key, explode_pairs, load_cached, save_cached, split_group, tokenize_groups
+from rmlab.data.tokenize import (
+    TokenizedGroup,
+    cache_key,
+    explode_pairs,
+    load_cached,
+    save_cached,
+    split_group,
+    tokenize_groups,
+)
 from rmlab.data.types import DataReport, PreferenceGroup
 
 log = logging.getLogger(__name__)
