@@ -30,6 +30,21 @@ def has_wandb_key() -> bool:
         return False
 
 
+def run_name_and_group(cfg: DictConfig) -> tuple[str, str]:
+    """A run is named by its overrides; the runs of one -m sweep share a group (task + sweep dir)."""
+    out = Path(cfg.paths.output_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        name = hc.job.override_dirname or out.name
+        group = f"{cfg.task_name}/{Path(hc.sweep.dir).name}" if hc.mode == RunMode.MULTIRUN else cfg.task_name
+    except ValueError:  # called outside a Hydra app (tests, notebooks)
+        name, group = out.name, cfg.task_name
+    return name, group
+
+
 def build_loggers(cfg: DictConfig) -> list:
     from hydra.utils import instantiate
 
@@ -47,6 +62,11 @@ def build_loggers(cfg: DictConfig) -> list:
 
                     # The id lives in the run dir, so a resumed or requeued run continues the same wandb run.
                     lcfg.id, lcfg.resume = wandb_run_id(cfg.paths.output_dir), "allow"
+                name, group = run_name_and_group(cfg)
+                if lcfg.get("name") is None:
+                    lcfg.name = name  # the overrides that make this run, e.g. "loss=margin,seed=2"
+                if lcfg.get("group") is None:
+                    lcfg.group = group  # one group per sweep
             os.environ.setdefault("WANDB_SILENT", "true")
             lg = instantiate(lcfg)
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # resolved, never ${...}

@@ -65,3 +65,16 @@ def test_optuna_two_trials(tmp_path, storage):
         study = optuna.load_study(study_name="rmlab", storage=f"sqlite:///{db}")
         assert len(study.trials) == 2
         assert {"optim.lr", "loss", "margin_scale"} <= {k.lstrip("+") for k in study.trials[0].params}
+
+
+@pytest.mark.slow
+def test_wandb_runs_of_a_sweep_share_a_group_and_are_named_by_overrides(tmp_path):
+    sweep = tmp_path / "sweepA"
+    _train(["-m", "logger=wandb", "loss=bt,logexp", "trainer.max_steps=2", *TINY, f"hydra.sweep.dir={sweep}"])
+    files = sorted(sweep.rglob("run-*.wandb"))
+    assert len(files) == 2  # offline runs: no key, no prompt, no network
+    for f in files:
+        blob = f.read_bytes()
+        assert b"train/sweepA" in blob  # group = <task_name>/<sweep dir>
+        job = f.parents[2].name.split("_", 1)[1]  # the run dir's override string
+        assert job.encode() in blob and (b"loss=bt" in blob or b"loss=logexp" in blob)
