@@ -233,6 +233,9 @@ def build_model(
     else:
         raise ValueError("set model.name_or_path (hub name or local dir) or model.config (build from a config)")
     _set_dropout(hf, hf.config, dropout)
+    # from_pretrained returns eval mode and Lightning keeps a module's mode: without this, `dropout: true`
+    # would silently train without dropout.
+    hf.train()
     if gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora and int(lora.get("r") or 0) > 0:  # adapters + a trained head, in place (rmlab.lora)

@@ -112,3 +112,8 @@ def test_export_loads_in_plain_transformers_with_same_rewards(backbone, request,
         theirs = hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.squeeze(-1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert hf.config.rmlab["pooling"] == model.pooling
+
+
+def test_pretrained_model_starts_in_train_mode():
+    m = build_model(name_or_path="minilm", dropout=True)
+    assert all(mod.training for mod in m.modules())
