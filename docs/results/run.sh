@@ -11,7 +11,7 @@ declare -A METRICS=(
   [grouped]="val/acc,train/acc_epoch,val/loss,train/loss_epoch,val/ece"
   [epochs]="val/acc,train/acc_epoch,val/loss,val/ece"
   [kwise]="val/acc,val/truth/acc,val/loss"
-  [heads]="val/acc,val/loss"
+  [heads]="val/acc,val/loss,val/truth/acc"
 )
 for exp in "$@"; do
   sweep=outputs/results/$exp
