@@ -98,7 +98,19 @@ class RewardModel(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), idx]
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        if self.pooling == "first":
+            return self.encoder_logits(input_ids, attention_mask).reshape(-1).float()
         return self.reward_from_hidden(self.hidden_at_pool(input_ids, attention_mask, position_ids))
+
+    def encoder_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoders: the model's own classification path (pooler, pre-classifier, activations: whatever
+        the architecture has, so DistilBERT, ALBERT, DeBERTa are exact too), on rows rotated to right
+        padding so that [CLS] sits at position 0 where every encoder head reads it. Padding side then
+        cannot change a reward."""
+        n = input_ids.shape[-1]
+        start = pool_index(attention_mask, "first")
+        cols = (torch.arange(n, device=input_ids.device)[None, :] + start[:, None]) % n
+        return self.hf(input_ids=input_ids.gather(1, cols), attention_mask=attention_mask.gather(1, cols)).logits
 
     def reward_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The head on pooled hidden states [N, H] -> rewards [N] (shared by every forward mode)."""

@@ -75,4 +75,6 @@ def test_rmlab_side_counts_every_token_once(tmp_path):
     assert res["unique_tokens_per_comparison"] == pytest.approx(unique_tokens(groups) / n_cmp)
     # row_tokens holds the whole batch in one row: no padding, no prompt copies, every token once.
     assert res["useful_token_fraction"] == pytest.approx(1.0)
-    assert res["processed_tokens_per_comparison"] == pytest.approx(res["unique_tokens_per_comparison"] / res["useful_token_fraction"])
+    # Counted independently: each prompt once plus each response once (no padding, no copies).
+    by_hand = sum(len(g.prompt_ids) + sum(len(r) for r in g.response_ids) for g in groups) / n_cmp
+    assert res["processed_tokens_per_comparison"] == pytest.approx(by_hand)

@@ -117,3 +117,44 @@ def test_export_loads_in_plain_transformers_with_same_rewards(backbone, request,
 def test_pretrained_model_starts_in_train_mode():
     m = build_model(name_or_path="minilm", dropout=True)
     assert all(mod.training for mod in m.modules())
+
+
+ENCODERS = {
+    "bert": {}, "roberta": {}, "electra": {"embedding_size": 32}, "albert": {"embedding_size": 16},
+    "distilbert": {"dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64}, "deberta-v2": {},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ENCODERS))
+def test_every_listed_encoder_matches_plain_transformers_under_left_padding(model_type):
+    """The encoder path runs the architecture's own head (DistilBERT's pre-classifier, ALBERT's pooler
+    activation, DeBERTa's context pooler) on [CLS], whatever the padding side."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizer
+
+    vocab = ROOT_VOCAB
+    cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=128, vocab_size=len(vocab), pad_token_id=0)
+    cfg.update(ENCODERS[model_type])
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, num_labels=1, **cfg)).eval()
+    tok = BertTokenizer(vocab_file=str(VOCAB_FILE))
+    model = RewardModel(hf, tok)
+    assert model.pooling == "first"
+    rows = [tok("a b c d")["input_ids"], tok("a b")["input_ids"], tok("d c b a a b")["input_ids"]]
+    n = max(map(len, rows))
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])  # left padding
+    mask = (torch.arange(n)[None, :] >= torch.tensor([n - len(r) for r in rows])[:, None]).long()
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = torch.cat([hf(input_ids=torch.tensor([r])).logits.reshape(-1) for r in rows])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+ROOT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vocab_file(tmp_path_factory):
+    global VOCAB_FILE
+    VOCAB_FILE = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    VOCAB_FILE.write_text("\n".join(ROOT_VOCAB) + "\n")

@@ -146,8 +146,15 @@ class RewardDataModule(L.LightningDataModule):
             subs = split_group(t, row_cap, parent=i) if t.k > row_cap or t.k * t.max_row > self.max_tokens else [t]
             if len(subs) > 1:
                 report.truncated["groups_split_into_subgroups"] += 1
+            if not subs:  # splitting keeps comparisons; a comparison-less group too big for a batch cannot be kept
+                report.drop("pointwise_group_larger_than_a_batch", t.n_records)
+                report.kept -= t.n_records
             out.extend(subs)
         if self.pair_batching == "shuffled":
+            for t in out:
+                if not t.winner:  # shuffled batching is made of comparisons; pointwise-only groups have none
+                    report.drop("no_comparison_for_shuffled_batching", t.n_records)
+                    report.kept -= t.n_records
             out = [p for t in out for p in explode_pairs(t)]
         elif self.pair_batching != "grouped":
             raise ValueError(f"data.pair_batching must be grouped|shuffled, got {self.pair_batching!r}")

@@ -46,6 +46,7 @@ class TokenizedGroup:
     attributes: list[list[float]] = field(default_factory=list)
     subset: str = ""
     parent: int = -1  # index of the original group when this is a sub-group of a split group
+    n_records: int = 1  # source records behind this group, for the data report
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +152,7 @@ def tokenize_groups(
                 labels=_pad(g.labels, k, NAN),
                 attributes=list(g.attributes) if g.attributes is not None else [],
                 subset=g.subset or "",
+                n_records=g.n_records,
             )
         )
     return out
