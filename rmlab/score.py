@@ -215,9 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per forward at most (rows x longest)")
     ap.add_argument("--buffer", type=int, default=2048, help="records held at once; length-sorting happens inside it")
     ap.add_argument(
-        "--max-length", type=int, default=512, help="tokens per row; the prompt is cut first (training policy)"
+        "--max-length", type=int, default=None,
+        help="tokens per row; the prompt is cut first (default: the training run's data.max_length, else 512)",
     )
-    ap.add_argument("--min-prompt-tokens", type=int, default=16, help="the prompt keeps at least this many tokens")
+    ap.add_argument(
+        "--min-prompt-tokens", type=int, default=None,
+        help="the prompt keeps at least this many tokens (default: the training run's, else 16)",
+    )
     ap.add_argument("--padding-side", default="right", choices=["right", "left"], help="rewards do not depend on it")
     ap.add_argument("--normalize", action="store_true", help="(r - mean) / std with the export's val statistics")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -236,12 +240,24 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     if a.threads:
         torch.set_num_threads(a.threads)
+    run_cfg = find_run_config(a.ckpt or a.model)
+    run_model = run_cfg.get("model", {}) if run_cfg is not None else {}
+    head = (read_export_meta(a.model) if a.model else {}).get("head") or run_model.get("head") or (
+        "generative" if "generative" in str(run_model.get("_target_", "")) else None
+    )
+    if head not in (None, "scalar"):
+        # Generative and attribute heads build their own rows; scoring them as a scalar head would be wrong.
+        raise SystemExit(f"rmlab.score scores scalar-head reward models; this one has head={head!r}: use eval.py")
     if a.ckpt:
-        model = load_reward_model(a.ckpt, None, find_run_config(a.ckpt))
+        model = load_reward_model(a.ckpt, None, run_cfg)
         meta = read_export_meta(str(Path(a.ckpt).resolve().parent.parent / "export"))
     else:
         model = build_model(name_or_path=a.model)
         meta = read_export_meta(a.model)
+    data_cfg = run_cfg.get("data", {}) if run_cfg is not None else {}
+    # Training's truncation by default, so a row scores as it was trained on.
+    a.max_length = a.max_length or data_cfg.get("max_length") or 512
+    a.min_prompt_tokens = a.min_prompt_tokens if a.min_prompt_tokens is not None else data_cfg.get("min_prompt_tokens", 16)
     norm = None
     if a.normalize:
         if "reward_mean" not in meta:
