@@ -70,7 +70,11 @@ class RewardModule(L.LightningModule):
             rewards = self(batch)
             out = self.loss_fn(rewards, batch)
         self.last_rewards = rewards.detach()  # read by rmlab.callbacks.EvalMetricsCallback: no second forward
-        if not (torch.isfinite(out.loss) and torch.isfinite(rewards).all()):
+        bad = not bool(torch.isfinite(out.loss) and torch.isfinite(rewards).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # All ranks stop together; a rank that raised alone would leave the others in the next all-reduce.
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             self.stop_on_nonfinite(out.loss, rewards, batch, stage)
         n = max(batch.num_comparisons, 1)
         m = self.metrics[f"{stage}_"]
