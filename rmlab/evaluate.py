@@ -71,7 +71,14 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
     else:
         if model_cfg is None:
             raise ValueError("set ckpt_path=<checkpoint> or model.name_or_path=<export dir>")
-        model = instantiate(model_cfg, _convert_="all")
+        from rmlab.model import load_export, read_export_meta
+
+        path = model_cfg.get("name_or_path")
+        if path and read_export_meta(path).get("head") not in (None, "scalar"):
+            # An rmlab export of another head (verifier, judge, attributes) rebuilds itself from its config.json.
+            model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+        else:
+            model = instantiate(model_cfg, _convert_="all")
     return model.eval()
 
 
@@ -138,6 +145,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pred = score_loader(model, dm._loader(groups, train=False), keep_tokens=True, device=device, progress=True)
     sections = OmegaConf.to_container(cfg.sections, resolve=True) if cfg.get("sections") else None
     result = compute_all(pred, sections=sections, n_bins=int(cfg.n_bins))
+    if hasattr(model, "head_report"):  # judge position bias, attribute correlations (rmlab.generative, rmlab.heads)
+        report = model.head_report(dm._loader(groups, train=False))
+        result.scalars.update({f"head/{k}": v for k, v in report.items()})
     info = {
         "model": str(ckpt or name_or_path),
         "data": cfg.data.name,

@@ -269,3 +269,14 @@ def build_model(
 def read_export_meta(path: str) -> dict:
     cfg = Path(path) / "config.json"
     return json.loads(cfg.read_text()).get("rmlab", {}) if cfg.exists() else {}
+
+
+def load_export(name_or_path: str, **kw: Any) -> nn.Module:
+    """Any rmlab export (or HF reward model) with the right head: the export's ``config.rmlab.head``
+    picks a scalar head, the attribute head, a generative verifier or a pairwise judge."""
+    head = read_export_meta(name_or_path).get("head") if name_or_path != "minilm" else None
+    if head in ("verifier", "judge"):
+        from rmlab.generative import build_generative
+
+        return build_generative(head, name_or_path=name_or_path, **kw)
+    return build_model(name_or_path=name_or_path, head=head or "scalar", **kw)

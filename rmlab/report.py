@@ -45,7 +45,13 @@ def summary_table(scalars: dict[str, float], title: str = "rmlab eval") -> str:
     lines = ["", title, "-" * (w + 12)]
     lines += [f"  {label:<{w}}  {val:>8}" for label, val in rows]
     lines.append(f"  {'comparisons (non-tie)':<{w}}  {int(scalars.get('n_comparisons', 0)):>8}")
+    lines += [f"  {k:<{w}}  {_fmt(v, False):>8}" for k, v in head_metrics(scalars).items()]
     return "\n".join(lines)
+
+
+def head_metrics(scalars: dict[str, float]) -> dict[str, float]:
+    """The head's own metrics (judge position bias, attribute correlations): keys ``head/...``."""
+    return {k: v for k, v in scalars.items() if k.startswith("head/")}
 
 
 def _figure():
@@ -227,6 +233,10 @@ def write_report(
     ]
     md += ["## Headline", "", "| metric | value |", "|---|---|"]
     md += [f"| {label} | {_fmt(s[k], rate)} |" for k, label, rate in HEADLINE if k in s]
+    if head_metrics(s):
+        md += ["", "## Head", "", "Judge: order-averaged accuracy and position bias; attribute head: correlation of each"]
+        md += ["output with its rating (docs/heads.md).", "", "| metric | value |", "|---|---|"]
+        md += [f"| {k} | {_fmt(v, False)} |" for k, v in head_metrics(s).items()]
     if "subset" in t:
         md += ["", "## Accuracy by subset", "", "| subset | accuracy | n |", "|---|---|---|"]
         md += [f"| {_md_cell(k or '(none)')} | {_fmt(a, True)} | {n} |" for k, (a, n) in t["subset"].items()]

