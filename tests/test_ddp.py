@@ -31,9 +31,9 @@ def test_sampler_gives_each_rank_disjoint_groups():
         g0, g1 = ({g for b in batches for g in b} for batches in train)
         assert g0 and g1 and not g0 & g1
         assert len(train[0]) == len(train[1])  # same number of steps on each rank: no DDP hang
-        # Only the tail that does not divide by the world size is left out (< 1 batch per rank).
-        everything = _sampler(1, 0, even=True, epoch=epoch)._all_batches()
-        assert len(everything) - 2 * len(train[0]) == len(everything) % 2
+        # Together the ranks cover the data, each group once: an odd batch count is evened by a split, not a drop.
+        assert g0 | g1 == set(range(200)) and sum(len(b) for r in train for b in r) == 200
+        assert _sampler(2, 0, even=True, epoch=epoch).coverage()["left_out"] == 0
         evaluation = [list(_sampler(2, r, even=False, epoch=epoch)) for r in (0, 1)]
         e0, e1 = ({g for b in batches for g in b} for batches in evaluation)
         assert not e0 & e1 and e0 | e1 == set(range(200))  # evaluation scores every group exactly once

@@ -296,7 +296,33 @@ class RewardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_groups, train=True)
+        loader = self._loader(self.train_groups, train=True)
+        self._note_sharding(loader.batch_sampler)
+        return loader
+
+    def _note_sharding(self, sampler: GroupBatchSampler) -> None:
+        """Put what sharding the training batches across ranks cost into the data report.
+
+        The sampler splits batches so every rank runs the same steps without losing a group; only when
+        that is impossible does it leave groups out (or, with fewer groups than ranks, repeat them). Those
+        counts (for the first epoch; the sampler warns in every epoch that has any) go to the report.
+        """
+        if sampler.num_replicas <= 1 or "train" not in self.report:
+            return
+        info = sampler.coverage()
+        self.report["train"]["sharding"] = {
+            "ranks": sampler.num_replicas,
+            "epoch": sampler.epoch,
+            "batches_split": info["split"],
+            "groups_left_out": info["left_out"],
+            "groups_repeated": info["repeated"],
+        }
+        if info["left_out"] or info["repeated"]:
+            log.warning(
+                "[%s/train] %d group(s) left out and %d repeated per epoch to give %d ranks equal steps (data report: "
+                "train.sharding)", self.name, info["left_out"], info["repeated"], sampler.num_replicas,
+            )
+        self.write_report()
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_groups, train=False)

@@ -6,10 +6,15 @@
 - Groups are shuffled, cut into pools of ``pool_size`` batches' worth, and sorted by length inside a
   pool, so a batch holds similar lengths (little padding) while the order stays random.
 - It shards itself across DDP ranks: batch b goes to rank ``b % world_size``. Ranks see disjoint
-  groups. For training, every rank must run the same number of steps, so the last (at most
-  world_size - 1) batches of the epoch are dropped; repeating them instead, as ``DistributedSampler``
-  does, would give two ranks the same groups. Batches are reshuffled each epoch, so a different tail is
-  dropped each time. For evaluation (``even=False``) nothing is dropped: every group is scored once.
+  groups. For training (``even=True``) every rank must run the same number of steps, so when the batch
+  count does not divide by the world size, batches holding more than one group are split in two (the
+  largest first, by padded tokens; a part of a batch always fits the budgets) until it does. Nothing is
+  dropped and nothing repeated (``DistributedSampler`` repeats, which gives two ranks the same groups).
+  Only when that is impossible (every batch a single group and the count still indivisible) are the
+  fewest groups left out; that count is ``coverage()['left_out']``, warned about each epoch and written
+  to the data report by the data module. With fewer groups than ranks (a toy set) groups are repeated
+  instead, counted as ``coverage()['repeated']``. For evaluation (``even=False``) nothing is split,
+  dropped or repeated: every group is scored once.
 - ``max_comparisons`` caps the comparisons in a batch (a group is never cut): the data module sets it
   from ``data.global_batch_comparisons`` divided across ranks and accumulation steps.
 - ``set_epoch(e)`` reshuffles; ``state_dict``/``load_state_dict`` carry the position for exact resume.
@@ -17,8 +22,11 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
 
 
 class GroupBatchSampler:
@@ -62,7 +70,7 @@ class GroupBatchSampler:
                 raise ValueError(
                     f"group {i} has {k} responses of up to {n} tokens, more than one batch holds "
                     f"(max_responses={max_responses}, max_tokens={max_tokens}); split it first "
-                    "(the data module does) or raise data.batch.max_tokens"
+                    "(the data module does) or raise data.max_tokens"
                 )
 
     def set_epoch(self, epoch: int) -> None:
@@ -100,16 +108,73 @@ class GroupBatchSampler:
             rng.shuffle(batches)
         return batches
 
-    def _my_batches(self) -> list[list[int]]:
+    def _cost(self, batch: list[int]) -> int:
+        """Padded tokens of a batch: rows x longest row."""
+        return sum(self.rows[i] for i in batch) * max(self.row_len[i] for i in batch)
+
+    def _halve(self, batch: list[int]) -> tuple[list[int], list[int]]:
+        """Cut a batch of >= 2 groups in two, at the group boundary closest to half of its rows."""
+        total, acc, best, cut = sum(self.rows[i] for i in batch), 0, None, 1
+        for j in range(1, len(batch)):
+            acc += self.rows[batch[j - 1]]
+            if best is None or abs(2 * acc - total) < best:
+                best, cut = abs(2 * acc - total), j
+        return batch[:cut], batch[cut:]
+
+    def _even_batches(self) -> tuple[list[list[int]], dict[str, int]]:
+        """All batches of this epoch, made to divide by the world size (training), and what that cost.
+
+        Returns the batches and ``{"split": batches split in two, "left_out": groups not in any batch,
+        "repeated": groups given to a second rank}``. Only ``split`` is nonzero unless splitting cannot
+        reach a multiple of the world size (see the module docstring).
+        """
         batches = self._all_batches()
         w = self.num_replicas
-        if self.even and w > 1 and len(batches) % w:
-            # Fewer batches than ranks (a toy dataset) cannot be split: repeat rather than hang a rank.
-            batches = batches[: len(batches) - len(batches) % w] if len(batches) >= w else (batches * w)[:w]
-        return batches[self.rank :: w]
+        info = {"split": 0, "left_out": 0, "repeated": 0}
+        if not (self.even and w > 1 and len(batches) % w):
+            return batches, info
+        n_groups = sum(len(b) for b in batches)
+        target = -(-len(batches) // w) * w  # the next multiple of the world size
+        if target <= n_groups or n_groups < w:
+            # Splitting a batch of several groups adds one batch and never breaks a budget.
+            while len(batches) < min(target, n_groups):
+                i = max((j for j, b in enumerate(batches) if len(b) > 1), key=lambda j: (self._cost(batches[j]), -j))
+                batches[i : i + 1] = list(self._halve(batches[i]))
+                info["split"] += 1
+        if len(batches) % w == 0:
+            return batches, info
+        if len(batches) < w:
+            # Fewer groups than ranks (a toy dataset): repeat rather than hang a rank.
+            info["repeated"] = sum(len(b) for b in (batches * w)[len(batches) : w])
+            return (batches * w)[:w], info
+        # Every batch would have to be a single group and the count still would not divide: leave out the
+        # batches with the fewest groups (counted, warned about, and in the data report).
+        extra = len(batches) % w
+        out = set(sorted(range(len(batches)), key=lambda j: (len(batches[j]), -j))[:extra])
+        info["left_out"] = sum(len(batches[j]) for j in out)
+        return [b for j, b in enumerate(batches) if j not in out], info
+
+    def coverage(self, epoch: int | None = None) -> dict[str, int]:
+        """What evening out the ranks cost in an epoch (this one by default): split, left_out, repeated."""
+        saved = self.epoch
+        self.epoch = saved if epoch is None else epoch
+        try:
+            return self._even_batches()[1]
+        finally:
+            self.epoch = saved
+
+    def _my_batches(self, warn: bool = False) -> list[list[int]]:
+        batches, info = self._even_batches()
+        if warn and (info["left_out"] or info["repeated"]) and self.rank == 0:
+            log.warning(
+                "epoch %d: %d batches cannot be shared evenly by %d ranks without splitting a group: %d group(s) "
+                "left out, %d repeated this epoch (lower data.max_tokens/data.max_responses to batch more finely)",
+                self.epoch, len(batches), self.num_replicas, info["left_out"], info["repeated"],
+            )
+        return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        mine = self._my_batches()
+        mine = self._my_batches(warn=True)
         skip = 0
         if self._resume is not None:
             # Skip only in the epoch the checkpoint was taken in: Lightning calls set_epoch after
@@ -119,7 +184,7 @@ class GroupBatchSampler:
             self._resume = None
             if skip >= len(mine) > 0:  # the checkpoint closed its epoch: go on with the next one
                 self.epoch += 1
-                mine, skip = self._my_batches(), 0
+                mine, skip = self._my_batches(warn=True), 0
         yield from mine[skip:]
 
     def __len__(self) -> int:
