@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from rmlab.losses import (
     center_term,
     masked_mse,
 )
+from rmlab.losses.generative import AnswerCELoss, AttributeLoss
 from tests.conftest import ROOT, compose
 
 F64 = torch.float64
@@ -63,7 +65,8 @@ def group3(**kw) -> Comparisons:
 
 
 def mixed_batch() -> Comparisons:
-    """Three prompts (K = 3, 2, 4) with a tie, margins, strengths, a partial ranking and a missing rating."""
+    """Three prompts (K = 3, 2, 4) with a tie, margins, strengths, a partial ranking, a missing rating and
+    0/1/0.5 answer labels with a missing one. Every margin is in [0, 1], so ``source=prob`` reads it too."""
     win = [0, 0, 1, 3, 5, 5, 5, 6, 6, 7]
     los = [1, 2, 2, 4, 6, 7, 8, 7, 8, 8]
     gi = [0, 0, 0, 1, 1, 2, 2, 2, 2]
@@ -77,6 +80,7 @@ def mixed_batch() -> Comparisons:
         group_index=torch.tensor(gi),
         rank=t([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, NAN, 1.0, 2.0]),
         score=t([5.0, 2.0, 3.0, NAN, 1.0, 4.0, 4.0, 2.0, 1.0]),
+        label=t([1.0, 0.0, 0.5, NAN, 1.0, 0.0, 1.0, 0.0, 1.0]),
     )
 
 
@@ -89,15 +93,23 @@ LOSSES = {
     "margin_rating": lambda: MarginLoss(source="rating", scale=0.5),
     "margin_large": lambda: MarginLoss(source="strength", table="large"),
     "margin_small": lambda: MarginLoss(source="strength", table="small"),
+    "margin_prob": lambda: MarginLoss(source="prob", scale=0.5),
     "hinge": lambda: HingeLoss(margin=1.0, source="value"),
     "davidson": lambda: DavidsonLoss(tie_param=0.7),
     "rao_kupper": lambda: RaoKupperLoss(tie_param=1.8),
+    # The tie parameter as a module parameter: gradcheck covers its gradient too (test_gradcheck).
+    "davidson_learned": lambda: DavidsonLoss(tie_param=0.7, learn_tie_param=True),
+    "rao_kupper_learned": lambda: RaoKupperLoss(tie_param=1.8, learn_tie_param=True),
     "plackett_luce": lambda: PlackettLuceLoss(),
     "plackett_luce_efron": lambda: PlackettLuceLoss(ties="efron"),
     "regression": lambda: RegressionLoss(scale=0.5, shift=-1.0),
     "center_pair": lambda: BTLoss(center_coef=0.3, center="pair"),
     "center_group": lambda: PlackettLuceLoss(center_coef=0.3, center="group"),
+    # Cross-entropy on sigmoid(r) against a 0/1 label is pointwise in r: not shift invariant.
+    "answer_ce": lambda: AnswerCELoss(),
 }
+# AttributeLoss reads the head's per-attribute outputs, not ``rewards``: its gradcheck and invariances
+# have their own tests below (test_attribute_loss_*).
 SHIFT_INVARIANT = {
     "bt",
     "logexp",
@@ -106,9 +118,12 @@ SHIFT_INVARIANT = {
     "margin_rating",
     "margin_large",
     "margin_small",
+    "margin_prob",
     "hinge",
     "davidson",
     "rao_kupper",
+    "davidson_learned",
+    "rao_kupper_learned",
     "plackett_luce",
     "plackett_luce_efron",
 }
@@ -133,6 +148,8 @@ def test_bt_logexp_grouped_golden():
         (dict(source="value", scale=2.0), [0.5, NAN, 2.0], [1.0, 0.0, 4.0]),  # explicit margin field
         (dict(source="rating", scale=0.5), [NAN] * 3, [1.0, 0.5, 0.0]),  # scores (5, 3, 4): gaps 2, 1, -1 -> 0
         (dict(source="prob"), [0.5, 0.75, NAN], [0.0, math.log(3.0), 0.0]),  # judge P -> logit
+        # A certain judge: p = 1 is clipped to 1 - 1e-3, logit = log(0.999 / 0.001) = log 999 = 6.9068.
+        (dict(source="prob", scale=0.5), [1.0, 0.75, 0.5], [0.5 * math.log(999.0), 0.5 * math.log(3.0), 0.0]),
         (dict(source="none"), [0.5, 0.75, 1.0], [0.0, 0.0, 0.0]),
     ],
 )
@@ -280,9 +297,17 @@ def test_grouped_weights_prompts_equally():
 # ---------------------------------------------------------------- gradcheck and invariances, every loss
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_gradcheck(name):
+    """Gradients of the rewards and of the loss's own parameters (a learned tie parameter), in float64."""
     loss, b = LOSSES[name](), mixed_batch()
     r = (torch.randn(9, generator=torch.Generator().manual_seed(1), dtype=F64) * 2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: loss(x, b).loss, (r,), eps=1e-6, atol=1e-7)
+    names = [n for n, _ in loss.named_parameters()]
+    params = [p.detach().to(F64).requires_grad_() for _, p in loss.named_parameters()]
+    assert (len(params) > 0) == name.endswith("_learned")
+
+    def f(x, *ps):
+        return torch.func.functional_call(loss, dict(zip(names, ps)), (x, b)).loss
+
+    assert torch.autograd.gradcheck(f, (r, *params), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -297,6 +322,91 @@ def test_group_shift_invariance(name):
         assert s == pytest.approx(a, abs=1e-10)
     else:
         assert abs(s - a) > 1e-3
+
+
+def test_answer_ce_is_invariant_to_swapping_the_answers():
+    """Swapping the two answer tokens (Yes/No, or the judge's A/B order) negates r and flips y: same loss,
+    L(r, y) = L(-r, 1 - y). A shift of r is not an invariance (test_group_shift_invariance)."""
+    b = mixed_batch()
+    r = torch.randn(9, generator=torch.Generator().manual_seed(7), dtype=F64) * 3
+    flipped = Comparisons(**{**vars(b), "label": 1 - b.label})
+    a, f = AnswerCELoss()(r, b), AnswerCELoss()(-r, flipped)
+    assert f.loss.item() == pytest.approx(a.loss.item(), abs=1e-12)
+    torch.testing.assert_close(f.terms, a.terms, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the attribute loss (ArmoRM)
+@dataclass
+class AttributeBatch(Comparisons):
+    """Comparisons plus what the attribute loss also reads: per-attribute ratings [N, A] (NaN = missing)."""
+
+    attributes: torch.Tensor | None = None
+
+    @property
+    def num_comparisons(self) -> int:
+        return self.winner.numel()
+
+
+def attribute_case(seed: int = 6) -> tuple[AttributeBatch, torch.Tensor, torch.Tensor]:
+    """mixed_batch with A = 3 ratings per response (two missing), head outputs a [9, 3] and gate weights
+    w [9, 3] whose rows sum to 1, as the gating network's softmax gives."""
+    g = torch.Generator().manual_seed(seed)
+    ratings = torch.randn(9, 3, generator=g, dtype=F64)
+    ratings[0, 1] = ratings[5, 2] = NAN
+    b = AttributeBatch(**vars(mixed_batch()), attributes=ratings)
+    a = torch.randn(9, 3, generator=g, dtype=F64)
+    w = torch.softmax(torch.randn(9, 3, generator=g, dtype=F64), dim=-1)
+    return b, a, w
+
+
+ATTR = dict(regression_weight=0.7, preference_weight=1.3)
+
+
+def attribute_loss(loss, b, a, w):
+    # The rewards argument is only shape-checked: the loss recomputes the combination from the heads.
+    return loss(torch.zeros(9, dtype=F64), b, heads={"attributes": a, "weights": w})
+
+
+@pytest.mark.parametrize("balance", ["none", "group"])
+def test_attribute_loss_gradcheck(balance):
+    b, a, w = attribute_case()
+    full = AttributeLoss(**ATTR, balance=balance)
+    # The gate's gradient: the BT term of sum_i w_i sg(a_i), with a held fixed.
+    assert torch.autograd.gradcheck(lambda x: attribute_loss(full, b, a, x).loss, (w.requires_grad_(),), eps=1e-6)
+    # The outputs' gradient, regression alone (the only term a is trained by).
+    reg = AttributeLoss(regression_weight=0.7, preference_weight=0.0, balance=balance)
+    assert torch.autograd.gradcheck(lambda x: attribute_loss(reg, b, x, w).loss, (a.requires_grad_(),), eps=1e-6)
+    # Stop-gradient: the full loss gives a exactly the regression's gradient, 0.7 * 2 (a - y) / 25 labelled,
+    # although the BT term does depend on a (so a numerical gradient would differ; that is the design).
+    (ga,) = torch.autograd.grad(attribute_loss(full, b, a, w).loss, a)
+    y = b.attributes
+    want = torch.where(torch.isfinite(y), 0.7 * 2 * (a.detach() - torch.nan_to_num(y)) / 25, 0.0)
+    torch.testing.assert_close(ga, want, rtol=0, atol=1e-15)
+    bumped = a.detach().clone()
+    bumped[0, 0] += 1e-3
+    pref = lambda x: attribute_loss(full, b, x, w).parts["preference"].item()  # noqa: E731
+    assert abs(pref(bumped) - pref(a.detach())) > 1e-6
+
+
+def test_attribute_loss_invariances():
+    b, a, w = attribute_case()
+    loss = AttributeLoss(**ATTR)
+    base = attribute_loss(loss, b, a, w)
+    shift = t([3.0, -7.0, 11.0])[b.group_index][:, None]  # per prompt, the same for every attribute
+    # Outputs and ratings shifted together: the regression sees the same errors; and as the weights sum
+    # to 1 the combination shifts by the prompt's constant, which BT (within a prompt) does not see.
+    both = AttributeBatch(**{**vars(b), "attributes": b.attributes + shift})
+    out = attribute_loss(loss, both, a + shift, w)
+    assert out.loss.item() == pytest.approx(base.loss.item(), abs=1e-10)
+    # Outputs alone shifted: the preference term is unchanged, the regression is not (it is calibrated).
+    out = attribute_loss(loss, b, a + shift, w)
+    assert out.parts["preference"].item() == pytest.approx(base.parts["preference"].item(), abs=1e-10)
+    assert abs(out.parts["regression"].item() - base.parts["regression"].item()) > 1e-3
+    # Guards: a [N, 1] reward still raises, and so does a model without attribute outputs.
+    with pytest.raises(ValueError, match=r"\[B,1\] - \[B\]"):
+        loss(torch.zeros(9, 1, dtype=F64), b, heads={"attributes": a, "weights": w})
+    with pytest.raises(ValueError, match="model.head=attributes"):
+        loss(torch.zeros(9, dtype=F64), b)
 
 
 # ---------------------------------------------------------------- equalities
@@ -340,24 +450,42 @@ def test_grouped_equals_mean_over_prompts_of_mean_bt():
     assert abs(BTLoss()(r, batch).loss.item() - want) > 1e-4  # plain BT weighs large K more
 
 
-def test_logexp_equals_bt_at_extremes():
-    d = t([-1e4, -1e3, -50.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 50.0, 1e3, 1e4])
+# d = r_w - r_l, from -1e4 to 1e4; index 2 and 10 are the +-100 of issue 2, index 6 is d = 0.
+EXTREME_D = [-1e4, -1e3, -100.0, -50.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 50.0, 100.0, 1e3, 1e4]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_logexp_equals_bt_at_extremes(dtype, tol):
+    """bt == logexp in value and gradient for |d| up to 1e4, with no inf or nan: in float64 to 1e-12 and
+    in float32, the dtype training uses, to 1e-6 (issue 2: including |r_w - r_l| = 100)."""
+    n = len(EXTREME_D)
+    d = t(EXTREME_D, dtype)
     r = torch.stack([d, torch.zeros_like(d)], 1).reshape(-1).requires_grad_()
-    b = Comparisons(winner=torch.arange(0, 22, 2), loser=torch.arange(1, 22, 2))
+    b = Comparisons(winner=torch.arange(0, 2 * n, 2), loser=torch.arange(1, 2 * n, 2))
     outs = []
     for loss in (BTLoss(), LogExpLoss()):
         o = loss(r, b)
         (g,) = torch.autograd.grad(o.loss, r)
+        assert o.terms.dtype == dtype and torch.isfinite(o.loss)
         assert torch.isfinite(o.terms).all() and torch.isfinite(g).all()
         outs.append((o.terms, g))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
-    # Gradients too, including d = 0 (index 5), where max(x,0) + log1p(exp(-|x|)) gets 1 instead of 1/2.
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-12)
-    assert outs[1][1][10].item() == pytest.approx(-0.5 / 11, abs=1e-15)
-    assert outs[0][0][0].item() == pytest.approx(1e4)  # -log s(-1e4) = 1e4, not inf
-    # float32 too: the dtype training uses.
-    for loss in (BTLoss(), LogExpLoss()):
-        assert torch.isfinite(loss(r.detach().float(), b).terms).all()
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=tol)
+    # Gradients too, including d = 0, where max(x,0) + log1p(exp(-|x|)) gets 1 instead of 1/2.
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=tol)
+    for terms, g in outs:
+        # By hand: -log s(d) = log(1 + e^{-d}). At d = -100: 100 + log(1 + e^{-100}) = 100 (e^{-100} = 3.7e-44);
+        # at d = 100: e^{-100} = 3.7e-44, i.e. 0 to any tolerance; at d = -1e4: 1e4, not inf; d = 1e4: 0.
+        assert terms[2].item() == pytest.approx(100.0, abs=tol)
+        assert terms[10].item() == pytest.approx(0.0, abs=tol)
+        assert terms[0].item() == pytest.approx(1e4, abs=tol) and terms[12].item() == pytest.approx(0.0, abs=tol)
+        # d = +-1: log(1 + e) = 1.3132616875, log(1 + e^{-1}) = 0.3132616875; d = 0: log 2 = 0.6931471806.
+        assert terms[4].item() == pytest.approx(1.3132616875182228, abs=tol)
+        assert terms[8].item() == pytest.approx(0.3132616875182228, abs=tol)
+        assert terms[6].item() == pytest.approx(math.log(2.0), abs=tol)
+        # d(mean)/d r_w = -s(-d) / n: -1/n at d = -100 (s(100) = 1 - 3.7e-44), 0 at d = 100, -1/(2n) at d = 0.
+        assert g[4].item() == pytest.approx(-1.0 / n, abs=tol)
+        assert g[20].item() == pytest.approx(0.0, abs=tol)
+        assert g[12].item() == pytest.approx(-0.5 / n, abs=tol)
 
 
 # ---------------------------------------------------------------- misuse raises
@@ -396,7 +524,41 @@ def test_learned_tie_param_is_trainable():
     assert [n for n, _ in loss.named_parameters()] == ["log_tie"]
     b = group3(tie=torch.tensor([True, True, True]))
     loss(t([0.0, 0.0, 0.0]), b).loss.backward()
-    assert loss.log_tie.grad.item() < 0  # all ties: the likelihood wants a larger nu
+    # All ties at d = 0: L = log(2 + nu) - log nu, dL/dlog nu = nu/(2 + nu) - 1 = 1/3 - 1 = -2/3 at nu = 1.
+    assert loss.log_tie.grad.item() == pytest.approx(-2 / 3, abs=1e-7)  # the likelihood wants a larger nu
+
+
+def test_learned_tie_param_golden():
+    """Value and gradient of the learned tie parameter, by hand, on r = (2, 0, -1) with the d = 1 pair a tie."""
+    b = group3(tie=torch.tensor([False, False, True]))
+    # Davidson, nu = e^{log_tie} = 1: Z(d) = e^{d/2} + e^{-d/2} + 1 = 2 cosh(d/2) + 1, so
+    # Z(2) = 4.0861612696, Z(3) = 5.7048192305, Z(1) = 3.2552519304. The value is the fixed-nu one;
+    # dL/dlog nu = nu dL/dnu = (1/Z(2) + 1/Z(3) + 1/Z(1) - 1/nu) / 3
+    #            = (0.2447284711 + 0.1752903921 + 0.3071958857 - 1) / 3 = -0.0909284170.
+    dav = DavidsonLoss(tie_param=1.0, learn_tie_param=True).double()
+    out = dav(t(R3), b)
+    assert out.loss.item() == pytest.approx(DavidsonLoss(tie_param=1.0)(t(R3), b).loss.item(), abs=1e-12)
+    out.loss.backward()
+    z = [2 * math.cosh(d / 2) + 1 for d in D3]
+    want = (1 / z[0] + 1 / z[1] + 1 / z[2] - 1) / 3
+    assert want == pytest.approx(-0.0909284170, abs=1e-10)
+    assert dav.log_tie.grad.item() == pytest.approx(want, abs=1e-12)
+    # Rao-Kupper, theta = 1 + e^{log_tie} = 2 (dtheta/dlog_tie = theta - 1 = 1), a = log theta:
+    #   win  -log s(d - a):                        d/dtheta = s(a - d) / theta
+    #   tie  -log(theta^2 - 1) - log s(d - a) - log s(-d - a):
+    #                                              d/dtheta = -2 theta/(theta^2 - 1) + (s(a - d) + s(a + d)) / theta
+    # With s(a - d) = 2/(e^d + 2): s(a-2) = 0.2130139578, s(a-3) = 0.0905570015, s(a-1) = 0.4238831152,
+    # s(a+1) = 0.8446375965, so dL/dlog_tie = (0.2130139578/2 + 0.0905570015/2 - 4/3
+    #   + (0.4238831152 + 0.8446375965)/2) / 3 = (0.1065069789 + 0.0452785007 - 0.6990729775) / 3 = -0.1824291659.
+    rk = RaoKupperLoss(tie_param=2.0, learn_tie_param=True).double()
+    out = rk(t(R3), b)
+    assert out.loss.item() == pytest.approx(RaoKupperLoss(tie_param=2.0)(t(R3), b).loss.item(), abs=1e-12)
+    out.loss.backward()
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    a = math.log(2.0)
+    want = (s(a - 2) / 2 + s(a - 3) / 2 + (-4 / 3 + (s(a - 1) + s(a + 1)) / 2)) / 3
+    assert want == pytest.approx(-0.1824291659, abs=1e-10)
+    assert rk.log_tie.grad.item() == pytest.approx(want, abs=1e-12)
 
 
 # ---------------------------------------------------------------- training on the simulator
