@@ -189,16 +189,32 @@ def test_a_judge_that_only_sees_position_scores_ties(judge):
 
 
 def test_answer_cross_entropy_golden_values():
-    r = torch.tensor([0.0, 2.0, -1.0, 0.5], requires_grad=True)
-    labels = torch.tensor([1.0, 0.0, float("nan"), 0.5])
+    """float64, by hand: L = mean over labelled rows of -[y log s(r) + (1 - y) log s(-r)], s = sigmoid."""
+    f64 = torch.float64
+    r = torch.tensor([0.0, 2.0, -1.0, 0.5], dtype=f64, requires_grad=True)
+    labels = torch.tensor([1.0, 0.0, float("nan"), 0.5], dtype=f64)
     cmp = Comparisons(winner=torch.tensor([1]), loser=torch.tensor([0]), label=labels)
     out = AnswerCELoss()(r, cmp)
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    terms = [math.log(2.0), math.log(1 + math.exp(2.0)), -(0.5 * math.log(sig(0.5)) + 0.5 * math.log(sig(-0.5)))]
-    assert out.loss.item() == pytest.approx(sum(terms) / 3, abs=1e-6)
-    assert out.terms.tolist() == pytest.approx(terms, abs=1e-6)
+    # r = 0, y = 1:   -log s(0) = log 2                                   = 0.6931471806
+    # r = 2, y = 0:   -log s(-2) = log(1 + e^2) = log 8.3890560989         = 2.1269280110
+    # r = -1, y = NaN: masked
+    # r = 0.5, y = 0.5: (log(1 + e^-0.5) + log(1 + e^0.5)) / 2
+    #                 = (0.4740769842 + 0.9740769842) / 2                 = 0.7240769842
+    # mean = (0.6931471806 + 2.1269280110 + 0.7240769842) / 3             = 1.1813840586
+    terms = [math.log(2.0), math.log(1 + math.exp(2.0)), (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(0.5))) / 2]
+    assert terms == pytest.approx([0.6931471806, 2.1269280110, 0.7240769842], abs=1e-10)
+    assert out.loss.dtype == f64
+    assert out.loss.item() == pytest.approx(sum(terms) / 3, abs=1e-12)
+    assert out.loss.item() == pytest.approx(1.1813840586, abs=1e-10)
+    assert out.terms.tolist() == pytest.approx(terms, abs=1e-12)
     out.loss.backward()
-    assert r.grad[2] == 0.0  # the unlabelled row gets no gradient
+    # dL/dr = (s(r) - y) / 3 on labelled rows: (0.5 - 1)/3 = -0.1666666667, s(2)/3 = 0.8807970780/3 =
+    # 0.2935990260, 0 for the unlabelled row, (s(0.5) - 0.5)/3 = (0.6224593312 - 0.5)/3 = 0.0408197771.
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = [(s(0.0) - 1) / 3, s(2.0) / 3, 0.0, (s(0.5) - 0.5) / 3]
+    assert want == pytest.approx([-0.1666666667, 0.2935990260, 0.0, 0.0408197771], abs=1e-10)
+    assert r.grad.tolist() == pytest.approx(want, abs=1e-12)
+    assert r.grad[2] == 0.0  # the unlabelled row gets no gradient, exactly
     none = AnswerCELoss()(
         r, Comparisons(winner=torch.tensor([1]), loser=torch.tensor([0]), label=torch.full((4,), float("nan")))
     )
