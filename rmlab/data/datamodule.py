@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
 from rmlab.data.sampler import GroupBatchSampler
 from rmlab.data.simulator import SimulatorConfig, generate
-from rmlab.data.sources import read_records
+from rmlab.data.sources import read_records, resolve_paths
 from rmlab.data.tokenize import (
     TokenizedGroup,
     cache_key,
@@ -33,6 +34,28 @@ from rmlab.data.tokenize import (
 from rmlab.data.types import DataReport, PreferenceGroup
 
 log = logging.getLogger(__name__)
+
+
+def source_files_stamp(source: str | list | tuple) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every local file a source resolves to; [] for a hub name or the simulator."""
+    if isinstance(source, (list, tuple)):
+        return [x for one in source for x in source_files_stamp(one)]
+    out = []
+    for path in resolve_paths(os.path.expanduser(str(source))):
+        try:
+            st = os.stat(path)
+        except OSError:  # gone between listing and stat: reading it will report that
+            continue
+        out.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def data_code_version() -> str:
+    """A hash of the source text of the rmlab.data modules: a code change invalidates the cache."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\x00" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def in_val(prompt: str, fraction: float, seed: int) -> bool:
@@ -205,8 +228,11 @@ class RewardDataModule(L.LightningDataModule):
     def _cache_key(self) -> str:
         tok = self.tokenizer
         tok_id = (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), tok.cls_token_id, tok.bos_token_id, tok.eos_token_id)
+        # The files' identity (a rewritten file has another size or mtime) and the data code's version, so a
+        # cache never outlives the data or the code that built it.
+        files = [source_files_stamp(s) for s in (self.source, self.val_source) if s]
         parts = (
-            "v1", self.source, self.format, self.fields, self.split, self.val_source, self.val_split, self.val_fraction,
+            "v2", files, data_code_version(), self.source, self.format, self.fields, self.split, self.val_source, self.val_split, self.val_fraction,
             self.simulator, self.max_length, self.min_prompt_tokens, self.max_records, self.on_error, self.seed,
             self.max_tokens, self.max_responses, self.format_options, tok_id, repr(self.template), self.pair_batching, self.max_train_prompts,
         )
