@@ -3,6 +3,8 @@ recovery of the simulator's true qualities."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from rmlab.data.simulator import ATTRIBUTES, SimulatorConfig, generate
 from rmlab.data.tokenize import tokenize_groups
 from rmlab.data.types import DataReport
 from rmlab.heads import AttributeRewardModel, head_size, pearson
+from rmlab.losses.base import Comparisons
 from rmlab.losses.generative import AttributeLoss, head_default_loss
 from rmlab.model import build_model
 from tests.conftest import TINY_LLAMA, compose
@@ -64,7 +67,50 @@ def test_gate_reads_only_the_prompt():
         m.score_heads(b)
 
 
-def test_attribute_loss_golden_and_stage_separation():
+def test_attribute_loss_golden_by_hand():
+    """float64, one prompt, K = 3, A = 2, fixed weights w = (0.25, 0.75):
+    L = regression_weight * masked MSE(a, ratings) + preference_weight * BT(sum_i w_i sg(a_i))."""
+    f64 = torch.float64
+    a = torch.tensor([[1.0, 0.0], [0.5, 2.0], [-1.0, 1.0]], dtype=f64, requires_grad=True)
+    w = torch.tensor([[0.25, 0.75]] * 3, dtype=f64, requires_grad=True)
+    ratings = torch.tensor([[2.0, float("nan")], [0.5, 1.0], [0.0, 3.0]], dtype=f64)
+    b = Comparisons(winner=torch.tensor([0, 0, 1]), loser=torch.tensor([1, 2, 2]))
+    b.attributes, b.num_comparisons = ratings, 3
+    out = AttributeLoss(regression_weight=2.0, preference_weight=0.5)(
+        torch.zeros(3, dtype=f64), b, heads={"attributes": a, "weights": w}
+    )
+    # Regression: squared errors (1-2)^2 = 1, masked, (0.5-0.5)^2 = 0, (2-1)^2 = 1, (-1-0)^2 = 1,
+    # (1-3)^2 = 4: 7 over 5 labelled = 1.4.
+    assert out.parts["regression"].item() == pytest.approx(1.4, abs=1e-12)
+    # Combination: 0.25*1 + 0.75*0 = 0.25, 0.25*0.5 + 0.75*2 = 1.625, 0.25*(-1) + 0.75*1 = 0.5, so
+    # d = (0.25 - 1.625, 0.25 - 0.5, 1.625 - 0.5) = (-1.375, -0.25, 1.125), BT terms log(1 + e^{-d}):
+    # log(1 + e^1.375) = 1.6004126516, log(1 + e^0.25) = 0.8259394199, log(1 + e^-1.125) = 0.2811501362,
+    # mean 0.9025007359.
+    terms = [math.log1p(math.exp(x)) for x in (1.375, 0.25, -1.125)]
+    assert terms == pytest.approx([1.6004126516, 0.8259394199, 0.2811501362], abs=1e-10)
+    assert out.terms.tolist() == pytest.approx(terms, abs=1e-12)
+    assert out.parts["preference"].item() == pytest.approx(sum(terms) / 3, abs=1e-12)
+    # Total: 2 * 1.4 + 0.5 * 0.9025007359 = 3.2512503680.
+    assert out.loss.item() == pytest.approx(2 * 1.4 + 0.5 * sum(terms) / 3, abs=1e-12)
+    assert out.loss.item() == pytest.approx(3.2512503680, abs=1e-10)
+    out.loss.backward()
+    # Outputs get the regression's gradient alone (stop-gradient in the BT term): 2 * 2 (a - y) / 5 = 0.8 (a - y).
+    want = [[0.8 * (1 - 2), 0.0], [0.8 * (0.5 - 0.5), 0.8 * (2 - 1)], [0.8 * (-1 - 0), 0.8 * (1 - 3)]]
+    torch.testing.assert_close(a.grad, torch.tensor(want, dtype=f64), rtol=0, atol=1e-15)
+    # The gate gets the BT term's: dL/dw_ik = 0.5 * sum_c dBT/dd_c * (a_wk - a_lk), dBT/dd_c = -s(-d_c)/3.
+    # s(1.375) = 0.7981867, s(0.25) = 0.5621765, s(-1.125) = 0.2451095.
+    g = [-1 / (1 + math.exp(x)) / 3 for x in (-1.375, -0.25, 1.125)]  # -s(-d)/3 per comparison
+    want_w = [
+        [0.5 * (g[0] + g[1]) * a_k for a_k in (1.0, 0.0)],
+        [0.5 * (-g[0] + g[2]) * a_k for a_k in (0.5, 2.0)],
+        [0.5 * (-g[1] - g[2]) * a_k for a_k in (-1.0, 1.0)],
+    ]
+    torch.testing.assert_close(w.grad, torch.tensor(want_w, dtype=f64), rtol=0, atol=1e-15)
+
+
+def test_attribute_loss_on_the_model_separates_the_stages():
+    """On a real gated model: the regression term is the masked MSE of its outputs, the preference term is
+    BT on its combination, and the preference term moves the gate and nothing else."""
     m = _model("gating")
     m.train()
     b = _batch(m)
