@@ -7,9 +7,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from rmlab.data.sources import DataError
     from rmlab.evaluate import run  # lazy: `python eval.py --help` stays fast
 
-    run(cfg)
+    try:
+        run(cfg)
+    except DataError as e:  # bad input: the file, the line, the field and what to do; no traceback
+        raise SystemExit(f"rmlab: bad input: {e}") from None
 
 
 if __name__ == "__main__":

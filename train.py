@@ -6,9 +6,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from rmlab.data.sources import DataError
     from rmlab.train import run
 
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except DataError as e:  # bad input: the file, the line, the field and what to do; no traceback
+        raise SystemExit(f"rmlab: bad input: {e}") from None
     return summary.get("val_acc")  # the value an Optuna sweep optimizes
 
 

@@ -134,19 +134,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                      _convert_="all")
     module = instantiate(cfg.optim, model=model, loss=loss, _convert_="all")
     loggers = build_loggers(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
-    from rmlab.checkpoint import ResumeState, checkpoint_plugins, resolve_ckpt_path
-
-    # `last` = this run dir's newest checkpoint (or a fresh start): one command for launch and requeue.
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
-    # RNG states + CSV rows kept in step with checkpoints: exact resume.
-    callbacks.append(ResumeState(resuming_loggers=loggers if ckpt_path else ()))
-    plugins = checkpoint_plugins(cfg.trainer)  # atomic checkpoint files
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),
-                          **({"plugins": plugins} if plugins else {}))
-
     failed = True
-    try:
+    try:  # from here on, wandb is finished whatever fails (callbacks, trainer, data, training)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+        from rmlab.checkpoint import ResumeState, checkpoint_plugins, resolve_ckpt_path
+
+        # `last` = this run dir's newest checkpoint (or a fresh start): one command for launch and requeue.
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+        # RNG states + CSV rows kept in step with checkpoints: exact resume.
+        callbacks.append(ResumeState(resuming_loggers=loggers if ckpt_path else ()))
+        plugins = checkpoint_plugins(cfg.trainer)  # atomic checkpoint files
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),
+                              **({"plugins": plugins} if plugins else {}))
         dm.setup("fit")
         if trainer.is_global_zero:
             for line in dm.report["one_line"]:

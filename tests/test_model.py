@@ -42,7 +42,13 @@ def test_pool_index_left_right():
         pool_index(torch.tensor([[0, 0]]), "last")
 
 
-@pytest.mark.parametrize("backbone", ["tiny_llama", "minilm"])
+@pytest.fixture(scope="module")
+def minilm_last():
+    """MiniLM read at its last real token (pooling=last) instead of [CLS]: the last-token rule on an encoder."""
+    return build_model(name_or_path="minilm", pooling="last").eval()
+
+
+@pytest.mark.parametrize("backbone", ["tiny_llama", "minilm", "minilm_last"])
 @pytest.mark.parametrize("case", ["right", "left", "pad_eq_eos"])
 def test_pooling_matches_unpadded_forward(backbone, case, request):
     model = request.getfixturevalue(backbone)

@@ -91,14 +91,24 @@ def test_score_file_streams_keeps_order_and_fields(tiny_llama, tmp_path, monkeyp
                 f.write(json.dumps({"q": p, "chosen": rs[0], "rejected": rs[1], "id": i}) + "\n")
             else:
                 f.write(json.dumps({"q": p, "a": rs[0], "id": i}) + "\n")
+    import rmlab.data.sources as sources
+
     scorer = Scorer(tiny_llama, max_length=256, batch_size=2)
-    seen = []
-    real = scorer.score
-    monkeypatch.setattr(scorer, "score", lambda its: seen.append(len(its)) or real(its))
+    seen, read = [], [0]
+    real, real_rows, real_read = scorer.score, scorer.rows, sources.read_records
+
+    def counting_read(path):  # how far the reader has got when each chunk is scored
+        for x in real_read(path):
+            read[0] += 1
+            yield x
+
+    monkeypatch.setattr(sources, "read_records", counting_read)
+    monkeypatch.setattr(scorer, "rows", lambda its: seen.append((len(its), read[0])) or real_rows(its))
     n = score_file(
         scorer, str(src), str(tmp_path / "out.jsonl"), parse_fields("prompt=q,response=a"), buffer=3, progress=False
     )
-    assert n == 7 and seen == [3, 3, 1]  # never more than --buffer records in memory
+    # never more than --buffer records in memory: each chunk is scored before the next is read
+    assert n == 7 and seen == [(3, 3), (3, 6), (1, 7)]
     out = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     assert [r["id"] for r in out] == list(range(7))
     direct = real(items)
