@@ -13,28 +13,115 @@ import torch
 
 from tests.conftest import ROOT, compose
 
-GROUPS = ["model", "loss", "data", "optim", "trainer", "logger", "callbacks", "experiment", "hparams_search", "debug"]
+
+def _groups() -> list[str]:
+    """Every config group: each folder under conf/ (nested ones too, like hydra/launcher) holding yaml options."""
+    conf = ROOT / "conf"
+    return sorted({p.parent.relative_to(conf).as_posix() for p in conf.rglob("*.yaml") if p.parent != conf})
+
+
+GROUPS = _groups()
+# Known groups: discovery must find at least these (nested hydra/launcher included).
+_EXPECTED_GROUPS = set(
+    "model loss data optim trainer logger callbacks experiment hparams_search debug hydra/launcher".split()
+)
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", GROUPS)
-def test_every_option_of_every_group_composes(group, tmp_path):
-    opts = _options(group)
-    if group in ("model", "loss", "data", "trainer", "logger", "callbacks", "optim"):
-        assert opts, f"conf/{group} has no options"
-    for opt in opts:
-        overrides = [f"{group}={opt}"]
-        if group == "model" and opt == "hf":
-            overrides.append("model.name_or_path=some/model")
-        cfg = compose(overrides, tmp_path)
-        from omegaconf import OmegaConf
+def _compose_with_hydra(overrides: list[str], output_dir: Path):
+    """conftest.compose, plus the `hydra:` node (launcher, sweeper, run dirs), as `python train.py -m` sees it."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
 
-        # Resolving every interpolation catches typos in ${...} before a run does.
-        OmegaConf.to_container(cfg, resolve=True)
-        assert cfg.trainer.max_epochs >= 1
+    from tests.conftest import SHARED_DATA
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hcompose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.data_dir = str(SHARED_DATA)
+    return cfg
+
+
+def _package(group: str, text: str) -> str:
+    """Where an option's keys land: its `# @package` header, else the group path (hydra/launcher -> hydra.launcher)."""
+    for line in text.splitlines():
+        if line.startswith("# @package"):
+            pkg = line.split(None, 2)[2].strip()
+            return "" if pkg == "_global_" else pkg
+    return group.replace("/", ".")
+
+
+def _leaves(d, prefix=()):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def test_compose_covers_every_conf_group():
+    assert _EXPECTED_GROUPS <= set(GROUPS), f"group discovery missed {sorted(_EXPECTED_GROUPS - set(GROUPS))}"
+    for group in GROUPS:
+        assert _options(group), f"conf/{group} has no options"
+
+
+@pytest.mark.parametrize("group,opt", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: v)
+def test_every_option_of_every_group_composes(group, opt, tmp_path):
+    from omegaconf import OmegaConf
+
+    overrides = [f"{group}={opt}"]
+    if group == "model" and opt == "hf":
+        overrides.append("model.name_or_path=some/model")
+    cfg = _compose_with_hydra(overrides, tmp_path)
+    choices = cfg.hydra.runtime.choices
+    assert choices[group] == opt, f"{group}={opt} not selected: {dict(choices)}"
+
+    # Every key the option's file sets is in the composed config with the file's (unresolved) value: proof the
+    # option itself was composed, at the place its package says. Keys set by the overrides above are skipped.
+    path = ROOT / "conf" / group / f"{opt}.yaml"
+    text = path.read_text()
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    own.pop("defaults", None)
+    pkg = _package(group, text)
+    node = OmegaConf.select(cfg, pkg) if pkg else cfg
+    assert node is not None, f"{group}={opt}: nothing at `{pkg}`"
+    composed = OmegaConf.to_container(node, resolve=False)
+    overridden = {o.split("=", 1)[0] for o in overrides[1:]}
+    checked = 0
+    for key, value in _leaves(own):
+        if ".".join(filter(None, (pkg, *key))) in overridden:
+            continue
+        got = composed
+        for k in key:
+            assert isinstance(got, dict) and k in got, f"{path.name}: {'.'.join(key)} missing at `{pkg or '<root>'}`"
+            got = got[k]
+        assert got == value, f"{path.name}: {'.'.join(key)} composed as {got!r}, file says {value!r}"
+        checked += 1
+    assert checked, f"{path.name} sets no keys"
+    if "_target_" in own:
+        assert node._target_ == own["_target_"]
+
+    # Resolving every interpolation catches typos in ${...} before a run does: the job's config in full, and the
+    # parts of `hydra:` that are known before launch (the rest, job.num and runtime dirs, exist only in a run).
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.to_container(job, resolve=True)
+    assert cfg.trainer.max_epochs >= 1
+    for part in ("launcher", "sweeper", "run"):
+        OmegaConf.to_container(cfg.hydra[part], resolve=True)
+    assert cfg.hydra.sweep.dir
+    assert cfg.hydra.launcher._target_ and cfg.hydra.sweeper._target_
+    if group == "hydra/launcher":
+        assert "submitit" in cfg.hydra.launcher._target_, cfg.hydra.launcher._target_
+    if group == "hparams_search":
+        assert "optuna" in cfg.hydra.sweeper._target_.lower(), cfg.hydra.sweeper._target_
 
 
 def test_one_epoch_by_default(tmp_path):
