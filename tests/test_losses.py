@@ -561,6 +561,20 @@ def test_learned_tie_param_golden():
     assert rk.log_tie.grad.item() == pytest.approx(want, abs=1e-12)
 
 
+# ---------------------------------------------------------------- docs
+@pytest.mark.parametrize("doc, section", [("README.md", "## Losses, in one table"), ("docs/losses.md", "# Losses")])
+def test_every_loss_yaml_has_a_row_in_the_docs(doc, section):
+    """Issue 3: the README lists each loss with its formula and when to use it (docs/losses.md too)."""
+    text = (ROOT / doc).read_text()
+    start = text.index(section) + len(section)
+    end = text.find("\n## ", start)
+    body = text[start : end if end >= 0 else None]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in body.splitlines() if line.startswith("| `")}
+    for name in sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml")):
+        assert name in rows, f"{doc}: no row for loss={name}"
+        assert rows[name].count("|") >= 4, f"{doc}: the row of loss={name} lacks a formula or a use"
+
+
 # ---------------------------------------------------------------- training on the simulator
 LOSS_YAMLS = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
 _RUNS: dict[str, list[dict[str, str]]] = {}
