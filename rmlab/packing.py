@@ -56,8 +56,10 @@ class PackedRows:
         return int((self.segment >= 0).sum())
 
     def to(self, device: torch.device | str) -> PackedRows:
-        moved = (t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.position_ids, self.segment, self.part, self.read_index))
+        moved = (
+            t.to(device, non_blocking=True)
+            for t in (self.input_ids, self.position_ids, self.segment, self.part, self.read_index)
+        )
         return PackedRows(*moved, spans=self.spans)
 
     def attention_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -180,9 +182,7 @@ def segments_from_rows(
     return segments
 
 
-def pack_batch(
-    batch, mode: str, pad_id: int = 0, row_tokens: int | None = None, one_row: bool = False
-) -> PackedRows:
+def pack_batch(batch, mode: str, pad_id: int = 0, row_tokens: int | None = None, one_row: bool = False) -> PackedRows:
     """The packed layout of a ``RewardBatch`` (padded rows, either padding side).
 
     Reads the real tokens of each row through the attention mask and splits them at
@@ -232,7 +232,9 @@ def resolve_forward_mode(model, mode: str) -> str:
     mask, so it packs (varlen, from restarted position ids) instead of sharing prefixes."""
     if mode not in (*MODES, "auto"):
         raise ValueError(f"model.forward_mode must be one of {(*MODES, 'auto')}, got {mode!r}")
-    causal = getattr(model, "pooling", "last") == "last" and getattr(model.config, "model_type", "") not in _encoder_types()
+    causal = (
+        getattr(model, "pooling", "last") == "last" and getattr(model.config, "model_type", "") not in _encoder_types()
+    )
     if not causal:
         return "padded"
     attn = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
@@ -255,8 +257,9 @@ SEGMENTS_ATTN = "rmlab_sdpa_segments"
 CALL_COST_PAIRS = 4096
 
 
-def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      rmlab_spans=None, **kwargs):
+def segment_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, rmlab_spans=None, **kwargs
+):
     """Attention by segments: exact, no mask over the whole row, no masked-out work.
 
     For each segment, the prefix attends causally to itself, and each part attends to the whole
@@ -266,7 +269,9 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if rmlab_spans is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa = query.shape[1] != key.shape[1]
     rows: dict[int, list[torch.Tensor]] = {}
@@ -283,13 +288,22 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
             # Short parts: one masked call for all of them beats one call each (the masked-out
             # cross-part blocks cost less than the calls they save).
             sl = slice(start, start + total)
-            owner = torch.repeat_interleave(torch.arange(len(parts), device=query.device),
-                                            torch.tensor(parts, device=query.device))
+            owner = torch.repeat_interleave(
+                torch.arange(len(parts), device=query.device), torch.tensor(parts, device=query.device)
+            )
             idx = torch.arange(total, device=query.device)
             own = (owner[:, None] == owner[None, :]) & (idx[None, :] <= idx[:, None])
             allowed = torch.cat([own.new_ones(total, p), own], dim=1)
-            out.append(sdpa(q[:, :, sl], k[:, :, col : col + p + total], v[:, :, col : col + p + total],
-                            attn_mask=allowed, scale=scaling, enable_gqa=gqa))
+            out.append(
+                sdpa(
+                    q[:, :, sl],
+                    k[:, :, col : col + p + total],
+                    v[:, :, col : col + p + total],
+                    attn_mask=allowed,
+                    scale=scaling,
+                    enable_gqa=gqa,
+                )
+            )
             continue
         for n in parts:
             sl = slice(start, start + n)

@@ -19,8 +19,15 @@ from tests.conftest import TINY_LLAMA
 def _group(prompt, responses, comps):
     n = len(comps)
     return TokenizedGroup(
-        prompt_ids=prompt, response_ids=responses, winner=[w for w, _ in comps], loser=[lo for _, lo in comps],
-        margin=[float("nan")] * n, strength=[-1] * n, weight=[1.0] * n, tie=[False] * n, group_weight=[1.0 / n] * n,
+        prompt_ids=prompt,
+        response_ids=responses,
+        winner=[w for w, _ in comps],
+        loser=[lo for _, lo in comps],
+        margin=[float("nan")] * n,
+        strength=[-1] * n,
+        weight=[1.0] * n,
+        tie=[False] * n,
+        group_weight=[1.0 / n] * n,
     )
 
 
@@ -62,12 +69,28 @@ def test_rmlab_side_counts_every_token_once(tmp_path):
     torch.manual_seed(0)
     model = build_model(config=TINY_LLAMA, tokenizer="byt5")
     model.save_pretrained(tmp_path / "model")
-    groups = tokenize_groups(generate(SimulatorConfig(num_prompts=6, k=3, tie_band=0.0, seed=1)), model.tokenizer,
-                             DataReport(), max_length=256, min_prompt_tokens=8)
+    groups = tokenize_groups(
+        generate(SimulatorConfig(num_prompts=6, k=3, tie_band=0.0, seed=1)),
+        model.tokenizer,
+        DataReport(),
+        max_length=256,
+        min_prompt_tokens=8,
+    )
     (tmp_path / "w.json").write_text(json.dumps([g.to_dict() for g in groups]))
-    spec = dict(model_dir=str(tmp_path / "model"), workload=str(tmp_path / "w.json"), mode="prefix_shared",
-                device="cpu", seconds=1e9, warmup=0, max_steps=2, max_tokens=10_000, max_responses=64, seed=0,
-                lr=1e-5, row_tokens=10_000)
+    spec = dict(
+        model_dir=str(tmp_path / "model"),
+        workload=str(tmp_path / "w.json"),
+        mode="prefix_shared",
+        device="cpu",
+        seconds=1e9,
+        warmup=0,
+        max_steps=2,
+        max_tokens=10_000,
+        max_responses=64,
+        seed=0,
+        lr=1e-5,
+        row_tokens=10_000,
+    )
     n_cmp = sum(len(g.winner) for g in groups)
     res = run_rmlab(spec)  # max_tokens holds every group: one step is the whole epoch
     assert res["forward_mode"] == "prefix_shared"

@@ -142,9 +142,16 @@ def test_plan_rows_first_fit_decreasing():
 
 def test_encoders_and_flash_fall_back():
     bert = build_model(
-        config=dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, max_position_embeddings=128),
-        tokenizer="byt5", forward_mode="prefix_shared",
+        config=dict(
+            model_type="bert",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=128,
+        ),
+        tokenizer="byt5",
+        forward_mode="prefix_shared",
     )
     assert bert.forward_mode == "padded"  # bidirectional: a shared prompt would see its responses
     llama = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="auto")

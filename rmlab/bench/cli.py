@@ -24,14 +24,26 @@ from typing import Any
 # forward + backward); small enough that the whole benchmark runs in minutes.
 MODELS: dict[str, dict[str, Any]] = {
     "llama-small": dict(
-        model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        model_type="llama",
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
     ),
     # Qwen2-0.5B's shape (random weights): for the GPU run.
     "qwen2-0.5b": dict(
-        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, vocab_size=151936, tie_word_embeddings=True,
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        vocab_size=151936,
+        tie_word_embeddings=True,
     ),
     "minilm": {},  # the bundled all-MiniLM-L6-v2 (an encoder: rmlab falls back to padded rows)
 }
@@ -88,15 +100,29 @@ def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]
     tag = f"{spec['model']}-{spec['workload_name']}-{spec['side']}-{spec.get('mode', '')}"
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(spec["threads"]),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "rmlab.bench.sides", str(spec_path), str(out_path)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rmlab.bench.sides", str(spec_path), str(out_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0 or not out_path.exists():
         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "side": spec["side"], "mode": spec.get("mode", "")}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+            "side": spec["side"],
+            "mode": spec.get("mode", ""),
+        }
     res = json.loads(out_path.read_text())
     res["wall_s"] = time.time() - t
     return res
@@ -113,14 +139,28 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None, models: di
             # 6 N flops per token for forward + backward (attention scores left out: a lower bound),
             # over the unique real tokens: model FLOPs, not the padding a side chose to compute.
             r["mfu"] = 6 * n * cps_unique / (peak_tflops * 1e12)
-        base = next((b for b in rows if b["side"] == "trl" and b["model"] == r["model"]
-                     and b["workload"] == r["workload"] and "error" not in b), None)
+        base = next(
+            (
+                b
+                for b in rows
+                if b["side"] == "trl"
+                and b["model"] == r["model"]
+                and b["workload"] == r["workload"]
+                and "error" not in b
+            ),
+            None,
+        )
         if base is None or r["side"] == "trl":
             continue
         r["vs_trl"] = {
             k: r[k] / base[k]
-            for k in ("comparisons_per_s", "comparisons_per_s_aggregate", "processed_tokens_per_comparison",
-                      "useful_token_fraction", "peak_rss_mb")
+            for k in (
+                "comparisons_per_s",
+                "comparisons_per_s_aggregate",
+                "processed_tokens_per_comparison",
+                "useful_token_fraction",
+                "peak_rss_mb",
+            )
         }
 
 
@@ -159,13 +199,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("RMLAB_DATA_DIR", "../shared/data"))
     p.add_argument("--work", default=None, help="folder for workloads, weights and per-side files (default OUT/work)")
     p.add_argument("--reuse", action="store_true", help="reuse workload files already in --work")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the bundled MiniLM's BERT tokenizer)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (default: the bundled MiniLM's BERT tokenizer)"
+    )
     p.add_argument("--models", default="llama-small,minilm", help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--workloads", default="hh,alpaca,simulator")
     p.add_argument("--modes", default=",".join(CAUSAL_MODES), help="rmlab forward modes on causal models")
-    p.add_argument("--minilm-workloads", default="simulator",
-                   help="workloads for the encoder: 22M parameters are ~50x the causal model's compute per "
-                        "token, so only the short simulator rows fit the time budget on CPU; it runs padded")
+    p.add_argument(
+        "--minilm-workloads",
+        default="simulator",
+        help="workloads for the encoder: 22M parameters are ~50x the causal model's compute per "
+        "token, so only the short simulator rows fit the time budget on CPU; it runs padded",
+    )
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per side, after warm-up")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
@@ -175,7 +220,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=8, help="AlpacaEval responses per prompt (all C(K,2) comparisons)")
     p.add_argument("--sim-prompts", type=int, default=1000)
     p.add_argument("--trl-batch-size", type=int, default=8, help="pairs per TRL step (its default)")
-    p.add_argument("--max-tokens", type=int, default=None, help="rmlab padded-token budget per batch (default 8 x max-length)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="rmlab padded-token budget per batch (default 8 x max-length)"
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -198,15 +245,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     prep = prepare(args, work)
     print(f"prepared in {time.time() - t0:.0f}s: " + json.dumps(prep["workloads"], default=str)[:600], flush=True)
-    common = dict(threads=args.threads, seconds=args.seconds, warmup=args.warmup, seed=args.seed, lr=args.lr,
-                  device=args.device, bf16=args.bf16, attn=args.attn, max_length=args.max_length)
+    common = dict(
+        threads=args.threads,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        seed=args.seed,
+        lr=args.lr,
+        device=args.device,
+        bf16=args.bf16,
+        attn=args.attn,
+        max_length=args.max_length,
+    )
     runs = []
     for wl in args.workloads:
         for model in args.models:
             info = prep["models"][model]
             if not info["causal"] and wl not in args.minilm_workloads:
                 continue
-            base = dict(common, model=model, workload=prep["workloads"][wl]["path"], workload_name=wl, model_dir=info["path"])
+            base = dict(
+                common, model=model, workload=prep["workloads"][wl]["path"], workload_name=wl, model_dir=info["path"]
+            )
             sides = [dict(base, side="trl", batch_size=args.trl_batch_size)]
             for mode in args.modes if info["causal"] else ["padded"]:
                 sides.append(dict(base, side="rmlab", mode=mode, max_tokens=args.max_tokens, max_responses=64))
@@ -214,8 +272,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res = run_side(spec, work, args.timeout)
                 res.update(model=model, workload=wl)  # the name, not the file the side read
                 runs.append(res)
-                print(json.dumps({k: res.get(k) for k in ("model", "workload", "side", "mode", "comparisons_per_s",
-                                                         "useful_token_fraction", "peak_rss_mb", "error")}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: res.get(k)
+                            for k in (
+                                "model",
+                                "workload",
+                                "side",
+                                "mode",
+                                "comparisons_per_s",
+                                "useful_token_fraction",
+                                "peak_rss_mb",
+                                "error",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
     add_ratios(runs, args.peak_tflops, prep["models"])
     import torch
     import transformers
@@ -231,9 +305,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ", no GPU"),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version,
-        "threads": args.threads, "precision": "bf16 mixed" if args.bf16 else "fp32", "seconds": args.seconds,
-        "warmup": args.warmup, "peak_tflops": args.peak_tflops, "total_s": time.time() - t0,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl_version,
+        "threads": args.threads,
+        "precision": "bf16 mixed" if args.bf16 else "fp32",
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "peak_tflops": args.peak_tflops,
+        "total_s": time.time() - t0,
     }
     result = {"meta": meta, "models": prep["models"], "workloads": prep["workloads"], "runs": runs}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
