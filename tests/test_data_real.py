@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+from collections import Counter
 
 import pytest
 
@@ -34,6 +35,34 @@ def test_hh_implicit_prompt_is_the_common_prefix_on_all_pairs():
 
 
 @needs_shared_data
+def test_hh_prompts_through_the_implicit_prompt_adapter_are_the_common_prefix():
+    """The same check through the path training takes: read_records -> records_to_groups(format=implicit_prompt)."""
+    path = SHARED_DATA / "hh_rlhf_harmless" / "test.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        records = {f"{path}:{n}": json.loads(line) for n, line in enumerate(f, start=1)}
+    report = DataReport()
+    groups = records_to_groups(read_records(str(path)), "implicit_prompt", None, report)
+    assert report.loaded == len(records) == 2312 and report.balanced
+
+    def expected(r):
+        common = os.path.commonprefix([r["chosen"], r["rejected"]])
+        prompt = common[: common.rindex(HH_ASSISTANT) + len(HH_ASSISTANT)]
+        return prompt, r["chosen"][len(prompt) :], r["rejected"][len(prompt) :]
+
+    kept = {g.source: g for g in groups}
+    assert len(kept) == len(groups) == report.kept
+    for where, r in records.items():
+        prompt, a, b = expected(r)
+        if where in kept:
+            g = kept[where]
+            assert g.prompt == prompt and g.responses == [a, b], where
+            assert [(c.winner, c.loser, c.tie) for c in g.comparisons] == [(0, 1, False)]  # chosen wins
+        else:  # every record not kept is a counted drop for a reason that holds for it
+            assert not a.strip() or not b.strip(), where
+    assert dict(report.dropped) == {"empty_response": len(records) - len(kept)} and len(kept) == 2308
+
+
+@needs_shared_data
 def test_alpaca_eval_folds_to_805_prompts_of_56_to_58_responses():
     report = DataReport()
     fields = {"prompt": "instruction", "response": "output_2", "score": "preference"}
@@ -49,6 +78,55 @@ def test_alpaca_eval_folds_to_805_prompts_of_56_to_58_responses():
     assert report.extra["source_k_per_prompt"] == {"min": min(ks), "max": 58, "prompts": 805}
     assert all(0.0 <= s <= 1.0 for g in groups for s in g.scores)  # preference - 1 is a probability
     assert all(len(g.comparisons) == len(g.responses) - 1 for g in groups)
+
+
+# data=<name> on the whole file: records in it, and the drops the file itself causes (over_max_k, which follows
+# the config's max_k, is the rest; the books must balance either way).
+WHOLE = {
+    "hh_harmless": (2312, {"empty_response": 4}),
+    "alpaca_eval2": (46680, {"duplicate": 840, "empty_response": 24}),
+    "pandalm": (
+        999,
+        {
+            "duplicate": 100,
+            "empty_response": 54,
+            "bad_record: field 'response1' must be a string, got bool": 4,
+            "bad_record: field 'response2' must be a string, got bool": 2,
+        },
+    ),
+    "prometheus": (320, {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@needs_shared_data
+def test_whole_files_are_accounted_for(tmp_path):
+    """Each real config on its whole file (no max_records): loaded = kept + the sum of the drops, per split and
+    for comparisons, and every record of the file is loaded. About 20 s on 2 cores (byte tokenizer, no cache)."""
+    from hydra.utils import instantiate
+
+    from rmlab.model import build_tokenizer
+
+    tok = build_tokenizer("byt5", None)
+    for name, (total, file_drops) in WHOLE.items():
+        cfg = compose([f"data={name}", "model=tiny_llama", "data.cache=false"], tmp_path / name)
+        assert cfg.data.max_records is None
+        dm = instantiate(cfg.data, tokenizer=tok, _convert_="all")
+        dm.setup("fit")
+        parts = [dm.report["train"], dm.report["val"]]
+        for part in parts:
+            rec, cmp = part["records"], part["comparisons"]
+            assert rec["loaded"] == rec["kept"] + sum(rec["dropped"].values()), (name, part)
+            assert cmp["loaded"] == cmp["kept"] + sum(cmp["dropped"].values()), (name, part)
+            assert part["balanced"] and rec["kept"] > 0, (name, part)
+        assert sum(p["records"]["loaded"] for p in parts) == total, name
+        dropped = Counter()
+        for part in parts:
+            dropped.update(part["records"]["dropped"])
+        over_k = dropped.pop("over_max_k", 0)
+        assert dict(dropped) == file_drops, name
+        assert (over_k > 0) == (name == "alpaca_eval2"), name  # only AlpacaEval has more than max_k per prompt
 
 
 # data=<name>, overrides that keep it to seconds on 2 cores, and the figures its report must show.
