@@ -114,8 +114,38 @@ CASES = [
         "pairs",
         None,
         {},
-        ["missing field 'rejected'"],
+        ["field 'rejected' is null", "data.fields.rejected"],  # the column exists; this row's value is null
         ":row 1",
+    ),
+    (
+        "null_field",
+        "d.jsonl",
+        jl(GOOD, {"prompt": "p1", "chosen": None, "rejected": "y"}),
+        "pairs",
+        None,
+        {},
+        ["field 'chosen' is null", "data.fields.chosen=", "data.on_error=skip"],
+        ":2",
+    ),
+    (
+        "strength_out_of_range",
+        "d.jsonl",
+        jl({**GOOD, "s": 2}, {**GOOD, "prompt": "p1", "s": 7}),
+        "pairs",
+        {"strength": "s"},
+        {},
+        ["field 's' = 7 is not a strength 0..3", "data.fields.strength", "data.on_error=skip"],
+        ":2",
+    ),
+    (
+        "strength_not_a_level",
+        "d.jsonl",
+        jl({**GOOD, "s": "3"}, {**GOOD, "prompt": "p1", "s": 1.5}),
+        "pairs",
+        {"strength": "s"},
+        {},
+        ["field 's' = 1.5 is not a strength 0..3"],
+        ":2",
     ),
     (
         "extract_marker_missing",
@@ -253,3 +283,43 @@ def test_bad_input_through_train_names_file_and_line(tmp_path):
         match=r"mine.jsonl:2: missing field 'prompt'.*\n.*fields present: bad, good, question; set data.fields.prompt=",
     ):
         dm.setup("fit")
+
+
+def test_a_null_field_is_not_called_missing(tmp_path):
+    path = _write(tmp_path, "d.jsonl", jl({"prompt": "p", "chosen": None, "rejected": "y"}))
+    with pytest.raises(DataError) as e:
+        records_to_groups(read_records(str(path)), "pairs", None, DataReport())
+    # The old message said "missing field 'chosen'" while listing chosen among the fields present.
+    assert "missing" not in str(e.value) and "fields present" not in str(e.value)
+    assert e.value.problem == "field 'chosen' is null (the 'chosen' field of this format)"
+
+
+def test_strengths_in_range_are_kept_as_levels(tmp_path):
+    rows = [{**GOOD, "prompt": f"p{i}", "s": s} for i, s in enumerate([0, 1, 2.0, "3", None])]
+    path = _write(tmp_path, "d.jsonl", jl(*rows))
+    groups = records_to_groups(read_records(str(path)), "pairs", {"strength": "s"}, DataReport())
+    assert [g.comparisons[0].strength for g in groups] == [0, 1, 2, 3, None]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.json", "d.csv"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name):
+    rows = [{"prompt": "p0", "chosen": "café", "rejected": "bad"}, {"prompt": "p1", "chosen": "x", "rejected": "y"}]
+    if name.startswith("d.jsonl"):
+        body = jl(*rows)
+    elif name == "d.json":
+        body = json.dumps(rows).encode()
+    else:
+        body = "prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)
+        body = body.encode()
+    body = b"\xef\xbb\xbf" + body
+    path = _write(tmp_path, name, gzip.compress(body) if name.endswith(".gz") else body)
+    report = DataReport()
+    groups = records_to_groups(read_records(str(path)), "pairs", None, report)
+    assert [(g.prompt, *g.responses) for g in groups] == [("p0", "café", "bad"), ("p1", "x", "y")]
+    assert report.loaded == report.kept == 2 and not report.dropped
+
+
+def test_a_byte_order_mark_inside_a_jsonl_file_is_still_malformed(tmp_path):
+    path = _write(tmp_path, "d.jsonl", jl(GOOD) + b"\xef\xbb\xbf" + jl({**GOOD, "prompt": "p1"}))
+    with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON"):
+        records_to_groups(read_records(str(path)), "pairs", None, DataReport())

@@ -137,6 +137,12 @@ class Field:
         if name is None or name not in self.rec or self.rec[name] is None:
             if not required:
                 return None
+            if name is not None and name in self.rec:  # present, but null: not the same as missing
+                raise DataError(
+                    self.where,
+                    f"field {name!r} is null (the {key!r} field of this format)",
+                    f"fill it in, map another field with data.fields.{key}=..., or set data.on_error=skip",
+                )
             raise self._missing(key, name)
         return self.rec[name]
 
@@ -322,9 +328,27 @@ def _pair_group(
     )
 
 
+STRENGTHS = (0, 1, 2, 3)  # Llama 2's scale: 0 negligibly better / unsure ... 3 significantly better
+
+
+def _strength(f: Field) -> int | None:
+    """data.fields.strength, checked here: a level outside 0..3 would otherwise fail only in the loss."""
+    v = f.optional_number("strength")
+    if v is None:
+        return None
+    if v not in STRENGTHS:
+        raise DataError(
+            f.where,
+            f"field {f.fields['strength']!r} = {f.rec[f.fields['strength']]!r} is not a strength 0..3",
+            "strength is Llama 2's 0-3 scale (3 = significantly better): fix the value, map another field with "
+            "data.fields.strength, or set data.on_error=skip",
+        )
+    return int(v)
+
+
 def adapt_pairs(f: Field) -> PreferenceGroup | str:
     prompt = f.text("prompt")
-    return _pair_group(f, prompt, f.text("chosen"), f.text("rejected"), _score_margin(f), f.optional_number("strength"))
+    return _pair_group(f, prompt, f.text("chosen"), f.text("rejected"), _score_margin(f), _strength(f))
 
 
 def split_implicit_prompt(chosen: str, rejected: str, marker: str = HH_ASSISTANT) -> tuple[str, str, str]:

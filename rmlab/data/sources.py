@@ -116,7 +116,8 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
             for n, raw in enumerate(f, start=1):
                 where = f"{path}:{n}"
                 try:
-                    line = raw.decode("utf-8")
+                    # utf-8-sig on the first line: a byte-order mark (editors on Windows write one) is not JSON.
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     yield (
                         where,
@@ -146,7 +147,7 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
 
 def _read_json(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is skipped
             blob = json.load(f)
     except json.JSONDecodeError as e:
         where = f"{path}:{e.lineno}"
@@ -174,7 +175,8 @@ def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
 
     # surrogateescape keeps undecodable bytes as markers, so one bad row is reported (or skipped)
     # with its line number instead of failing the whole file.
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a leading byte-order mark (Excel writes one) would otherwise stick to the first column's name.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
         for row in reader:

@@ -169,7 +169,7 @@ def split_group(tg: TokenizedGroup, max_responses: int, parent: int = -1) -> lis
     if tg.k <= max_responses:
         return [tg]
     if max_responses < 2:
-        raise ValueError("a batch must hold at least 2 responses (data.batch.max_responses >= 2)")
+        raise ValueError("a batch must hold at least 2 responses (data.max_responses >= 2)")
     half = max(1, max_responses // 2)
     blocks = [list(range(i, min(i + half, tg.k))) for i in range(0, tg.k, half)]
     block_of = {r: b for b, blk in enumerate(blocks) for r in blk}
