@@ -104,16 +104,24 @@ def test_ranks_get_disjoint_groups_that_cover_the_data(even, world, n_groups):
             assert 0 <= len(ranks[0]) * world - n_before < world
         for batches in ranks:  # every batch, split or not, keeps the budgets
             for b in batches:
-                assert sum(groups[i].k for i in b) <= 16 and sum(groups[i].k for i in b) * max(
-                    groups[i].max_row for i in b
-                ) <= 600
+                assert (
+                    sum(groups[i].k for i in b) <= 16
+                    and sum(groups[i].k for i in b) * max(groups[i].max_row for i in b) <= 600
+                )
 
 
 def test_uneven_batch_count_is_evened_by_splitting_the_largest_multi_group_batch():
     # 5 groups of 4 rows x 10 tokens, at most 2 groups a batch -> [2, 2, 1] groups: 3 batches for 2 ranks.
     s = GroupBatchSampler(
-        [4] * 5, [10] * 5, max_tokens=10**6, max_responses=10**6, max_groups=2, shuffle=False, sort_by_length=False,
-        num_replicas=2, even=True,
+        [4] * 5,
+        [10] * 5,
+        max_tokens=10**6,
+        max_responses=10**6,
+        max_groups=2,
+        shuffle=False,
+        sort_by_length=False,
+        num_replicas=2,
+        even=True,
     )
     assert s._all_batches() == [[0, 1], [2, 3], [4]]
     assert s._even_batches()[0] == [[0], [1], [2, 3], [4]]  # the first of the two largest is split
@@ -182,8 +190,12 @@ def test_the_data_report_counts_groups_the_ranks_cannot_share(tmp_path):
     from rmlab.model import build_tokenizer
 
     dm = RewardDataModule(
-        tokenizer=build_tokenizer("byt5", None), simulator={"num_prompts": 40}, max_length=64, max_groups=1,
-        cache=False, output_dir=str(tmp_path),
+        tokenizer=build_tokenizer("byt5", None),
+        simulator={"num_prompts": 40},
+        max_length=64,
+        max_groups=1,
+        cache=False,
+        output_dir=str(tmp_path),
     )
     dm.setup("fit")
     dm.train_groups = dm.train_groups[:9]  # one group a batch, 9 batches: 2 ranks cannot share them evenly
@@ -194,4 +206,6 @@ def test_the_data_report_counts_groups_the_ranks_cannot_share(tmp_path):
     assert json.loads((tmp_path / "data_report.json").read_text())["train"]["sharding"] == want
     dm.max_groups = 2  # batches of two groups: splitting one evens the count, nothing is left out
     dm.train_dataloader()
-    assert dm.report["train"]["sharding"]["groups_left_out"] == 0 and dm.report["train"]["sharding"]["batches_split"] == 1
+    assert (
+        dm.report["train"]["sharding"]["groups_left_out"] == 0 and dm.report["train"]["sharding"]["batches_split"] == 1
+    )

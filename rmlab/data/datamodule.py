@@ -219,7 +219,11 @@ class RewardDataModule(L.LightningDataModule):
             r.extra.update(
                 groups=len(toks),
                 k_per_prompt={"min": min(ks, default=0), "max": max(ks, default=0), "mean": sum(ks) / max(1, len(ks))},
-                tokens_per_row={"min": min(rows, default=0), "max": max(rows, default=0), "mean": sum(rows) / max(1, len(rows))},
+                tokens_per_row={
+                    "min": min(rows, default=0),
+                    "max": max(rows, default=0),
+                    "mean": sum(rows) / max(1, len(rows)),
+                },
             )
         report = {"train": train_r.to_dict(), "val": val_r.to_dict(), "val_baselines": baselines(val_t)}
         report["one_line"] = [train_r.one_line(), val_r.one_line()]
@@ -227,14 +231,41 @@ class RewardDataModule(L.LightningDataModule):
 
     def _cache_key(self) -> str:
         tok = self.tokenizer
-        tok_id = (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), tok.cls_token_id, tok.bos_token_id, tok.eos_token_id)
+        tok_id = (
+            type(tok).__name__,
+            getattr(tok, "name_or_path", ""),
+            len(tok),
+            tok.cls_token_id,
+            tok.bos_token_id,
+            tok.eos_token_id,
+        )
         # The files' identity (a rewritten file has another size or mtime) and the data code's version, so a
         # cache never outlives the data or the code that built it.
         files = [source_files_stamp(s) for s in (self.source, self.val_source) if s]
         parts = (
-            "v2", files, data_code_version(), self.source, self.format, self.fields, self.split, self.val_source, self.val_split, self.val_fraction,
-            self.simulator, self.max_length, self.min_prompt_tokens, self.max_records, self.on_error, self.seed,
-            self.max_tokens, self.max_responses, self.format_options, tok_id, repr(self.template), self.pair_batching, self.max_train_prompts,
+            "v2",
+            files,
+            data_code_version(),
+            self.source,
+            self.format,
+            self.fields,
+            self.split,
+            self.val_source,
+            self.val_split,
+            self.val_fraction,
+            self.simulator,
+            self.max_length,
+            self.min_prompt_tokens,
+            self.max_records,
+            self.on_error,
+            self.seed,
+            self.max_tokens,
+            self.max_responses,
+            self.format_options,
+            tok_id,
+            repr(self.template),
+            self.pair_batching,
+            self.max_train_prompts,
         )
         return cache_key(*parts)
 
@@ -257,7 +288,9 @@ class RewardDataModule(L.LightningDataModule):
         for line in self.report["one_line"]:
             log.info(line)
         if not self.train_groups:
-            raise ValueError(f"no training groups left from data.source={self.source!r}; see the data report: {self.report['one_line']}")
+            raise ValueError(
+                f"no training groups left from data.source={self.source!r}; see the data report: {self.report['one_line']}"
+            )
         self.write_report()
 
     def write_report(self) -> None:
@@ -346,7 +379,11 @@ class RewardDataModule(L.LightningDataModule):
         if info["left_out"] or info["repeated"]:
             log.warning(
                 "[%s/train] %d group(s) left out and %d repeated per epoch to give %d ranks equal steps (data report: "
-                "train.sharding)", self.name, info["left_out"], info["repeated"], sampler.num_replicas,
+                "train.sharding)",
+                self.name,
+                info["left_out"],
+                info["repeated"],
+                sampler.num_replicas,
             )
         self.write_report()
 

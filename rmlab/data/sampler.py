@@ -92,7 +92,9 @@ class GroupBatchSampler:
             per_batch = max(1, self.max_tokens // max(1, max(self.row_len, default=1) * 2))
             pool = max(1, self.pool_size * per_batch)
             order = [
-                i for s in range(0, len(order), pool) for i in sorted(order[s : s + pool], key=lambda j: self.row_len[j])
+                i
+                for s in range(0, len(order), pool)
+                for i in sorted(order[s : s + pool], key=lambda j: self.row_len[j])
             ]
         batches, cur, n_rows, longest, n_cmp = [], [], 0, 0, 0
         for i in order:
@@ -169,7 +171,11 @@ class GroupBatchSampler:
             log.warning(
                 "epoch %d: %d batches cannot be shared evenly by %d ranks without splitting a group: %d group(s) "
                 "left out, %d repeated this epoch (lower data.max_tokens/data.max_responses to batch more finely)",
-                self.epoch, len(batches), self.num_replicas, info["left_out"], info["repeated"],
+                self.epoch,
+                len(batches),
+                self.num_replicas,
+                info["left_out"],
+                info["repeated"],
             )
         return batches[self.rank :: self.num_replicas]
 
@@ -194,7 +200,10 @@ class GroupBatchSampler:
         return {"epoch": self.epoch, "consumed": consumed, "seed": self.seed, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed or state.get("num_replicas", self.num_replicas) != self.num_replicas:
+        if (
+            state.get("seed", self.seed) != self.seed
+            or state.get("num_replicas", self.num_replicas) != self.num_replicas
+        ):
             # Another seed or world size orders the batches differently: skipping by count would be wrong.
             raise ValueError(
                 f"the checkpoint's sampler ran with seed={state.get('seed')} on {state.get('num_replicas')} ranks; "

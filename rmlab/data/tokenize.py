@@ -232,10 +232,21 @@ def explode_pairs(tg: TokenizedGroup) -> list[TokenizedGroup]:
             TokenizedGroup(
                 prompt_ids=tg.prompt_ids,
                 response_ids=[tg.response_ids[w], tg.response_ids[lo]],
-                winner=[0], loser=[1], margin=[tg.margin[ci]], strength=[tg.strength[ci]], weight=[tg.weight[ci]],
-                tie=[tg.tie[ci]], group_weight=[tg.group_weight[ci]], group_id=f"{tg.group_id}/c{ci}",
-                ranks=pick(tg.ranks), scores=pick(tg.scores), true_rewards=pick(tg.true_rewards),
-                labels=pick(tg.labels), attributes=pick(tg.attributes), subset=tg.subset, parent=tg.parent,
+                winner=[0],
+                loser=[1],
+                margin=[tg.margin[ci]],
+                strength=[tg.strength[ci]],
+                weight=[tg.weight[ci]],
+                tie=[tg.tie[ci]],
+                group_weight=[tg.group_weight[ci]],
+                group_id=f"{tg.group_id}/c{ci}",
+                ranks=pick(tg.ranks),
+                scores=pick(tg.scores),
+                true_rewards=pick(tg.true_rewards),
+                labels=pick(tg.labels),
+                attributes=pick(tg.attributes),
+                subset=tg.subset,
+                parent=tg.parent,
             )
         )
     return out
