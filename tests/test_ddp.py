@@ -19,8 +19,16 @@ from tests.conftest import ROOT, compose
 def _sampler(world: int, rank: int, even: bool, epoch: int = 0, **kw) -> GroupBatchSampler:
     rng = random.Random(0)
     rows = [rng.randint(2, 5) for _ in range(200)]
-    s = GroupBatchSampler(rows, [rng.randint(20, 300) for _ in rows], max_tokens=2048, max_responses=16,
-                          num_replicas=world, rank=rank, even=even, **kw)
+    s = GroupBatchSampler(
+        rows,
+        [rng.randint(20, 300) for _ in rows],
+        max_tokens=2048,
+        max_responses=16,
+        num_replicas=world,
+        rank=rank,
+        even=even,
+        **kw,
+    )
     s.set_epoch(epoch)
     return s
 
@@ -60,6 +68,24 @@ def test_global_batch_is_counted_in_comparisons_and_divided_across_ranks():
         GroupBatchSampler(k, [50] * len(k), comparisons=cmp, max_comparisons=4)
 
 
+@pytest.mark.parametrize("data", sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml")))
+def test_global_batch_comparisons_composes_on_every_data_config(data, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose([f"data={data}", "data.global_batch_comparisons=64"], tmp_path)
+    assert cfg.data.global_batch_comparisons == 64
+    if data != "hh_harmless":
+        return
+    dm = instantiate(cfg.data, tokenizer=None, _convert_="all")  # no data is read before setup()
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, accumulate_grad_batches=1)
+    assert dm.global_batch_comparisons == 64 and dm.per_rank_comparisons() == 32
+    dm.global_batch_comparisons = 63
+    with pytest.raises(
+        ValueError, match=r"global_batch_comparisons=63 does not divide across 2 ranks x 1 accumulation"
+    ):
+        dm.per_rank_comparisons()
+
+
 @pytest.mark.slow
 def test_ddp_cpu_one_run_dir_disjoint_ranks_synced_val(tmp_path):
     import lightning as L
@@ -68,8 +94,15 @@ def test_ddp_cpu_one_run_dir_disjoint_ranks_synced_val(tmp_path):
     runs = tmp_path / "runs"
     data = ["model=tiny_llama", "data.simulator.num_prompts=300"]
     cmd = [
-        sys.executable, "train.py", *data, "trainer=ddp_cpu", "threads=1", "trainer.max_steps=6",
-        "callbacks.model_checkpoint.every_n_train_steps=3", "~callbacks.progress_bar", "export=false",
+        sys.executable,
+        "train.py",
+        *data,
+        "trainer=ddp_cpu",
+        "threads=1",
+        "trainer.max_steps=6",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "~callbacks.progress_bar",
+        "export=false",
         "+callbacks.spy._target_=tests.faults.RecordGroups",
         # microseconds in the dir name: a child that re-resolved it would make a second run dir
         f"hydra.run.dir={runs}/" + "${now:%H-%M-%S-%f}",
@@ -93,7 +126,9 @@ def test_ddp_cpu_one_run_dir_disjoint_ranks_synced_val(tmp_path):
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, _convert_="all")
     module = instantiate(cfg.optim, model=model, loss=instantiate(cfg.loss, _convert_="all"), _convert_="all")
     module.load_state_dict(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     single = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/acc"]
     dm._world = lambda: (2, 0)  # rank 0's half alone: what an unsynced metric would have reported
     half = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/acc"]
