@@ -65,7 +65,8 @@ def test_step_clock_summary():
 
 
 @pytest.mark.slow
-def test_rmlab_side_counts_every_token_once(tmp_path):
+@pytest.mark.parametrize("pair_batching", ["grouped", "shuffled"])
+def test_rmlab_side_counts_every_token_once(tmp_path, pair_batching):
     torch.manual_seed(0)
     model = build_model(config=TINY_LLAMA, tokenizer="byt5")
     model.save_pretrained(tmp_path / "model")
@@ -85,19 +86,110 @@ def test_rmlab_side_counts_every_token_once(tmp_path):
         seconds=1e9,
         warmup=0,
         max_steps=2,
-        max_tokens=10_000,
+        max_tokens=100_000,
         max_responses=64,
         seed=0,
         lr=1e-5,
-        row_tokens=10_000,
+        row_tokens=100_000,
+        pair_batching=pair_batching,  # shuffled = the pairs_expanded ablation
     )
     n_cmp = sum(len(g.winner) for g in groups)
     res = run_rmlab(spec)  # max_tokens holds every group: one step is the whole epoch
-    assert res["forward_mode"] == "prefix_shared"
+    assert res["forward_mode"] == "prefix_shared" and res["pair_batching"] == pair_batching
     assert res["comparisons_per_step"] == n_cmp
+    # Unique tokens keep the workload's meaning either way: each prompt and response once.
     assert res["unique_tokens_per_comparison"] == pytest.approx(unique_tokens(groups) / n_cmp)
-    # row_tokens holds the whole batch in one row: no padding, no prompt copies, every token once.
-    assert res["useful_token_fraction"] == pytest.approx(1.0)
-    # Counted independently: each prompt once plus each response once (no padding, no copies).
-    by_hand = sum(len(g.prompt_ids) + sum(len(r) for r in g.response_ids) for g in groups) / n_cmp
+    if pair_batching == "grouped":
+        # row_tokens holds the whole batch in one row: no padding, no prompt copies, every token once.
+        assert res["useful_token_fraction"] == pytest.approx(1.0)
+        # Counted independently: each prompt once plus each response once (no padding, no copies).
+        by_hand = sum(len(g.prompt_ids) + sum(len(r) for r in g.response_ids) for g in groups) / n_cmp
+    else:
+        # One sample per comparison: its prompt once (still shared by its two rows) and both responses,
+        # so each response is forwarded once per comparison it is in (twice at K = 3).
+        by_hand = (
+            sum(
+                len(g.prompt_ids) + len(g.response_ids[w]) + len(g.response_ids[lo])
+                for g in groups
+                for w, lo in zip(g.winner, g.loser)
+            )
+            / n_cmp
+        )
+        assert res["useful_token_fraction"] == pytest.approx(unique_tokens(groups) / n_cmp / by_hand)
+        assert res["useful_token_fraction"] < 0.9
     assert res["processed_tokens_per_comparison"] == pytest.approx(by_hand)
+
+
+def _row(side, cps, processed, unique, rss, mode=""):
+    return dict(
+        model="m",
+        workload="w",
+        side=side,
+        mode=mode,
+        comparisons_per_s=cps,
+        comparisons_per_s_aggregate=cps / 2,
+        processed_tokens_per_comparison=processed,
+        unique_tokens_per_comparison=unique,
+        useful_token_fraction=unique / processed,
+        peak_rss_mb=rss,
+    )
+
+
+def test_ratios_against_trl_in_json_and_markdown(tmp_path):
+    from rmlab.bench.cli import RATIOS, add_ratios, markdown, render
+
+    trl = _row("trl", 4.0, 600.0, 150.0, 1000.0)
+    ours = _row("rmlab", 10.0, 200.0, 160.0, 800.0, mode="prefix_shared")
+    no_sort = {**_row("rmlab", 5.0, 300.0, 150.0, 900.0, mode="padded"), "ablation": "no_sort"}
+    runs = [trl, ours, no_sort, {"side": "rmlab", "mode": "packed", "model": "m", "workload": "w", "error": "boom"}]
+    add_ratios(runs, None, {"m": {"non_embedding_params": 1}})
+    assert "vs_trl" not in trl and set(ours["vs_trl"]) == set(RATIOS)
+    v = ours["vs_trl"]
+    # 10 / 4; 200 / 600; 160 / 150; (160 / 200) / (150 / 600) = 0.8 / 0.25; 800 / 1000
+    assert v["comparisons_per_s"] == pytest.approx(2.5) and v["comparisons_per_s_aggregate"] == pytest.approx(2.5)
+    assert v["processed_tokens_per_comparison"] == pytest.approx(1 / 3)
+    assert v["unique_tokens_per_comparison"] == pytest.approx(16 / 15)
+    assert v["useful_token_fraction"] == pytest.approx(3.2)
+    assert v["peak_rss_mb"] == pytest.approx(0.8)
+    meta = dict(
+        command="c",
+        date="d",
+        machine="x",
+        torch="t",
+        transformers="tf",
+        trl="r",
+        threads=1,
+        precision="fp32",
+        seconds=1,
+        warmup=0,
+        peak_tflops=None,
+    )
+    lines = markdown({"meta": meta, "runs": runs}).splitlines()
+    head = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert head[-5:] == ["speed vs TRL", "processed vs TRL", "unique vs TRL", "useful vs TRL", "RSS vs TRL"]
+    assert lines[5].endswith("| 1.00x | 1.00 | 1.00 | 1.00 | 1.00 |")  # TRL is its own baseline
+    assert lines[6].endswith("| 2.50x | 0.33 | 1.07 | 3.20 | 0.80 |")
+    assert "| rmlab padded, no_sort |" in lines[7] and lines[7].endswith("| 1.25x | 0.50 | 1.00 | 2.00 | 0.90 |")
+    assert all(line.count("|") == len(head) + 1 for line in lines[3:])  # error rows keep the column count
+    # --render: the same table from a recorded JSON, without running anything
+    for r in runs:
+        r.pop("vs_trl", None)
+    (tmp_path / "b.json").write_text(
+        json.dumps({"meta": meta, "models": {"m": {"non_embedding_params": 1}}, "runs": runs})
+    )
+    assert render(tmp_path / "b.json").splitlines() == lines == (tmp_path / "b.md").read_text().splitlines()
+    assert json.loads((tmp_path / "b.json").read_text())["runs"][1]["vs_trl"] == v
+
+
+def test_pairs_expanded_repeats_responses_but_keeps_unique_tokens():
+    from rmlab.bench.sides import expand_pairs
+
+    g1 = _group([1, 2, 3, 4], [[5, 6], [7], [8, 9, 10]], [(0, 1), (0, 2), (2, 1)])  # 10 unique tokens, 3 comparisons
+    g2 = _group([1], [[2, 3], [4]], [(1, 0)])  # 4 unique, 1 comparison
+    samples, share = expand_pairs([g1, g2])
+    assert [s.k for s in samples] == [2, 2, 2, 2] and all(s.winner == [0] and s.loser == [1] for s in samples)
+    assert samples[2].response_ids == [[8, 9, 10], [7]] and samples[3].response_ids == [[4], [2, 3]]
+    assert share == {"0": 10 / 3, "1": 4.0}
+    assert [s.group_id.rsplit("/c", 1)[0] for s in samples] == ["0", "0", "0", "1"]
+    # Every response is forwarded once per comparison it is in: 2 x 4 responses instead of 5.
+    assert sum(s.k for s in samples) == 8 and sum(share[s.group_id.rsplit("/c", 1)[0]] for s in samples) == 14

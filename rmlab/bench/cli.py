@@ -48,6 +48,23 @@ MODELS: dict[str, dict[str, Any]] = {
     "minilm": {},  # the bundled all-MiniLM-L6-v2 (an encoder: rmlab falls back to padded rows)
 }
 CAUSAL_MODES = ("prefix_shared", "packed", "padded")
+# Opt-in rmlab rows with one technique switched off, to show its share against the same forward mode.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    # data.pair_batching=shuffled: each comparison its own K = 2 sample, so a response is forwarded
+    # once per comparison it is in (TRL's layout) instead of once per batch.
+    "pairs_expanded": {"pair_batching": "shuffled"},
+    # data.sort_by_length=false: token-budget batches drawn from the shuffled order, not length-sorted pools.
+    "no_sort": {"sort_by_length": False},
+}
+# The figures each rmlab row is divided by TRL's (same model and workload): ``vs_trl`` in the JSON.
+RATIOS = (
+    "comparisons_per_s",
+    "comparisons_per_s_aggregate",
+    "processed_tokens_per_comparison",
+    "unique_tokens_per_comparison",
+    "useful_token_fraction",
+    "peak_rss_mb",
+)
 
 
 def non_embedding_params(model) -> int:
@@ -97,7 +114,7 @@ def prepare(args, work: Path) -> dict[str, Any]:
 
 
 def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
-    tag = f"{spec['model']}-{spec['workload_name']}-{spec['side']}-{spec.get('mode', '')}"
+    tag = f"{spec['model']}-{spec['workload_name']}-{spec['side']}-{spec.get('mode', '')}-{spec.get('ablation', '')}"
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
     env = {
@@ -122,6 +139,7 @@ def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]
             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
             "side": spec["side"],
             "mode": spec.get("mode", ""),
+            "ablation": spec.get("ablation", ""),
         }
     res = json.loads(out_path.read_text())
     res["wall_s"] = time.time() - t
@@ -152,45 +170,78 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None, models: di
         )
         if base is None or r["side"] == "trl":
             continue
-        r["vs_trl"] = {
-            k: r[k] / base[k]
-            for k in (
-                "comparisons_per_s",
-                "comparisons_per_s_aggregate",
-                "processed_tokens_per_comparison",
-                "useful_token_fraction",
-                "peak_rss_mb",
-            )
-        }
+        r["vs_trl"] = {k: r[k] / base[k] for k in RATIOS}
 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
+    mfu = bool(m.get("peak_tflops"))
+    head = [
+        "model",
+        "workload",
+        "side",
+        "comparisons/s (median)",
+        "aggregate",
+        "tokens processed / comparison",
+        "unique real tokens / comparison",
+        "useful fraction",
+        "peak RSS MB",
+        "speed vs TRL",
+        "processed vs TRL",
+        "unique vs TRL",
+        "useful vs TRL",
+        "RSS vs TRL",
+    ] + (["MFU"] if mfu else [])
     lines = [
         f"Command: `{m['command']}`  ",
         f"Date: {m['date']}; machine: {m['machine']}; torch {m['torch']}, transformers {m['transformers']}, "
         f"trl {m['trl']}; {m['threads']} thread(s); {m['precision']}; {m['seconds']} s measured per side "
         f"after {m['warmup']} warm-up steps.",
         "",
-        "| model | workload | side | comparisons/s (median) | aggregate | tokens processed / comparison | "
-        "unique real tokens / comparison | useful fraction | peak RSS MB | speed vs TRL | RSS vs TRL |"
-        + (" MFU |" if m.get("peak_tflops") else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if m.get("peak_tflops") else ""),
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for r in result["runs"]:
         side = r["side"] if r["side"] == "trl" else f"rmlab {r.get('forward_mode') or r['mode']}"
+        if r.get("ablation"):
+            side += f", {r['ablation']}"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['workload']} | {side} | error: {r['error'][:80]} |||||||")
+            lines.append(
+                f"| {r['model']} | {r['workload']} | {side} | error: {r['error'][:80]} |" + "|" * (len(head) - 4)
+            )
             continue
-        v = r.get("vs_trl", {})
-        lines.append(
-            f"| {r['model']} | {r['workload']} | {side} | {r['comparisons_per_s']:.1f} | "
-            f"{r['comparisons_per_s_aggregate']:.1f} | {r['processed_tokens_per_comparison']:.0f} | "
-            f"{r['unique_tokens_per_comparison']:.0f} | {r['useful_token_fraction']:.2f} | {r['peak_rss_mb']:.0f} | "
-            + (f"{v['comparisons_per_s']:.2f}x | {v['peak_rss_mb']:.2f} |" if v else "1.00x | 1.00 |")
-            + (f" {100 * r['mfu']:.1f}% |" if m.get("peak_tflops") else "")
-        )
+        v = r.get("vs_trl") or dict.fromkeys(RATIOS, 1.0)  # the TRL row is its own baseline
+        cells = [
+            r["model"],
+            r["workload"],
+            side,
+            f"{r['comparisons_per_s']:.1f}",
+            f"{r['comparisons_per_s_aggregate']:.1f}",
+            f"{r['processed_tokens_per_comparison']:.0f}",
+            f"{r['unique_tokens_per_comparison']:.0f}",
+            f"{r['useful_token_fraction']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{v['comparisons_per_s']:.2f}x",
+            f"{v['processed_tokens_per_comparison']:.2f}",
+            f"{v['unique_tokens_per_comparison']:.2f}",
+            f"{v['useful_token_fraction']:.2f}",
+            f"{v['peak_rss_mb']:.2f}",
+        ] + ([f"{100 * r['mfu']:.1f}%"] if mfu else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def render(path: str | Path) -> str:
+    """Recompute the ratios of a recorded ``bench.json`` and rewrite it and its markdown table (same
+    name, ``.md``) without running anything: for a new column or a fixed ratio."""
+    path = Path(path)
+    text = path.read_text()
+    result = json.loads(text)
+    add_ratios(result["runs"], result["meta"].get("peak_tflops"), result["models"])
+    path.write_text(json.dumps(result, indent=2) + ("\n" if text.endswith("\n") else ""))
+    md = markdown(result)
+    path.with_suffix(".md").write_text(md)
+    return md
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -205,6 +256,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="llama-small,minilm", help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--workloads", default="hh,alpaca,simulator")
     p.add_argument("--modes", default=",".join(CAUSAL_MODES), help="rmlab forward modes on causal models")
+    p.add_argument(
+        "--ablations",
+        default="",
+        help=f"comma list of {sorted(ABLATIONS)}: extra rmlab rows, each with one technique off "
+        "(docs/bench.md); none by default",
+    )
+    p.add_argument(
+        "--ablation-modes",
+        default=None,
+        help="forward modes the ablation rows run with (default: --modes); an encoder runs padded",
+    )
+    p.add_argument(
+        "--render",
+        default=None,
+        metavar="BENCH_JSON",
+        help="run nothing: recompute the ratios of a recorded bench.json and rewrite it and its .md",
+    )
     p.add_argument(
         "--minilm-workloads",
         default="simulator",
@@ -231,14 +299,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak, to report MFU")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a side is killed")
     a = p.parse_args(argv)
-    for k in ("models", "workloads", "modes", "minilm_workloads"):
+    if a.ablation_modes is None:
+        a.ablation_modes = a.modes
+    for k in ("models", "workloads", "modes", "minilm_workloads", "ablations", "ablation_modes"):
         setattr(a, k, [x for x in getattr(a, k).split(",") if x])
+    bad = [x for x in a.ablations if x not in ABLATIONS]
+    if bad:
+        p.error(f"unknown ablation(s) {bad}; choose from {sorted(ABLATIONS)}")
     a.max_tokens = a.max_tokens or 8 * a.max_length
     return a
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.render:
+        md = render(args.render)
+        print(md)
+        print(f"rewrote {args.render} and {Path(args.render).with_suffix('.md')}")
+        return json.loads(Path(args.render).read_text())
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -266,11 +344,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 common, model=model, workload=prep["workloads"][wl]["path"], workload_name=wl, model_dir=info["path"]
             )
             sides = [dict(base, side="trl", batch_size=args.trl_batch_size)]
+            rmlab = dict(base, side="rmlab", max_tokens=args.max_tokens, max_responses=64)
             for mode in args.modes if info["causal"] else ["padded"]:
-                sides.append(dict(base, side="rmlab", mode=mode, max_tokens=args.max_tokens, max_responses=64))
+                sides.append(dict(rmlab, mode=mode))
+            for ablation in args.ablations:
+                for mode in args.ablation_modes if info["causal"] else ["padded"]:
+                    sides.append(dict(rmlab, mode=mode, ablation=ablation, **ABLATIONS[ablation]))
             for spec in sides:  # TRL and rmlab one after the other: the same minute of a noisy machine
                 res = run_side(spec, work, args.timeout)
-                res.update(model=model, workload=wl)  # the name, not the file the side read
+                res.update(model=model, workload=wl, ablation=spec.get("ablation", ""))  # the name, not the file
                 runs.append(res)
                 print(
                     json.dumps(
@@ -281,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 "workload",
                                 "side",
                                 "mode",
+                                "ablation",
                                 "comparisons_per_s",
                                 "useful_token_fraction",
                                 "peak_rss_mb",

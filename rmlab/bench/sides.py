@@ -8,6 +8,7 @@ tokens a step processes are read from the ``input_ids`` that reach the backbone,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import statistics
@@ -114,6 +115,21 @@ def share_per_comparison(groups: list[TokenizedGroup]) -> dict[tuple[tuple[int, 
     return out
 
 
+def expand_pairs(groups: list[TokenizedGroup]) -> tuple[list[TokenizedGroup], dict[str, float]]:
+    """The ``pairs_expanded`` ablation: each comparison its own K = 2 sample (``data.pair_batching=shuffled``).
+
+    A response is then forwarded once per comparison it is in. Returns the samples and, keyed by
+    the original group's id, each comparison's share of that group's unique tokens, so that
+    "unique real tokens" keeps the workload's meaning (each prompt and response once) and the
+    repeats show up as processed tokens only.
+    """
+    from rmlab.data.tokenize import explode_pairs
+
+    groups = [dataclasses.replace(g, group_id=str(i)) for i, g in enumerate(groups)]
+    share = {g.group_id: workload_unique_tokens([g]) / len(g.winner) for g in groups if g.winner}
+    return [p for g in groups for p in explode_pairs(g)], share
+
+
 def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
     import lightning as L
 
@@ -136,6 +152,15 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
     )
     count_backbone_tokens(model.hf.base_model, clock)
     groups = load_groups(spec["workload"])
+    share = None
+    if spec.get("pair_batching", "grouped") == "shuffled":
+        groups, share = expand_pairs(groups)
+
+    def batch_unique(batch) -> float:
+        if share is None:
+            return unique_tokens(batch)
+        return sum(share[gid.rsplit("/c", 1)[0]] for gid in batch.group_ids)  # one comparison per sample
+
     dm = RewardDataModule(
         tokenizer=model.tokenizer,
         max_tokens=spec["max_tokens"],
@@ -154,7 +179,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             with Timed(clock):
-                clock.add(comparisons=batch.num_comparisons, unique=unique_tokens(batch))
+                clock.add(comparisons=batch.num_comparisons, unique=batch_unique(batch))
             clock.step()
             if clock.done():
                 trainer.should_stop = True
@@ -176,7 +201,12 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks=[Clock()],
     )
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
-    return {"forward_mode": model.forward_mode, **clock.summary()}
+    return {
+        "forward_mode": model.forward_mode,
+        "pair_batching": spec.get("pair_batching", "grouped"),
+        "sort_by_length": spec.get("sort_by_length", True),
+        **clock.summary(),
+    }
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
