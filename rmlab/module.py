@@ -34,6 +34,12 @@ def pairwise_stats(rewards: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor
     }
 
 
+def deepspeed_stage(strategy) -> int:
+    """The ZeRO stage of a Lightning DeepSpeedStrategy (0 when it says none)."""
+    config = getattr(strategy, "config", None) or {}
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
 class RewardModule(L.LightningModule):
     def __init__(
         self,
@@ -138,10 +144,29 @@ class RewardModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The global L2 norm before clipping: spikes here flag bad pairs or a too-high lr before the loss does.
-        # Under FSDP/DeepSpeed each rank sees its own shard, so this is that shard's norm.
+        norm = self.grad_norm()
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The L2 norm of all gradients, over every rank's shard; None when it cannot be read here.
+
+        - One process, or DDP: the gradients are whole on each rank (DDP all-reduced them), so the local norm
+          is the global one and no collective is needed.
+        - FSDP: each rank holds a shard of the gradients. FSDP's own ``clip_grad_norm_`` all-reduces the
+          shards' sums of squares (hybrid sharding counted once); with an infinite max norm it clips nothing.
+          Every rank runs this hook, so every rank joins that all-reduce.
+        - DeepSpeed ZeRO keeps the reduced gradients in its own partitioned buffers, not in ``p.grad``:
+          there is no norm to read before its step, so none is logged.
+        """
+        wrapped = self.trainer.model if self._trainer is not None else None
+        if hasattr(wrapped, "clip_grad_norm_"):
+            return wrapped.clip_grad_norm_(float("inf")).detach().float()
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        if type(strategy).__name__ == "DeepSpeedStrategy" and deepspeed_stage(strategy) >= 1:
+            return None
         norms = [p.grad.detach().float().norm(2) for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms), 2), on_step=True, on_epoch=False, batch_size=1)
+        return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else None
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -50,8 +50,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     from rmlab.train import run
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "train.py", *RUN, f"hydra.run.dir={killed}",
-           "+callbacks.kill._target_=tests.faults.KillAtStep", "+callbacks.kill.step=12"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *RUN,
+        f"hydra.run.dir={killed}",
+        "+callbacks.kill._target_=tests.faults.KillAtStep",
+        "+callbacks.kill.step=12",
+    ]
     # The run to be killed goes in a subprocess, the uninterrupted one here meanwhile (one thread each).
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -68,7 +74,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert _state(killed / "checkpoints" / "last.ckpt")["global_step"] == 10
     ten = _state(killed / "checkpoints" / "step10.ckpt")
     assert ten["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] | {"seed": 0} == {
-        "epoch": 0, "consumed": 10, "seed": 0, "num_replicas": 1}  # the resume point is an epoch's end
+        "epoch": 0,
+        "consumed": 10,
+        "seed": 0,
+        "num_replicas": 1,
+    }  # the resume point is an epoch's end
     before = ten["state_dict"]
     for k, v in _state(full / "checkpoints" / "step10.ckpt")["state_dict"].items():
         # Tells a resume bug from a run that diverged before the kill (e.g. the code changed under the test).
@@ -89,7 +99,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     # Logged steps continue without duplicates (rows logged after step 10 by the killed run were dropped and
     # logged again), and each logged value equals the uninterrupted run's.
     for key in ("train/loss_step", "train/grad_norm"):
-        full_log, resumed_log = _csv_by_step(full / "csv" / "metrics.csv", key), _csv_by_step(killed / "csv" / "metrics.csv", key)
+        full_log, resumed_log = (
+            _csv_by_step(full / "csv" / "metrics.csv", key),
+            _csv_by_step(killed / "csv" / "metrics.csv", key),
+        )
         assert sorted(resumed_log) == list(range(30)), (key, sorted(resumed_log))
         assert all(len(v) == 1 for v in resumed_log.values()), key
         for s, v in full_log.items():
@@ -104,8 +117,15 @@ def test_nonfinite_reward_stops_with_step_and_prompt_ids(tmp_path):
 
     record = tmp_path / "poison.json"
     cfg = compose(
-        [*RUN, "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2", "model.dropout=false",
-         "+callbacks.poison._target_=tests.faults.PoisonAtStep", "+callbacks.poison.step=5", f"+callbacks.poison.record={record}"],
+        [
+            *RUN,
+            "trainer.max_steps=10",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "model.dropout=false",
+            "+callbacks.poison._target_=tests.faults.PoisonAtStep",
+            "+callbacks.poison.step=5",
+            f"+callbacks.poison.record={record}",
+        ],
         tmp_path / "run",
     )
     with pytest.raises(FloatingPointError) as err:
@@ -115,7 +135,12 @@ def test_nonfinite_reward_stops_with_step_and_prompt_ids(tmp_path):
     assert "at global step 5" in msg and all(str(g) in msg for g in seen["group_ids"][:32]), msg
 
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "nonfinite-step5.ckpt", "step2.ckpt", "step4.ckpt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "last.ckpt",
+        "nonfinite-step5.ckpt",
+        "step2.ckpt",
+        "step4.ckpt",
+    ]
     last = ckpt_dir / "last.ckpt"  # the last good checkpoint: step 4, byte for byte as before the NaN
     assert hashlib.sha256(last.read_bytes()).hexdigest() == seen["last_sha"]
     assert _state(last)["global_step"] == 4
@@ -183,3 +208,51 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
         ids.append(lg.experiment.id)
         wandb.finish()
     assert ids[0] == ids[1] == (tmp_path / "wandb_id").read_text().strip()
+
+
+def _module_with_grads():
+    from rmlab.losses import BTLoss
+    from rmlab.module import RewardModule
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    module = RewardModule(model=net, loss=BTLoss())
+    net(torch.randn(7, 6)).pow(2).sum().backward()
+    logged: dict[str, torch.Tensor] = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    return module, net, logged
+
+
+def test_grad_norm_is_the_total_norm_before_clipping():
+    from types import SimpleNamespace
+
+    module, net, logged = _module_with_grads()
+    grads = [p.grad.clone() for p in net.parameters()]
+    # One process (and DDP, whose gradients are already whole on each rank): the local total norm.
+    expected = torch.nn.utils.get_total_norm([p.grad for p in net.parameters()], 2.0)
+    module.on_before_optimizer_step(None)
+    assert float(logged["train/grad_norm"]) == pytest.approx(float(expected), rel=1e-6)
+    for p, g in zip(net.parameters(), grads):
+        assert torch.equal(p.grad, g)  # reading the norm clips nothing
+
+    # Sharded gradients (FSDP): the norm comes from the wrapper's all-reduced clip_grad_norm_ with an infinite
+    # max norm, not from this rank's shard; DeepSpeed ZeRO keeps no p.grad to read, so nothing is logged.
+    calls = []
+
+    class Wrapped:
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+            return torch.tensor(7.5)
+
+    module._trainer = SimpleNamespace(model=Wrapped(), strategy=None)
+    logged.clear()
+    module.on_before_optimizer_step(None)
+    assert calls == [float("inf")] and float(logged["train/grad_norm"]) == 7.5
+
+    class DeepSpeedStrategy:
+        config = {"zero_optimization": {"stage": 2}}
+
+    module._trainer = SimpleNamespace(model=net, strategy=DeepSpeedStrategy())
+    logged.clear()
+    module.on_before_optimizer_step(None)
+    assert "train/grad_norm" not in logged
