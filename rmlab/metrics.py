@@ -133,6 +133,42 @@ class PredictionCollector:
         )
 
 
+def concat_predictions(parts: list[Predictions]) -> Predictions:
+    """One set of predictions from several (e.g. every DDP rank's share of the val set), in the given order.
+
+    Response indices (``winner``, ``loser``) and group indices are shifted past the parts before them, so
+    every metric of the result is the metric of all the data at once."""
+    parts = list(parts)
+    if not parts:
+        return PredictionCollector().result()
+    if len(parts) == 1:
+        return parts[0]
+    resp_off = np.cumsum([0] + [p.reward.size for p in parts])[:-1]
+    group_off = np.cumsum([0] + [len(p.group_ids) for p in parts])[:-1]
+
+    def cat(name: str, shift: np.ndarray | None = None) -> np.ndarray:
+        arrays = [getattr(p, name) if shift is None else getattr(p, name) + shift[i] for i, p in enumerate(parts)]
+        return np.concatenate(arrays)
+
+    # A part with no responses (a rank that scored nothing) carries no tokens either way.
+    keep_tokens = all(p.tokens is not None for p in parts if p.reward.size) and any(p.tokens is not None for p in parts)
+    return Predictions(
+        reward=cat("reward"),
+        group=cat("group", group_off),
+        response_len=cat("response_len"),
+        true_reward=cat("true_reward"),
+        rank=cat("rank"),
+        winner=cat("winner", resp_off),
+        loser=cat("loser", resp_off),
+        tie=cat("tie"),
+        margin=cat("margin"),
+        strength=cat("strength"),
+        subset=cat("subset"),
+        group_ids=[g for p in parts for g in p.group_ids],
+        tokens=[t for p in parts for t in (p.tokens or [])] if keep_tokens else None,
+    )
+
+
 # --------------------------------------------------------------------------- accuracy
 def strict_accuracy(rw: np.ndarray, rl: np.ndarray, tie: np.ndarray) -> dict[str, float]:
     """Strict accuracy over non-tie comparisons; labelled ties reported apart, never as wins."""
@@ -336,6 +372,11 @@ def compute_all(pred: Predictions, sections: dict[str, list[str]] | None = None,
     s["reward_mean"] = float(pred.reward.mean()) if pred.reward.size else NAN
     s["reward_std"] = float(pred.reward.std()) if pred.reward.size else NAN
     s["reward_gap"] = float(gap.mean()) if gap.size else NAN
+    # The chosen and rejected reward distributions (the report's histogram): one value per non-tie
+    # comparison, so a response in several comparisons counts once for each; population std.
+    for side, r in (("chosen", pred.rw[nt]), ("rejected", pred.rl[nt])):
+        s[f"reward/{side}_mean"] = float(r.mean()) if r.size else NAN
+        s[f"reward/{side}_std"] = float(r.std()) if r.size else NAN
 
     cal = calibration(gap, n_bins)
     s["ece"], s["brier"] = cal["ece"], cal["brier"]

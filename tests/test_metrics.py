@@ -141,6 +141,18 @@ def test_compute_all_on_a_toy_set():
     assert s["truth/oracle_acc"] == 1.0  # the true reward orders all three non-tie labels correctly
 
 
+def test_chosen_and_rejected_reward_stats():
+    s = compute_all(_toy()).scalars
+    # non-tie comparisons 0>1, 0>2, 1>2 over rewards 3, 1, 2 (the tie 4~3 is left out):
+    # chosen r_w = 3, 3, 1 -> mean 7/3, std sqrt(((2/3)^2 * 2 + (4/3)^2) / 3) = sqrt(8/9)
+    # rejected r_l = 1, 2, 2 -> mean 5/3, std sqrt(((2/3)^2 + (1/3)^2 * 2) / 3) = sqrt(2/9)
+    assert s["reward/chosen_mean"] == pytest.approx(7 / 3)
+    assert s["reward/chosen_std"] == pytest.approx(math.sqrt(8 / 9))
+    assert s["reward/rejected_mean"] == pytest.approx(5 / 3)
+    assert s["reward/rejected_std"] == pytest.approx(math.sqrt(2 / 9))
+    assert s["reward/chosen_mean"] - s["reward/rejected_mean"] == pytest.approx(s["reward_gap"])
+
+
 def test_compute_all_without_truth_or_strength_uses_confidence_buckets():
     p = _toy()
     p.true_reward[:] = np.nan
