@@ -7,8 +7,11 @@ scalar of ``rmlab.metrics.compute_all`` as ``val/<name>`` (``val/ece``, ``val/br
 With a ``WandbLogger`` it also logs reward histograms of chosen and rejected, the reliability diagram
 as an image, and a table of the worst-scored comparisons (prompt, chosen, rejected, rewards).
 
-Under DDP each rank sees its own share of the val groups; these extra metrics are computed on rank
-0's share (the module's own ``val/acc`` and ``val/loss`` are synced torchmetrics).
+Under DDP (and FSDP, DeepSpeed) each rank scores its own share of the val groups. At the end of the
+epoch every rank's predictions are gathered to every rank (``all_gather_object``) and concatenated, so each
+``val/*`` metric is the one a single process would compute over the whole val set, and is the same on
+every rank. The gathered predictions of the last validation are kept (``last_pred``, ``last_step``):
+``rmlab.train`` reads the export's reward mean/std from them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import lightning as L
 
-from rmlab.metrics import EvalResult, PredictionCollector, Predictions, compute_all
+from rmlab.metrics import EvalResult, PredictionCollector, Predictions, compute_all, concat_predictions
 
 log = logging.getLogger("rmlab")
 
@@ -32,6 +35,8 @@ class EvalMetricsCallback(L.Callback):
         self.n_bins, self.worst_k, self.wandb_media = n_bins, worst_k, wandb_media
         self.collector: PredictionCollector | None = None
         self.last: EvalResult | None = None
+        self.last_pred: Predictions | None = None  # all ranks' predictions of the last validation
+        self.last_step: int | None = None  # the global step they were scored at
 
     @staticmethod
     def _wandb_loggers(trainer) -> list:
@@ -49,17 +54,22 @@ class EvalMetricsCallback(L.Callback):
         self.collector.add(rewards, batch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.collector is None or len(self.collector) == 0:
+        if trainer.sanity_checking:  # the same on every rank, so no rank skips the gather below alone
             return
-        pred = self.collector.result()
+        pred = (self.collector or PredictionCollector()).result()
         self.collector = None
+        # Every rank joins the gather, even one that scored no batch: a rank that returned early would
+        # leave the others waiting in the collective.
+        pred = gather_predictions(trainer, pred)
+        self.last_pred, self.last_step = pred, trainer.global_step
         if pred.winner.size == 0:
             return
         self.last = res = compute_all(pred, n_bins=self.n_bins)
         for k, v in res.scalars.items():
             if k in _MODULE_OWNS or k.startswith("n_") or k.endswith("/n_groups") or math.isnan(v):
                 continue
-            pl_module.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=True)
+            # The same value on every rank (all ranks' predictions): logged by each, no reduction needed.
+            pl_module.log(f"val/{k}", float(v), sync_dist=False)
         if self.wandb_media and trainer.is_global_zero:
             for lg in self._wandb_loggers(trainer):
                 try:
@@ -87,3 +97,15 @@ class EvalMetricsCallback(L.Callback):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def gather_predictions(trainer, pred: Predictions) -> Predictions:
+    """Every rank's predictions concatenated in rank order, on every rank. A collective when the trainer runs
+    more than one process: every rank must call it, the same number of times."""
+    import torch.distributed as dist
+
+    if getattr(trainer, "world_size", 1) <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return pred
+    parts: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(parts, pred)
+    return concat_predictions(parts)

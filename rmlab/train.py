@@ -88,20 +88,112 @@ def finish_wandb(loggers: list, failed: bool) -> None:
                 log.warning("wandb.finish failed: %s", e)
 
 
-def reward_stats(module, dm) -> dict[str, float]:
-    """Mean and std of rewards over the val responses, stored in the export for normalization."""
-    import torch
-    from lightning.fabric.utilities.apply_func import move_data_to_device
+def reward_stats(model, dm, rewards=None) -> dict[str, float]:
+    """Mean and std of the rewards of every val response, stored in the export for normalization.
 
-    module.eval()
-    vals = []
-    with torch.no_grad():
-        for batch in dm.val_dataloader():
-            vals.append(module(move_data_to_device(batch, module.device)).float().cpu())
-    if not vals:
+    ``rewards``: the val rewards of the final weights, already scored on every rank and gathered
+    (``final_val_rewards``). Without them, ``model`` (whole weights, in this process) scores the whole val
+    set here, never just this rank's share."""
+    import numpy as np
+
+    if rewards is None:
+        from rmlab.evaluate import score_loader
+
+        model.eval()
+        device = next(model.parameters()).device
+        rewards = score_loader(model, full_val_loader(dm), device=str(device)).reward
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.size == 0:
         return {}
-    r = torch.cat(vals)
-    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 1.0, "reward_n": int(r.numel())}
+    return {
+        "reward_mean": float(r.mean()),
+        "reward_std": float(r.std(ddof=1)) if r.size > 1 else 1.0,
+        "reward_n": int(r.size),
+    }
+
+
+def final_val_rewards(trainer) -> Any:
+    """The rewards of every val response, over all ranks, from the last validation, when it scored the final
+    weights (``rmlab.callbacks.EvalMetricsCallback`` gathers them); None without that callback."""
+    from rmlab.callbacks import EvalMetricsCallback
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, EvalMetricsCallback) and cb.last_pred is not None and cb.last_step == trainer.global_step:
+            return cb.last_pred.reward
+    return None
+
+
+def full_val_loader(dm):
+    """The whole val set in one process. The datamodule shards its loaders by the trainer's rank; detached
+    from the trainer it builds a single-process loader."""
+    trainer = dm.trainer
+    dm.trainer = None
+    try:
+        return dm.val_dataloader()
+    finally:
+        dm.trainer = trainer
+
+
+def weight_sharding(trainer) -> str | None:
+    """How the strategy splits the weights across ranks, or None when every rank holds them whole (one device,
+    DDP, FSDP NO_SHARD or on one device, DeepSpeed ZeRO-1/2)."""
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if trainer.world_size <= 1:
+        return None
+    if name == "FSDPStrategy":
+        sharding = getattr(strategy, "sharding_strategy", None)
+        return None if getattr(sharding, "name", str(sharding)) == "NO_SHARD" else "fsdp"
+    if name == "DeepSpeedStrategy":
+        from rmlab.module import deepspeed_stage
+
+        return "deepspeed_zero3" if deepspeed_stage(strategy) >= 3 else None
+    return None
+
+
+class ExportRefused(RuntimeError):
+    """The weights are sharded in a way rmlab cannot gather for the export."""
+
+
+def gather_full_state_dict(trainer) -> dict:
+    """The LightningModule's full state dict on rank 0 (CPU), empty on the other ranks. An FSDP collective:
+    every rank must call it."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(trainer.model, StateDictType.FULL_STATE_DICT, config):
+        return trainer.model.state_dict()
+
+
+def whole_model(trainer, module, cfg: DictConfig):
+    """The trained RewardModel with all its weights in this process, for the export (call on every rank).
+
+    - Whole weights on every rank (one device, DDP, DeepSpeed ZeRO-1/2): ``module.model`` itself.
+    - FSDP sharding: every rank joins the gather of the full state dict to rank 0, which loads it into a
+      fresh copy of the model on CPU (room for the model twice in CPU memory); the other ranks get None.
+    - DeepSpeed ZeRO-3: raises ExportRefused with what to do instead.
+    """
+    kind = weight_sharding(trainer)
+    if kind is None:
+        return module.model
+    if kind == "deepspeed_zero3":
+        raise ExportRefused(
+            "export=true is not supported under DeepSpeed ZeRO-3: the weights are partitioned across ranks and "
+            "rmlab does not gather them. Train with stage 2 (the default of trainer=deepspeed) or trainer=fsdp, or "
+            "convert the checkpoint with lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict "
+            "and export from it in one process"
+        )
+    from hydra.utils import instantiate
+
+    state = gather_full_state_dict(trainer)
+    if not trainer.is_global_zero:
+        return None
+    fresh = instantiate(cfg.model, _convert_="all")
+    # The module stores the RewardModel as `model`; FSDP's full state dict uses the unwrapped names.
+    own = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    fresh.load_state_dict(own, strict=True)
+    return fresh.eval()
 
 
 def start_run(cfg: DictConfig, resolve: bool = True) -> tuple[Path, float]:
@@ -169,17 +261,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "minutes": (time.time() - t0) / 60,
         "metrics": metrics,
     }
+    # Every rank runs this part: under FSDP sharding, gathering the weights for the export is a collective.
+    # The val rewards behind the export's statistics were gathered from all ranks during the last validation.
+    export = bool(cfg.get("export", True))
+    whole = None
+    if export:
+        try:
+            whole = whole_model(trainer, module, cfg)
+        except ExportRefused as e:
+            log.error("%s", e)
+            summary["export_skipped"] = str(e)
+            export = False
     if trainer.is_global_zero:
         if hasattr(model, "head_report"):  # judge position bias, attribute correlations (rmlab.heads, rmlab.generative)
-            summary["head_report"] = model.head_report(dm.val_dataloader())
-        if cfg.get("export", True):
-            stats = reward_stats(module, dm)
+            if weight_sharding(trainer) is None:
+                # Over the whole val set, not rank 0's share; rank 0 holds the whole weights.
+                summary["head_report"] = model.head_report(full_val_loader(dm))
+            else:
+                log.info("head report skipped: the weights are sharded; run eval.py on the checkpoint for it")
+        if export:
+            stats = reward_stats(whole, dm, rewards=final_val_rewards(trainer))
             from rmlab.lora import merge_lora, peft_of
 
-            if peft_of(model) is not None:
+            if peft_of(whole) is not None:
                 # The adapter (with the head, via modules_to_save) is kept; the export is merged, plain transformers.
-                summary["adapter_dir"] = str(merge_lora(model, out / "adapter"))
-            summary["export_dir"] = str(model.save_pretrained(out / "export", extra=stats))
+                summary["adapter_dir"] = str(merge_lora(whole, out / "adapter"))
+            summary["export_dir"] = str(whole.save_pretrained(out / "export", extra=stats))
         (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
         print(format_summary(summary), flush=True)
     return summary
@@ -202,5 +309,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {k:<33} {v:.3f}")
     if s.get("export_dir"):
         lines.append(f"  exported model (transformers): {s['export_dir']}")
+    if s.get("export_skipped"):
+        lines.append(f"  export skipped: {s['export_skipped']}")
     lines.append("  next: python eval.py ckpt_path=<run dir>/checkpoints/last.ckpt, or load the export with AutoModelForSequenceClassification")
     return "\n".join(lines)
