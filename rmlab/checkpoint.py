@@ -15,6 +15,11 @@ this module adds what it does not:
 - ``resolve_ckpt_path``: ``ckpt_path=last`` means the newest of ``<run dir>/checkpoints/last.ckpt`` and
   Lightning's SLURM ``hpc_ckpt_*.ckpt``; a missing one starts fresh, so one command serves both the first
   launch and every requeue.
+- Under ``hydra/launcher=slurm`` submitit owns preemption: on SIGUSR2 it resubmits the same job and exits.
+  ``checkpoint_plugins`` turns Lightning's own SLURM requeue off there, so exactly one mechanism requeues,
+  and the launcher config's ``hydra.job.env_set`` gives every job ``RMLAB_DEFAULT_CKPT_PATH=last`` and
+  ``RMLAB_DEFAULT_CKPT_EVERY_N_STEPS``: the defaults ``resolve_ckpt_path`` and ``ResumeState`` apply when the
+  config leaves ``ckpt_path`` / ``every_n_train_steps`` unset.
 """
 
 from __future__ import annotations
@@ -45,10 +50,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, Path(path))
 
     def load_checkpoint(
-        self, path: str | os.PathLike, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+        self,
+        path: str | os.PathLike,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
         # Safe by default: an rmlab checkpoint holds tensors and plain types only.
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+        return super().load_checkpoint(
+            path, map_location=map_location, weights_only=True if weights_only is None else weights_only
+        )
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -75,13 +85,55 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def checkpoint_plugins(trainer_cfg: Any) -> list:
-    """The CheckpointIO for this strategy. DeepSpeed writes its own sharded folders (and a `latest` tag
-    last, which is its own atomicity), so it gets none; every other strategy gets AtomicCheckpointIO."""
+    """The Trainer plugins rmlab adds; none when the trainer config sets its own ``plugins``.
+
+    - A CheckpointIO for the strategy. DeepSpeed writes its own sharded folders (and a `latest` tag last, which
+      is its own atomicity), so it gets none; every other strategy gets AtomicCheckpointIO.
+    - Under submitit's SLURM launcher, ``SLURMEnvironment(auto_requeue=False)``: submitit requeues on its own
+      signal (see ``under_submitit_slurm``), and Lightning must not requeue the job a second time.
+    """
+    if trainer_cfg.get("plugins"):
+        return []
     strategy = trainer_cfg.get("strategy") if hasattr(trainer_cfg, "get") else None
     name = strategy if isinstance(strategy, str) else str((strategy or {}).get("_target_", ""))
-    if "deepspeed" in name.lower() or trainer_cfg.get("plugins"):
-        return []
-    return [AtomicCheckpointIO()]
+    plugins: list = [] if "deepspeed" in name.lower() else [AtomicCheckpointIO()]
+    if under_submitit_slurm():
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def under_submitit_slurm() -> bool:
+    """True in a job that submitit started on SLURM (``hydra/launcher=slurm``).
+
+    submitit signals preemption and the coming time limit with SIGUSR2 (its ``USR_SIG``; SIGUSR1 is left to
+    NCCL), registered before the job runs; it then resubmits the same job (same overrides, same run dir) and
+    exits. Lightning's SLURM auto-requeue listens to SIGUSR1 and skips a signal that already has a handler, so
+    it would either never fire or fire beside submitit: rmlab turns it off and lets submitit requeue."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def default_checkpoint_interval(trainer: L.Trainer) -> int | None:
+    """Apply ``RMLAB_DEFAULT_CKPT_EVERY_N_STEPS`` (set by ``hydra/launcher=slurm``) to every ModelCheckpoint
+    that has neither a step nor a time interval, so a preemptible job checkpoints every N optimizer steps.
+    An explicit ``callbacks.model_checkpoint.every_n_train_steps`` wins. Returns N when it was applied."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    n = int(os.environ.get("RMLAB_DEFAULT_CKPT_EVERY_N_STEPS") or 0)
+    applied = None
+    for cb in trainer.checkpoint_callbacks:
+        # ModelCheckpoint reads these attributes at every batch end; there is no public setter after __init__.
+        if (
+            n > 0
+            and isinstance(cb, ModelCheckpoint)
+            and cb._every_n_train_steps < 1
+            and cb._train_time_interval is None
+        ):
+            cb._every_n_train_steps = applied = n
+    if applied:
+        log.info("checkpoints every %d optimizer steps (RMLAB_DEFAULT_CKPT_EVERY_N_STEPS)", n)
+    return applied
 
 
 # ---------------------------------------------------------------------------------------- RNG
@@ -150,7 +202,13 @@ class ResumeState(L.Callback):
     def __init__(self, resuming_loggers: Any = ()) -> None:
         self._pending_rng: dict[str, Any] | None = None
         # Read now: Lightning creates the CSV writer (which deletes metrics.csv) before restoring a checkpoint.
-        self._csv_rows = {str(lg.log_dir): read_csv_rows(lg) for lg in resuming_loggers if type(lg).__name__ == "CSVLogger"}
+        self._csv_rows = {
+            str(lg.log_dir): read_csv_rows(lg) for lg in resuming_loggers if type(lg).__name__ == "CSVLogger"
+        }
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before Lightning restores a checkpoint, so the callback's state key stays stable
+            default_checkpoint_interval(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": capture_rng()}
@@ -178,7 +236,9 @@ class ResumeState(L.Callback):
                 if n:
                     log.info("resume: dropped %d CSV rows logged after step %d (they are logged again)", n, step)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending_rng is not None:
             # Here, not at load time: building the epoch's DataLoader iterator draws from torch's RNG.
             restore_rng(self._pending_rng)
@@ -219,7 +279,12 @@ def restore_csv_log(logger: Any, rows: list[list[str]], step: int) -> int:
 # --------------------------------------------------------------------------------- resume helpers
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
     """``last`` -> the newest of ``<run dir>/checkpoints/last.ckpt`` and ``<run dir>/hpc_ckpt_*.ckpt``
-    (written by Lightning when SLURM preempts), or None (start fresh) when the run dir has neither."""
+    (written by Lightning when SLURM preempts), or None (start fresh) when the run dir has neither.
+
+    Unset, it is ``$RMLAB_DEFAULT_CKPT_PATH`` when that says ``last``: ``hydra/launcher=slurm`` sets it, so a job
+    submitit requeued resumes from its own run dir instead of training again over its checkpoints."""
+    if ckpt_path is None and os.environ.get("RMLAB_DEFAULT_CKPT_PATH") == "last":
+        ckpt_path = "last"
     if ckpt_path != "last":
         return ckpt_path
     out = Path(output_dir)
