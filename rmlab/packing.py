@@ -22,7 +22,9 @@ returns a 4D mask unchanged). It costs full T x T attention per row, masked bloc
 shared-prefix segment is capped (``row_tokens``, default twice the batch's longest row; a longer group
 goes on in a second segment with its own prompt copy) and segments are laid first-fit-decreasing into
 rows as wide as the widest segment. On GPU, ``attn_implementation=flex_attention`` skips the masked
-blocks instead.
+blocks instead. It is opt-in, never picked automatically: it has not been measured or tested on a GPU
+here, and transformers compiles it per shape (on CPU with torch 2.13 the dynamic-shape recompile fails
+to build; tests/test_packing.py checks its mask uncompiled).
 """
 
 from __future__ import annotations

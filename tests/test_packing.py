@@ -47,14 +47,36 @@ def _singles(model, groups) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.fixture(scope="module", params=["segments", "mask"])
+def _eager_flex_attention(query, key, value, training=False, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(query, key, value, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["segments", "mask", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def llama(request):
-    """The two CPU attention paths: SDPA by segments (what build_model picks) and one 4D boolean mask."""
+    """The CPU attention paths: SDPA by segments (what build_model picks), one 4D boolean mask, and
+    flex attention with rmlab's BlockMask (the opt-in GPU path).
+
+    flex_attention runs uncompiled here: transformers compiles it, and on CPU with torch 2.13 the
+    inductor C++ kernel fails to build when a new batch shape triggers the dynamic-shape recompile
+    (a CppCompileError in the generated flex template), while one compile per static shape takes
+    tens of seconds on 2 cores. The eager kernel checks the mask rule itself, which is rmlab's part.
+    """
     torch.manual_seed(0)
-    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared").eval()
+    attn = "flex_attention" if request.param == "flex_attention" else "sdpa"
+    model = build_model(
+        config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared", attn_implementation=attn
+    ).eval()
     if request.param == "mask":
         model.config._attn_implementation = "sdpa"
-    return model
+    with pytest.MonkeyPatch.context() as mp:
+        if attn == "flex_attention":
+            import transformers.integrations.flex_attention as hf_flex
+
+            assert model.config._attn_implementation == "flex_attention"  # not switched to attention by segments
+            mp.setattr(hf_flex, "compile_friendly_flex_attention", _eager_flex_attention)
+        yield model
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
