@@ -68,8 +68,9 @@ class EvalMetricsCallback(L.Callback):
         for k, v in res.scalars.items():
             if k in _MODULE_OWNS or k.startswith("n_") or k.endswith("/n_groups") or math.isnan(v):
                 continue
-            # The same value on every rank (all ranks' predictions): logged by each, no reduction needed.
-            pl_module.log(f"val/{k}", float(v), sync_dist=False)
+            # The same value on every rank (all ranks' predictions). The max over ranks is that value exactly, and
+            # syncing tells Lightning so (it warns about unsynced epoch-level values); every rank logs these keys.
+            pl_module.log(f"val/{k}", float(v), sync_dist=True, reduce_fx="max")
         if self.wandb_media and trainer.is_global_zero:
             for lg in self._wandb_loggers(trainer):
                 try:
