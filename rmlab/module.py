@@ -59,6 +59,7 @@ class RewardModule(L.LightningModule):
         # ModuleDict keys cannot shadow nn.Module attributes (`train`), hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_": nn.ModuleDict({m: MeanMetric() for m in METRICS}) for s in STAGES})
         self.val_acc_best = MaxMetric()
+        self._eval_nonfinite = None  # (loss, rewards, batch, stage) of the first non-finite val/test batch under DDP
 
     def forward(self, batch) -> torch.Tensor:
         return self.model.score_batch(batch) if hasattr(self.model, "score_batch") else self.model(
@@ -77,8 +78,16 @@ class RewardModule(L.LightningModule):
             out = self.loss_fn(rewards, batch)
         self.last_rewards = rewards.detach()  # read by rmlab.callbacks.EvalMetricsCallback: no second forward
         bad = not bool(torch.isfinite(out.loss) and torch.isfinite(rewards).all())
-        if self._trainer is not None and self.trainer.world_size > 1:
-            # All ranks stop together; a rank that raised alone would leave the others in the next all-reduce.
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if distributed and stage != "train":
+            # Val/test batches may be uneven across ranks: no collective per step. The first bad batch is
+            # kept and every rank decides together at the end of the epoch (``_stop_if_eval_nonfinite``).
+            if bad and self._eval_nonfinite is None:
+                self._eval_nonfinite = (out.loss.detach(), rewards.detach(), batch, stage)
+            bad = False
+        elif distributed:
+            # Train batches are even across ranks (the sampler): all ranks stop together; a rank that raised
+            # alone would leave the others in the next all-reduce.
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             self.stop_on_nonfinite(out.loss, rewards, batch, stage)
@@ -106,7 +115,21 @@ class RewardModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self.shared_step(batch, "test")
 
+    def _stop_if_eval_nonfinite(self) -> None:
+        """Under DDP, a non-finite val/test batch on any rank stops every rank, at the epoch's end."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return
+        seen, self._eval_nonfinite = self._eval_nonfinite, None
+        if self.trainer.strategy.reduce_boolean_decision(seen is not None, all=False):
+            if seen is None:
+                raise FloatingPointError("non-finite val/test loss or rewards on another rank; see its message")
+            self.stop_on_nonfinite(*seen)
+
+    def on_test_epoch_end(self):
+        self._stop_if_eval_nonfinite()
+
     def on_validation_epoch_end(self):
+        self._stop_if_eval_nonfinite()
         self._last_val_step = self.global_step
         acc = self.metrics["val_"]["acc"].compute()
         if not torch.isnan(acc):

@@ -49,3 +49,16 @@ class RecordGroups(L.Callback):
         path = Path(trainer.default_root_dir) / f"groups_rank{trainer.global_rank}.jsonl"
         with open(path, "a") as f:
             f.write(json.dumps(list(batch.group_ids)) + "\n")
+
+
+class PoisonValOnRank(L.Callback):
+    """Set the reward head to NaN on one rank only, at its validation batch ``batch``: a non-finite val batch
+    that the other rank never sees (val batches may be uneven across ranks, so no per-step collective)."""
+
+    def __init__(self, rank: int = 0, batch: int = 0):
+        self.rank, self.batch = rank, batch
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            with torch.no_grad():
+                pl_module.model.head.weight.fill_(float("nan"))

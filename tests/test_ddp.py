@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -349,3 +350,31 @@ def test_a_refused_export_is_skipped_with_the_reason_and_the_run_still_reports(t
     assert "DeepSpeed ZeRO-3" in summary["export_skipped"] and "export_dir" not in summary
     assert not (tmp_path / "export").exists()
     assert json.loads((tmp_path / "metrics.json").read_text())["export_skipped"] == summary["export_skipped"]
+
+
+@pytest.mark.slow
+def test_ddp_nonfinite_val_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "model=tiny_llama",
+        "data.simulator.num_prompts=200",
+        "data.max_groups=4",  # 20 val prompts in 5 batches: rank 0 gets 3, rank 1 gets 2
+        "trainer=ddp_cpu",
+        "threads=1",
+        "trainer.max_steps=2",
+        "export=false",
+        "~callbacks.progress_bar",
+        "+callbacks.poison._target_=tests.faults.PoisonValOnRank",
+        "+callbacks.poison.rank=0",
+        "+callbacks.poison.batch=2",  # rank 0's extra batch: rank 1 has no batch to meet a per-step collective
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)  # a hang would time out
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "non-finite val loss" in out and "prompt ids in the batch" in out, out[-3000:]
+    # Only the poisoned batch is reported: a per-step collective met by another collective on the rank that
+    # ran out of batches would make the healthy rank report finite rewards as non-finite.
+    counts = [int(n) for n in re.findall(r"rewards \((\d+) of \d+ non-finite\)", out)]
+    assert counts and all(n > 0 for n in counts), out[-3000:]
