@@ -137,6 +137,15 @@ def test_attribute_loss_on_the_model_separates_the_stages():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in m.named_parameters() if not n.startswith("gate."))
     with pytest.raises(ValueError, match="model.head=attributes"):
         AttributeLoss()(r, b)
+    # preference_trains=all: the same BT value, but the pairs now also move the attribute head and backbone.
+    m.zero_grad()
+    r, heads = m.score_heads(b)
+    joint = AttributeLoss(regression_weight=0.0, preference_weight=1.0, preference_trains="all")(r, b, heads=heads)
+    assert joint.loss.item() == pytest.approx(float(bt.mean()), rel=1e-5)
+    joint.loss.backward()
+    assert m.head.weight.grad.abs().sum() > 0 and all(p.grad.abs().sum() > 0 for p in m.gate.parameters())
+    with pytest.raises(ValueError, match="gate\\|all"):
+        AttributeLoss(preference_trains="both")
 
 
 def test_misconfigured_heads_raise():

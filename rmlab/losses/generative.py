@@ -44,13 +44,28 @@ class AttributeLoss(nn.Module):
     stays a calibrated regression of its rating (stage 2 on a frozen stage 1, in the same steps). With
     fixed weights the BT term has no parameter to move and is only reported. NaN ratings are masked.
     Needs the model's per-attribute outputs: the module passes ``heads=`` (``needs_heads``).
+
+    ``preference_trains``: ``gate`` (the default, ArmoRM's separation above) or ``all``: no stop-gradient,
+    so the preference pairs also shape the backbone and the attribute outputs. Use ``all`` when the
+    backbone is fine-tuned from scratch on few ratings: qualities that only show in a comparison of two
+    responses to the same prompt (is it on topic?) are learned from the pairs much faster than from
+    pointwise ratings, and the regression term keeps each output tied to its rating.
     """
 
     needs_heads = True
 
-    def __init__(self, regression_weight: float = 1.0, preference_weight: float = 1.0, balance: str = "none"):
+    def __init__(
+        self,
+        regression_weight: float = 1.0,
+        preference_weight: float = 1.0,
+        balance: str = "none",
+        preference_trains: str = "gate",
+    ):
         super().__init__()
+        if preference_trains not in ("gate", "all"):
+            raise ValueError(f"preference_trains must be gate|all, got {preference_trains!r}")
         self.regression_weight, self.preference_weight = float(regression_weight), float(preference_weight)
+        self.preference_trains = preference_trains
         self.bt = BTLoss(balance=balance)
 
     def forward(self, rewards: torch.Tensor, batch, heads: dict[str, torch.Tensor] | None = None) -> LossOutput:
@@ -63,7 +78,7 @@ class AttributeLoss(nn.Module):
             reg = a.sum() * 0.0
         else:
             reg, _ = masked_mse(a, target.to(a.dtype))
-        combined = (w * a.detach()).sum(-1)
+        combined = (w * (a.detach() if self.preference_trains == "gate" else a)).sum(-1)
         if batch.num_comparisons:
             pref = self.bt(combined, batch)
             pref_loss, terms = pref.loss, pref.terms
