@@ -118,8 +118,10 @@ def test_train_then_eval_checkpoint_and_export_agree(trained, tmp_path):
     assert ex["info"]["split"] == "val"  # the export sits in the run dir, so its training data is known
     for k in ("acc", "ece", "brier", "rank/kendall_tau", "length/pearson"):
         assert ex["metrics"][k] == pytest.approx(m[k], abs=1e-5)
-    meta = json.loads((run_dir / "export" / "config.json").read_text())["rmlab"]
+    hf_cfg = json.loads((run_dir / "export" / "config.json").read_text())
+    meta = hf_cfg["rmlab"]
     assert meta["reward_mean"] == pytest.approx(m["reward_mean"], abs=1e-5)  # export stats = val rewards
+    assert (hf_cfg["mean"], hf_cfg["std"]) == (meta["reward_mean"], meta["reward_std"])  # OpenRLHF's keys
 
 
 @pytest.mark.slow
