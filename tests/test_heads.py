@@ -224,8 +224,8 @@ def test_attribute_head_recovers_the_true_qualities(tmp_path):
     print("attribute correlations:", rep)
     assert s["val_acc"] > 0.56, s
     assert rep["attr_corr/format_ok"] > 0.3 and rep["attr_corr/polite"] > 0.3, rep
-    # on_topic is reported but not recovered at this scale: it needs the response matched against the
-    # question (and sums checked), which a 1-layer random-init byte model does not learn in 150 steps
-    # (docs/heads.md: still ~0 after 586 steps of the 2-layer model).
-    assert -1.0 <= rep["attr_corr/on_topic"] <= 1.0
+    # on_topic is reported (head_report) but needs the question read against the answer, which a 1-layer
+    # random-init byte model does not learn in 150 steps; pretrained MiniLM recovers it
+    # (`python train.py experiment=attributes`: 0.84, docs/heads.md), too long a run for this suite.
+    assert "attr_corr/on_topic" in rep
     assert rep["reward_true_corr"] > 0.15, rep
