@@ -14,6 +14,7 @@ from rmlab.data.formats import records_to_groups, split_implicit_prompt, votes_t
 from rmlab.data.grouping import comparisons_from_scores, pick_k
 from rmlab.data.sources import read_records
 from rmlab.data.types import DataReport
+from tests.conftest import needs_shared_data
 
 
 def write_jsonl(path: Path, rows: list) -> str:
@@ -293,3 +294,53 @@ def test_tokenization_cache_sees_a_rewritten_file_and_a_code_change(tmp_path, mo
     assert RewardDataModule(tokenizer=tok, source=str(src), val_fraction=0.0, max_length=64)._cache_key() == key
     monkeypatch.setattr(dm_mod, "data_code_version", lambda: "another version")
     assert dm._cache_key() != key
+
+
+def test_ratings_carry_per_attribute_ratings_through_folding_and_max_k(tmp_path):
+    """data.fields.attributes: HelpSteer-style columns become each response's attribute ratings (NaN when
+    missing), folded by prompt and cut by max_k together with the responses."""
+    import math
+
+    from rmlab.data.formats import records_to_groups
+    from rmlab.data.types import DataReport
+
+    recs = [
+        {"q": "p1", "a": "r1", "help": 4, "corr": 3, "verb": [1, 2]},  # a list of grades is reduced (mean)
+        {"q": "p1", "a": "r2", "help": 1, "corr": None, "verb": 0},  # null -> NaN, masked in the loss
+        {"q": "p1", "a": "r3", "help": 2, "corr": 2},  # missing -> NaN
+        {"q": "p2", "a": "s1", "help": 0, "corr": 1, "verb": 3},
+        {"q": "p2", "a": "s2", "help": 3, "corr": 4, "verb": 4},
+    ]
+    rep = DataReport()
+    groups = records_to_groups(
+        [(f"f.jsonl:{i + 1}", r) for i, r in enumerate(recs)],
+        "ratings",
+        {"prompt": "q", "response": "a", "score": "help", "attributes": ["help", "corr", "verb"]},
+        rep,
+        max_k=2,
+        max_k_strategy="spread",
+    )
+    g1, g2 = groups
+    assert g1.responses == ["r1", "r2"]  # best and worst kept; r3 dropped with its ratings
+    assert g1.attributes[0] == [4.0, 3.0, 1.5]
+    assert g1.attributes[1][0] == 1.0 and math.isnan(g1.attributes[1][1]) and g1.attributes[1][2] == 0.0
+    assert g2.attributes == [[0.0, 1.0, 3.0], [3.0, 4.0, 4.0]]
+    assert rep.loaded == 5 and rep.kept + sum(rep.dropped.values()) == 5 and rep.dropped["over_max_k"] == 1
+
+
+@needs_shared_data
+def test_prometheus_grade_as_a_single_attribute(tmp_path):
+    """The Prometheus set as a real single-attribute check: its mean GPT-4 grade is each response's rating."""
+    import torch
+    from hydra.utils import instantiate
+
+    from rmlab.model import build_tokenizer
+    from tests.conftest import compose
+
+    cfg = compose(["data=prometheus", "data.fields.attributes=[gpt4_score]", "data.cache=false"], tmp_path)
+    dm = instantiate(cfg.data, tokenizer=build_tokenizer("byt5", None), _convert_="all")
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))
+    assert b.attributes.shape == (b.input_ids.shape[0], 1)
+    assert torch.equal(b.attributes[:, 0], b.score.to(b.attributes.dtype))  # the same mean grade, 1..5
+    assert 1.0 <= float(b.attributes.min()) and float(b.attributes.max()) <= 5.0

@@ -62,6 +62,7 @@ DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
         "score": "score",
         "responses": None,
         "scores": None,
+        "attributes": None,
         "subset": None,
     },
     "rankings": {"prompt": "prompt", "responses": "responses", "ranks": None, "subset": None},
@@ -210,6 +211,25 @@ class Field:
 
     def optional_number(self, key: str) -> float | None:
         return self.number(key, required=False) if self.name(key) else None
+
+    def attribute_ratings(self) -> list[float]:
+        """The per-attribute ratings of one response (``data.fields.attributes``: a list of field names,
+        in the order of ``model.head_options.attributes``). Missing or null = NaN, masked in the loss;
+        a list of grades is reduced like a score (``score_reduce``)."""
+        names = self.name("attributes")
+        names = [names] if isinstance(names, str) else list(names)
+        out = []
+        for n in names:
+            v = self.rec.get(n)
+            if v is None or (isinstance(v, list) and not v):
+                out.append(float("nan"))
+                continue
+            sub = Field(self.rec, self.where, {"score": n}, self.opts)
+            x = sub.number("score", value=v)
+            if not math.isfinite(x):
+                raise DataError(self.where, f"attribute field {n!r} = {v!r} is not finite", "fix it, or set data.on_error=skip")
+            out.append(x)
+        return out
 
 
 WINNER_TABLE: dict[str, int | None] = {
@@ -440,6 +460,15 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
         scores = [f.number("scores" if f.name("scores") else "score", value=s) for s in raw]
     else:
         responses, scores = [f.text("response")], [f.number("score")]
+    attributes = None
+    if f.name("attributes"):
+        if f.name("responses"):
+            raise DataError(
+                f.where,
+                "data.fields.attributes reads one response per record (long form)",
+                "unset data.fields.responses, or drop data.fields.attributes",
+            )
+        attributes = [f.attribute_ratings()]
     if any(not r.strip() for r in responses):
         return "empty_response"
     if not all(math.isfinite(s) for s in scores):
@@ -451,6 +480,7 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
         responses=responses,
         comparisons=[],
         scores=[s + f.opts.score_offset for s in scores],
+        attributes=attributes,
         subset=f.text("subset", required=False) if f.name("subset") else None,
         source=f.where,
         group_id=f.where,

@@ -86,6 +86,7 @@ def merge_by_prompt(groups: list[PreferenceGroup], report: DataReport) -> list[P
                 source=g.source,
                 n_records=0,
                 scores=[] if g.scores is not None else None,
+                attributes=[] if g.attributes is not None else None,
             )
         index = {r: i for i, r in enumerate(m.responses)}
         if g.scores is not None and any(r in index for r in g.responses):
@@ -99,6 +100,8 @@ def merge_by_prompt(groups: list[PreferenceGroup], report: DataReport) -> list[P
                 m.responses.append(r)
                 if m.scores is not None:
                     m.scores.append(g.scores[j])
+                if m.attributes is not None:
+                    m.attributes.append(g.attributes[j])
             local.append(index[r])
         for c in g.comparisons:
             c.winner, c.loser = local[c.winner], local[c.loser]
@@ -132,6 +135,8 @@ def finish_rated(
         report.truncated["responses_over_max_k"] += n_out
     g.responses = [g.responses[i] for i in keep]
     g.scores = [g.scores[i] for i in keep]
+    if g.attributes is not None:
+        g.attributes = [g.attributes[i] for i in keep]
     if len(g.responses) < 2:
         report.drop("single_response_prompt", g.n_records)
         report.kept -= g.n_records
