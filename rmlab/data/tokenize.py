@@ -158,6 +158,34 @@ def tokenize_groups(
     return out
 
 
+def subgroup(tg: TokenizedGroup, members: list[int], cis: list[int], group_id: str, parent: int) -> TokenizedGroup:
+    """The responses ``members`` of ``tg`` (in that order) with its comparisons ``cis``, re-indexed."""
+    local = {r: i for i, r in enumerate(members)}
+
+    def pick(xs):
+        return [xs[r] for r in members] if xs else []
+
+    return TokenizedGroup(
+        prompt_ids=tg.prompt_ids,
+        response_ids=[tg.response_ids[r] for r in members],
+        winner=[local[tg.winner[c]] for c in cis],
+        loser=[local[tg.loser[c]] for c in cis],
+        margin=[tg.margin[c] for c in cis],
+        strength=[tg.strength[c] for c in cis],
+        weight=[tg.weight[c] for c in cis],
+        tie=[tg.tie[c] for c in cis],
+        group_weight=[tg.group_weight[c] for c in cis],
+        group_id=group_id,
+        ranks=pick(tg.ranks),
+        scores=pick(tg.scores),
+        true_rewards=pick(tg.true_rewards),
+        labels=pick(tg.labels),
+        attributes=pick(tg.attributes),
+        subset=tg.subset,
+        parent=parent,
+    )
+
+
 def split_group(tg: TokenizedGroup, max_responses: int, parent: int = -1) -> list[TokenizedGroup]:
     """Split a group with more than ``max_responses`` responses into sub-groups that fit a batch.
 
@@ -186,32 +214,7 @@ def split_group(tg: TokenizedGroup, max_responses: int, parent: int = -1) -> lis
         if not cis:
             continue
         members = blocks[key[0]] + blocks[key[1]]
-        local = {r: i for i, r in enumerate(members)}
-
-        def pick(xs, members=members):
-            return [xs[r] for r in members] if xs else []
-
-        subs.append(
-            TokenizedGroup(
-                prompt_ids=tg.prompt_ids,
-                response_ids=[tg.response_ids[r] for r in members],
-                winner=[local[tg.winner[c]] for c in cis],
-                loser=[local[tg.loser[c]] for c in cis],
-                margin=[tg.margin[c] for c in cis],
-                strength=[tg.strength[c] for c in cis],
-                weight=[tg.weight[c] for c in cis],
-                tie=[tg.tie[c] for c in cis],
-                group_weight=[tg.group_weight[c] for c in cis],
-                group_id=f"{tg.group_id}#{key[0]}-{key[1]}",
-                ranks=pick(tg.ranks),
-                scores=pick(tg.scores),
-                true_rewards=pick(tg.true_rewards),
-                labels=pick(tg.labels),
-                attributes=pick(tg.attributes),
-                subset=tg.subset,
-                parent=parent,
-            )
-        )
+        subs.append(subgroup(tg, members, cis, f"{tg.group_id}#{key[0]}-{key[1]}", parent))
     return subs
 
 
@@ -222,34 +225,10 @@ def explode_pairs(tg: TokenizedGroup) -> list[TokenizedGroup]:
     response is forwarded once per comparison it is in (2 * C(K,2) forwards instead of K).
     ``group_weight`` keeps 1/C(K,2), so loss=grouped still weighs prompts alike.
     """
-    out = []
-    for ci, (w, lo) in enumerate(zip(tg.winner, tg.loser)):
-
-        def pick(xs, w=w, lo=lo):
-            return [xs[w], xs[lo]] if xs else []
-
-        out.append(
-            TokenizedGroup(
-                prompt_ids=tg.prompt_ids,
-                response_ids=[tg.response_ids[w], tg.response_ids[lo]],
-                winner=[0],
-                loser=[1],
-                margin=[tg.margin[ci]],
-                strength=[tg.strength[ci]],
-                weight=[tg.weight[ci]],
-                tie=[tg.tie[ci]],
-                group_weight=[tg.group_weight[ci]],
-                group_id=f"{tg.group_id}/c{ci}",
-                ranks=pick(tg.ranks),
-                scores=pick(tg.scores),
-                true_rewards=pick(tg.true_rewards),
-                labels=pick(tg.labels),
-                attributes=pick(tg.attributes),
-                subset=tg.subset,
-                parent=tg.parent,
-            )
-        )
-    return out
+    return [
+        subgroup(tg, [w, lo], [ci], f"{tg.group_id}/c{ci}", tg.parent)
+        for ci, (w, lo) in enumerate(zip(tg.winner, tg.loser))
+    ]
 
 
 def cache_key(*parts) -> str:
