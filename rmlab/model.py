@@ -149,7 +149,7 @@ class RewardModel(nn.Module):
         if self.tokenizer is not None and getattr(cfg, "pad_token_id", None) is None:
             cfg.pad_token_id = self.tokenizer.pad_token_id
         cfg.rmlab = {"pooling": self.pooling, **(extra or {})}
-        if "reward_mean" in cfg.rmlab:  # OpenRLHF's --normalize_reward reads config.mean / config.std
+        if {"reward_mean", "reward_std"} <= cfg.rmlab.keys():  # OpenRLHF's --normalize_reward reads config.mean / config.std
             cfg.mean, cfg.std = float(cfg.rmlab["reward_mean"]), float(cfg.rmlab["reward_std"])
         self.hf.save_pretrained(out, safe_serialization=True)
         if self.tokenizer is not None:
