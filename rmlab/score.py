@@ -154,8 +154,10 @@ class Scorer:
                 ids, mask, pos = b.input_ids.to(dev), b.attention_mask.to(dev), b.position_ids.to(dev)
                 a = None
                 if self.kind == "attributes":
-                    h = self.model.heads(ids, mask, pos, b.prompt_len.to(dev))
-                    r, a = (h["weights"] * h["attributes"]).sum(-1), h["attributes"].float().cpu().tolist()
+                    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+                    r, h = self.model.score_heads(move_data_to_device(b, dev))  # the model's own combination
+                    a = h["attributes"].float().cpu().tolist()
                 else:
                     r = self.model(ids, mask, pos)
                 for j, (i, v) in enumerate(zip(idx, r.float().cpu().tolist())):
