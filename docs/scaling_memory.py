@@ -9,7 +9,7 @@ import time
 import torch
 
 sys.path.insert(0, ".")
-from rmlab.model import build_model  # noqa: E402
+from rmlab.models import build_model  # noqa: E402
 
 CFG = dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
            num_key_value_heads=8, max_position_embeddings=4096)

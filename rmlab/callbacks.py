@@ -11,7 +11,7 @@ Under DDP (and FSDP, DeepSpeed) each rank scores its own share of the val groups
 epoch every rank's predictions are gathered to every rank (``all_gather_object``) and concatenated, so each
 ``val/*`` metric is the one a single process would compute over the whole val set, and is the same on
 every rank. The gathered predictions of the last validation are kept (``last_pred``, ``last_step``):
-``rmlab.train`` reads the export's reward mean/std from them.
+``final_val_rewards`` hands them to the export's reward mean/std.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 
 from rmlab.metrics import EvalResult, PredictionCollector, Predictions, compute_all, concat_predictions
+from rmlab.report import reliability_figure, worst_comparisons
 
 log = logging.getLogger("rmlab")
 
@@ -48,7 +49,7 @@ class EvalMetricsCallback(L.Callback):
         self.collector = PredictionCollector(keep_tokens=keep)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        rewards = getattr(pl_module, "last_rewards", None)
+        rewards = pl_module.last_rewards
         if trainer.sanity_checking or self.collector is None or rewards is None:
             return
         self.collector.add(rewards, batch)
@@ -81,11 +82,10 @@ class EvalMetricsCallback(L.Callback):
     def _log_wandb(self, lg: Any, trainer, pl_module, pred: Predictions, res: EvalResult) -> None:
         import wandb
 
-        from rmlab.report import reliability_figure, worst_comparisons
 
         nt = ~pred.tie
         fig = reliability_figure(res.tables["reliability"])
-        worst = worst_comparisons(pred, getattr(pl_module.model, "tokenizer", None), self.worst_k)
+        worst = worst_comparisons(pred, pl_module.model.tokenizer, self.worst_k)
         cols = ["group_id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected"]
         payload = {
             "val/reward_chosen_hist": wandb.Histogram(pred.rw[nt]),
@@ -110,3 +110,12 @@ def gather_predictions(trainer, pred: Predictions) -> Predictions:
     parts: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(parts, pred)
     return concat_predictions(parts)
+
+
+def final_val_rewards(trainer) -> Any:
+    """The rewards of every val response, over all ranks, from the last validation, when it scored the final
+    weights (``EvalMetricsCallback`` gathers them); None without that callback or when they are stale."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EvalMetricsCallback) and cb.last_pred is not None and cb.last_step == trainer.global_step:
+            return cb.last_pred.reward
+    return None

@@ -6,7 +6,8 @@ Which model:
 - ``ckpt_path=<run>/checkpoints/last.ckpt``: a Lightning checkpoint. The architecture comes from the
   run's ``config.yaml`` (next to ``checkpoints/``) so ``model=`` need not be repeated; without it,
   from ``cfg.model``.
-- ``model.name_or_path=<run>/export`` (or any HF reward model directory): loaded with ``build_model``.
+- ``model.name_or_path=<run>/export`` (or any HF reward model directory): loaded with ``rmlab.models``
+  (an rmlab export's ``config.rmlab`` says which head it is).
 
 Which examples (``split``): ``val`` scores the held-out prompts of the data config, ``all`` scores
 every group (for a dataset the model never trained on), ``auto`` picks ``val`` when the data config is
@@ -20,7 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from rmlab.metrics import PredictionCollector, Predictions, compute_all
+from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
+from rmlab.module import model_state
+from rmlab.report import write_report
+from rmlab.runtime import start_run
 
 log = logging.getLogger("rmlab")
 
@@ -50,29 +59,22 @@ def find_run_config(path: str | None) -> DictConfig | None:
     return None
 
 
-def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_cfg: DictConfig | None = None):
-    """A RewardModel in eval mode from a Lightning checkpoint or from ``model_cfg`` (an export dir).
+def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_cfg: DictConfig | None = None) -> RewardModel:
+    """A reward model in eval mode from a Lightning checkpoint or from ``model_cfg`` (an export dir).
 
     For a checkpoint the architecture is built from the training run's model config (``run_cfg``)
     when there is one, then the weights are loaded strictly: a mismatch is an error, never silent.
     """
-    import torch
-    from hydra.utils import instantiate
-
     if ckpt_path:
         arch = run_cfg.model if run_cfg is not None and "model" in run_cfg else model_cfg
         if arch is None:
             raise ValueError(f"no model config for {ckpt_path}: pass model=<the one it was trained with>")
         model = instantiate(arch, _convert_="all")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]  # tensors and plain types only
-        # The module stores the RewardModel as `model`; the loss may own buffers, which are not ours.
-        own = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-        model.load_state_dict(own, strict=True)
+        model.load_state_dict(model_state(state), strict=True)
     else:
         if model_cfg is None:
             raise ValueError("set ckpt_path=<checkpoint> or model.name_or_path=<export dir>")
-        from rmlab.model import load_export, read_export_meta
-
         path = model_cfg.get("name_or_path")
         if path and read_export_meta(path).get("head") not in (None, "scalar"):
             # An rmlab export of another head (verifier, judge, attributes) rebuilds itself from its config.json.
@@ -82,28 +84,21 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
     return model.eval()
 
 
-def score_loader(model, loader, keep_tokens: bool = False, device: str = "cpu", progress: bool = False):
-    """Rewards of every response of ``loader`` (RewardBatch batches) -> metrics.Predictions."""
-    import torch
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    from rmlab.metrics import PredictionCollector
-
+def score_loader(
+    model: RewardModel,
+    loader,
+    keep_tokens: bool = False,
+    device: str | None = None,
+    progress: bool = False,
+    scored: list[Scored] | None = None,
+) -> Predictions:
+    """The rewards of every response of ``loader`` as ``Predictions``; ``scored`` (a list) also receives each
+    scored batch, for the model's own report."""
     col = PredictionCollector(keep_tokens=keep_tokens)
-    it = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(loader, desc="scoring", unit="batch", leave=False)
-    model.to(device)
-    with torch.inference_mode():
-        for batch in it:
-            b = move_data_to_device(batch, device)
-            if hasattr(model, "score_batch"):
-                rewards = model.score_batch(b)
-            else:
-                rewards = model(b.input_ids, b.attention_mask, b.position_ids)
-            col.add(rewards.float().cpu(), batch)
+    for s in score_batches(model, loader, device=device, progress=progress):
+        col.add(s.rewards, s.batch)
+        if scored is not None:
+            scored.append(s)
     return col.result()
 
 
@@ -120,13 +115,6 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    import torch
-    from hydra.utils import instantiate
-
-    from rmlab.metrics import compute_all
-    from rmlab.report import write_report
-    from rmlab.train import start_run
-
     out, t0 = start_run(cfg, resolve=False)
 
     ckpt = cfg.get("ckpt_path")
@@ -134,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = find_run_config(ckpt or name_or_path)
     model = load_reward_model(ckpt, cfg.model, run_cfg)
     # Generative heads re-template each group into their own rows, exactly as in training.
-    dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=getattr(model, "group_template", None),
+    dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")
     dm.setup("validate")
     split = pick_split(cfg.split, cfg.data, run_cfg)
@@ -142,12 +130,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not groups:
         raise ValueError(f"no groups to evaluate in split={split!r} of data={cfg.data.name}")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pred = score_loader(model, dm._loader(groups, train=False), keep_tokens=True, device=device, progress=True)
+    scored: list[Scored] = []
+    pred = score_loader(model, dm.eval_loader(groups), keep_tokens=True, device=device, progress=True, scored=scored)
     sections = OmegaConf.to_container(cfg.sections, resolve=True) if cfg.get("sections") else None
     result = compute_all(pred, sections=sections, n_bins=int(cfg.n_bins))
-    if hasattr(model, "head_report"):  # judge position bias, attribute correlations (rmlab.generative, rmlab.heads)
-        report = model.head_report(dm._loader(groups, train=False))
-        result.scalars.update({f"head/{k}": v for k, v in report.items()})
+    # The model's own diagnostics (judge position bias, attribute correlations), from the same scores.
+    result.scalars.update({f"head/{k}": v for k, v in model.head_report(scored).items()})
     info = {
         "model": str(ckpt or name_or_path),
         "data": cfg.data.name,

@@ -256,9 +256,13 @@ def calibration(gap: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- correlations
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.size < 2 or x.std() == 0 or y.std() == 0:
+def pearson(x: Any, y: Any, min_n: int = 2) -> float:
+    """Pearson correlation over the pairs where both are finite (arrays or tensors); NaN with fewer than
+    ``min_n`` such pairs or when either side is constant."""
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < max(2, min_n) or x.std() == 0 or y.std() == 0:
         return NAN
     return float(np.corrcoef(x, y)[0, 1])
 

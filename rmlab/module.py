@@ -13,7 +13,10 @@ import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
-from rmlab.losses.base import LossOutput
+from rmlab.checkpoint import save_inspection_checkpoint
+from rmlab.losses.base import LossOutput, RewardLoss
+from rmlab.models.base import RewardModel
+from rmlab.strategies import deepspeed_stage
 
 STAGES = ("train", "val", "test")
 METRICS = ("loss", "acc", "tie_rate", "reward_chosen", "reward_rejected", "reward_gap")
@@ -34,17 +37,17 @@ def pairwise_stats(rewards: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor
     }
 
 
-def deepspeed_stage(strategy) -> int:
-    """The ZeRO stage of a Lightning DeepSpeedStrategy (0 when it says none)."""
-    config = getattr(strategy, "config", None) or {}
-    return int((config.get("zero_optimization") or {}).get("stage", 0))
+def model_state(state: dict) -> dict:
+    """The reward model's own entries of a RewardModule state dict (it stores the model as ``model``; the
+    loss may own buffers, which are not the model's)."""
+    return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
 
 
 class RewardModule(L.LightningModule):
     def __init__(
         self,
-        model: nn.Module,
-        loss: nn.Module,
+        model: RewardModel,
+        loss: RewardLoss,
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -59,17 +62,17 @@ class RewardModule(L.LightningModule):
         # ModuleDict keys cannot shadow nn.Module attributes (`train`), hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_": nn.ModuleDict({m: MeanMetric() for m in METRICS}) for s in STAGES})
         self.val_acc_best = MaxMetric()
+        self.last_rewards = None  # the last step's rewards, read by rmlab.callbacks.EvalMetricsCallback
+        self.last_val_step = -1  # the global step of the last full validation (rmlab.train validates again if stale)
         self._eval_nonfinite = None  # (loss, rewards, batch, stage) of the first non-finite val/test batch under DDP
 
     def forward(self, batch) -> torch.Tensor:
-        return self.model.score_batch(batch) if hasattr(self.model, "score_batch") else self.model(
-            batch.input_ids, batch.attention_mask, batch.position_ids
-        )
+        return self.model.score_batch(batch)
 
     def shared_step(self, batch, stage: str) -> torch.Tensor:
-        if getattr(self.loss_fn, "needs_heads", False):
-            # Multi-output heads (rmlab.heads): the loss also trains the per-attribute outputs.
-            if not hasattr(self.model, "score_heads"):
+        if self.loss_fn.needs_heads:
+            # Multi-output heads (rmlab.models.attributes): the loss also trains the per-attribute outputs.
+            if not self.model.extra_outputs:
                 raise ValueError(f"loss {type(self.loss_fn).__name__} needs a multi-output head (model.head=attributes)")
             rewards, heads = self.model.score_heads(batch)
             out: LossOutput = self.loss_fn(rewards, batch, heads=heads)
@@ -130,7 +133,7 @@ class RewardModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         self._stop_if_eval_nonfinite()
-        self._last_val_step = self.global_step
+        self.last_val_step = self.global_step
         acc = self.metrics["val_"]["acc"].compute()
         if not torch.isnan(acc):
             self.val_acc_best.update(acc)
@@ -140,8 +143,6 @@ class RewardModule(L.LightningModule):
         """Stop on a NaN/inf loss or reward, naming the step and the batch's prompts. The state is saved to
         ``nonfinite-step<N>.ckpt`` for a post-mortem; the last good checkpoint is untouched, since this raises
         before the step's update and before any checkpoint of this step."""
-        from rmlab.checkpoint import save_inspection_checkpoint
-
         step, ids = self.global_step, list(batch.group_ids)
         bad = int((~torch.isfinite(rewards.detach())).sum())
         info = {"stage": stage, "global_step": step, "group_ids": ids, "loss": float(loss.detach()), "nonfinite_rewards": bad}
@@ -153,7 +154,7 @@ class RewardModule(L.LightningModule):
         raise FloatingPointError(
             f"non-finite {stage} loss ({float(loss.detach())}) or rewards ({bad} of {rewards.numel()} non-finite) "
             f"at global step {step}; prompt ids in the batch: [{shown}].{saved} "
-            "Lower optim.lr, check margins and data, or use trainer.precision=32-true"
+            "Lower module.lr, check margins and data, or use trainer.precision=32-true"
         )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

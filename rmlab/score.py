@@ -24,6 +24,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rmlab.data.sources import DataError, read_records
+from rmlab.data.tokenize import subgroup, tokenize_groups
+from rmlab.data.types import Comparison, DataReport, PreferenceGroup
+
 NAN = float("nan")
 
 
@@ -40,7 +44,6 @@ def parse_fields(spec: str | None) -> dict[str, str]:
 
 def record_texts(rec: dict, where: str, fields: dict[str, str]) -> tuple[str, list[str], bool]:
     """(prompt, responses, is_pair) of one record."""
-    from rmlab.data.sources import DataError
 
     f = {k: fields.get(k, k) for k in ("prompt", "response", "chosen", "rejected")}
     if not isinstance(rec, dict):
@@ -96,12 +99,10 @@ class Scorer:
         self.max_length, self.min_prompt_tokens = max_length, min_prompt_tokens
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        self.template = getattr(model, "group_template", None)
-        self.kind = self.template.kind if self.template is not None else ("attributes" if hasattr(model, "heads") else "scalar")
-        self.attribute_names = list(getattr(model, "attributes", None) or [])
+        self.template, self.kind = model.group_template, model.kind
+        self.attribute_names = list(model.output_names)
 
     def _groups(self, items: list[tuple[str, list[str]]]):
-        from rmlab.data.types import Comparison, PreferenceGroup
 
         # Unlabelled pointwise groups (labels NaN, no comparisons): tokenize_groups keeps them as they
         # are, truncated by the training policy, instead of dropping "groups without a comparison".
@@ -120,11 +121,8 @@ class Scorer:
     def rows(self, items: list[tuple[str, list[str]]]) -> tuple[list[list[float]], list[list[list[float]]] | None]:
         """Each group's row outputs: rewards [group][row] and, for the attribute head, attributes
         [group][row][attribute] (else None). A judge's rows are its two orders of a (chosen, rejected) item."""
-        import torch
-
-        from rmlab.data.collate import collate
-        from rmlab.data.tokenize import TokenizedGroup, tokenize_groups
-        from rmlab.data.types import DataReport
+        from rmlab.data.collate import collate  # torch: loaded once scoring starts, not for --help
+        from rmlab.models import score_batches  # torch + transformers, likewise
 
         if self.kind == "judge" and any(len(rs) != 2 for _, rs in items):
             raise ValueError("a pairwise judge scores pairs (chosen, rejected), not single responses")
@@ -132,39 +130,21 @@ class Scorer:
         rows = [(gi, ri) for gi, t in enumerate(toks) for ri in range(t.k)]
         lens = [len(toks[gi].prompt_ids) + len(toks[gi].response_ids[ri]) for gi, ri in rows]
         out = [[NAN] * t.k for t in toks]
-        attrs = [[[] for _ in range(t.k)] for t in toks] if self.kind == "attributes" else None
-        dev = self.device
-        with torch.inference_mode():
-            for idx in batches_by_length(lens, self.batch_size, self.max_tokens):
-                singles = [
-                    TokenizedGroup(
-                        prompt_ids=toks[rows[i][0]].prompt_ids,
-                        response_ids=[toks[rows[i][0]].response_ids[rows[i][1]]],
-                        winner=[],
-                        loser=[],
-                        margin=[],
-                        strength=[],
-                        weight=[],
-                        tie=[],
-                        group_weight=[],
-                    )
-                    for i in idx
-                ]
-                b = collate(singles, self.pad_id, self.padding_side)
-                ids, mask, pos = b.input_ids.to(dev), b.attention_mask.to(dev), b.position_ids.to(dev)
-                a = None
-                if self.kind == "attributes":
-                    from lightning.fabric.utilities.apply_func import move_data_to_device
+        attrs = [[[] for _ in range(t.k)] for t in toks] if "attributes" in self.model.extra_outputs else None
+        order = batches_by_length(lens, self.batch_size, self.max_tokens)
 
-                    r, h = self.model.score_heads(move_data_to_device(b, dev))  # the model's own combination
-                    a = h["attributes"].float().cpu().tolist()
-                else:
-                    r = self.model(ids, mask, pos)
-                for j, (i, v) in enumerate(zip(idx, r.float().cpu().tolist())):
-                    gi, ri = rows[i]
-                    out[gi][ri] = v
-                    if a is not None:
-                        attrs[gi][ri] = a[j]
+        def single(gi: int, ri: int):
+            return subgroup(toks[gi], [ri], [], toks[gi].group_id, parent=gi)
+
+        # One row per response: each batch holds single-response groups, so no row waits on its group.
+        batches = (collate([single(*rows[i]) for i in idx], self.pad_id, self.padding_side) for idx in order)
+        for idx, s in zip(order, score_batches(self.model, batches, device=self.device)):
+            a = s.heads["attributes"].tolist() if attrs is not None else None
+            for j, (i, v) in enumerate(zip(idx, s.rewards.tolist())):
+                gi, ri = rows[i]
+                out[gi][ri] = v
+                if a is not None:
+                    attrs[gi][ri] = a[j]
         return out, attrs
 
     def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
@@ -217,7 +197,6 @@ def score_file(
     progress: bool = True,
 ) -> int:
     """Stream ``src`` -> ``dst``; returns the number of records written."""
-    from rmlab.data.sources import DataError, read_records
 
     fields = fields or {}
     total = None
@@ -299,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from rmlab.evaluate import find_run_config, load_reward_model
-    from rmlab.model import load_export, read_export_meta
+    from rmlab.evaluate import find_run_config, load_reward_model  # torch, lightning: after the arguments parse
+    from rmlab.models import load_export, read_export_meta  # likewise
 
     transformers.logging.set_verbosity_error()
     if a.threads:
@@ -323,12 +302,11 @@ def main(argv: list[str] | None = None) -> None:
                 "--normalize needs reward_mean/reward_std in the export's config.json (rmlab train writes them)"
             )
         norm = (float(meta["reward_mean"]), float(meta["reward_std"]) or 1.0)
-        if getattr(getattr(model, "group_template", None), "kind", None) == "judge":
+        if model.kind == "judge":
             raise SystemExit("--normalize does not apply to a pairwise judge: it outputs P(chosen), not rewards")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scorer = Scorer(model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device)
     dst = a.output or str(Path(a.input).with_suffix("")).removesuffix(".jsonl") + ".scored.jsonl"
-    from rmlab.data.sources import DataError
 
     try:
         n = score_file(scorer, a.input, dst, parse_fields(a.fields), a.buffer, norm, progress=not a.no_progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -20,9 +21,7 @@ DEFAULT_METRICS = ("val/acc", "val/loss", "val/ece", "val/brier", "val/truth/acc
 
 
 def load_run(run_dir: Path) -> dict[str, Any] | None:
-    import json
-
-    import yaml
+    import yaml  # read only when runs are summarized
 
     m, o = run_dir / "metrics.json", run_dir / ".hydra" / "overrides.yaml"
     if not m.exists():

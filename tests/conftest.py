@@ -58,7 +58,7 @@ TINY_LLAMA = dict(
 def tiny_llama():
     import torch
 
-    from rmlab.model import build_model
+    from rmlab.models import build_model
 
     torch.manual_seed(0)
     return build_model(config=TINY_LLAMA, tokenizer="byt5").eval()
@@ -66,7 +66,7 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def minilm():
-    from rmlab.model import build_model
+    from rmlab.models import build_model
 
     return build_model(name_or_path="minilm").eval()
 

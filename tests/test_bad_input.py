@@ -275,7 +275,7 @@ def test_bad_input_through_train_names_file_and_line(tmp_path):
     )
     from hydra.utils import instantiate
 
-    from rmlab.model import build_tokenizer
+    from rmlab.models import build_tokenizer
 
     dm = instantiate(cfg.data, tokenizer=build_tokenizer("byt5", None), _convert_="all")
     with pytest.raises(

@@ -12,7 +12,7 @@ from rmlab.bench.workloads import describe, trl_pairs, unique_tokens
 from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.data.tokenize import TokenizedGroup, tokenize_groups
 from rmlab.data.types import DataReport
-from rmlab.model import build_model
+from rmlab.models import build_model
 from tests.conftest import TINY_LLAMA
 
 

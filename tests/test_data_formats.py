@@ -272,7 +272,7 @@ def test_unknown_option_or_field_is_an_error(tmp_path):
 def test_tokenization_cache_sees_a_rewritten_file_and_a_code_change(tmp_path, monkeypatch):
     from rmlab.data import datamodule as dm_mod
     from rmlab.data.datamodule import RewardDataModule
-    from rmlab.model import build_tokenizer
+    from rmlab.models import build_tokenizer
 
     monkeypatch.setenv("RMLAB_CACHE", str(tmp_path / "cache"))
     tok = build_tokenizer("byt5", None)
@@ -334,7 +334,7 @@ def test_prometheus_grade_as_a_single_attribute(tmp_path):
     import torch
     from hydra.utils import instantiate
 
-    from rmlab.model import build_tokenizer
+    from rmlab.models import build_tokenizer
     from tests.conftest import compose
 
     cfg = compose(["data=prometheus", "data.fields.attributes=[gpt4_score]", "data.cache=false"], tmp_path)

@@ -106,7 +106,7 @@ def test_whole_files_are_accounted_for(tmp_path):
     for comparisons, and every record of the file is loaded. About 20 s on 2 cores (byte tokenizer, no cache)."""
     from hydra.utils import instantiate
 
-    from rmlab.model import build_tokenizer
+    from rmlab.models import build_tokenizer
 
     tok = build_tokenizer("byt5", None)
     for name, (total, file_drops) in WHOLE.items():

@@ -187,7 +187,7 @@ def test_the_data_report_counts_groups_the_ranks_cannot_share(tmp_path):
     from types import SimpleNamespace
 
     from rmlab.data.datamodule import RewardDataModule
-    from rmlab.model import build_tokenizer
+    from rmlab.models import build_tokenizer
 
     dm = RewardDataModule(
         tokenizer=build_tokenizer("byt5", None),

@@ -238,7 +238,7 @@ def test_ddp_cpu_one_run_dir_disjoint_ranks_synced_val(tmp_path):
     cfg = compose(data, tmp_path / "single")
     model = instantiate(cfg.model, _convert_="all")
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, _convert_="all")
-    module = instantiate(cfg.optim, model=model, loss=instantiate(cfg.loss, _convert_="all"), _convert_="all")
+    module = instantiate(cfg.module, model=model, loss=instantiate(cfg.loss, _convert_="all"), _convert_="all")
     module.load_state_dict(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     trainer = L.Trainer(
         accelerator="cpu",
@@ -279,7 +279,7 @@ def _fake_trainer(strategy, world_size: int = 2, rank: int = 0):
 def test_weight_sharding_names_the_strategies_that_split_weights():
     from torch.distributed.fsdp import ShardingStrategy
 
-    from rmlab.train import weight_sharding
+    from rmlab.strategies import weight_sharding
 
     FSDPStrategy = type("FSDPStrategy", (), {})
     DeepSpeedStrategy = type("DeepSpeedStrategy", (), {})
@@ -309,33 +309,35 @@ def test_export_under_fsdp_sharding_gathers_on_every_rank_and_rank0_rebuilds(tmp
     gather; rank 0 loads it into a fresh model, so the export never runs a forward on sharded weights."""
     from hydra.utils import instantiate
 
-    import rmlab.train as train
+    import rmlab.export as export
+    import rmlab.strategies as strategies
 
     cfg = compose(["model=tiny_llama"], tmp_path)
     torch.manual_seed(1)
     model = instantiate(cfg.model, _convert_="all")
-    module = instantiate(cfg.optim, model=model, loss=instantiate(cfg.loss, _convert_="all"), _convert_="all")
+    module = instantiate(cfg.module, model=model, loss=instantiate(cfg.loss, _convert_="all"), _convert_="all")
     gathered = []
-    monkeypatch.setattr(train, "weight_sharding", lambda trainer: "fsdp")
+    monkeypatch.setattr(strategies, "weight_sharding", lambda trainer: "fsdp")
     monkeypatch.setattr(
-        train, "gather_full_state_dict", lambda trainer: gathered.append(trainer) or module.state_dict()
+        export, "gather_full_state_dict", lambda trainer: gathered.append(trainer) or module.state_dict()
     )
 
-    assert train.whole_model(_fake_trainer(None, rank=1), module, cfg) is None and len(gathered) == 1
-    whole = train.whole_model(_fake_trainer(None, rank=0), module, cfg)
+    assert export.whole_model(_fake_trainer(None, rank=1), module, cfg) is None and len(gathered) == 1
+    whole = export.whole_model(_fake_trainer(None, rank=0), module, cfg)
     assert len(gathered) == 2 and whole is not model
     for (k, a), (k2, b) in zip(model.state_dict().items(), whole.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
 
-    monkeypatch.setattr(train, "weight_sharding", lambda trainer: "deepspeed_zero3")
-    with pytest.raises(train.ExportRefused, match="not supported under DeepSpeed ZeRO-3"):
-        train.whole_model(_fake_trainer(None), module, cfg)
+    monkeypatch.setattr(strategies, "weight_sharding", lambda trainer: "deepspeed_zero3")
+    with pytest.raises(export.ExportRefused, match="not supported under DeepSpeed ZeRO-3"):
+        export.whole_model(_fake_trainer(None), module, cfg)
 
 
 def test_a_refused_export_is_skipped_with_the_reason_and_the_run_still_reports(tmp_path, monkeypatch):
+    import rmlab.strategies as strategies
     import rmlab.train as train
 
-    monkeypatch.setattr(train, "weight_sharding", lambda trainer: "deepspeed_zero3")
+    monkeypatch.setattr(strategies, "weight_sharding", lambda trainer: "deepspeed_zero3")
     cfg = compose(
         [
             "model=tiny_llama",

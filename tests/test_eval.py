@@ -79,7 +79,7 @@ def trained(tmp_path_factory):
             "data.simulator.num_prompts=100",
             "threads=1",
             "logger=wandb",
-            "optim.lr=1e-3",
+            "module.lr=1e-3",
         ],
         out,
     )

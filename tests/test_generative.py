@@ -11,11 +11,13 @@ from torch import nn
 
 from rmlab.data.collate import collate
 from rmlab.data.simulator import SimulatorConfig, generate
+from rmlab.data.templates import GroupTemplate
 from rmlab.data.tokenize import tokenize_groups
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
-from rmlab.generative import GroupTemplate, build_generative, check_restricted_head, judge_stats
 from rmlab.losses.base import Comparisons
-from rmlab.losses.generative import AnswerCELoss
+from rmlab.losses.heads import AnswerCELoss
+from rmlab.models import build_model
+from rmlab.models.generative import check_restricted_head, judge_stats
 from tests.conftest import TINY_LLAMA, compose
 
 VERIFIER = "Q: {prompt}\nA: {response}\nGood? Y or N:"
@@ -26,7 +28,7 @@ BYTE = 3  # ByT5 ids are byte + 3
 @pytest.fixture(scope="module")
 def verifier():
     torch.manual_seed(0)
-    return build_generative(
+    return build_model(
         "verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Y", "N"]
     ).eval()
 
@@ -34,7 +36,7 @@ def verifier():
 @pytest.fixture(scope="module")
 def judge():
     torch.manual_seed(1)
-    return build_generative("judge", config=TINY_LLAMA, tokenizer="byt5", template=JUDGE, answers=["A", "B"]).eval()
+    return build_model("judge", config=TINY_LLAMA, tokenizer="byt5", template=JUDGE, answers=["A", "B"]).eval()
 
 
 def _batch(model, n=4, side="right", seed=3):
@@ -70,16 +72,16 @@ def test_verifier_reward_is_log_prob_difference_from_full_logits(verifier, side)
 
 def test_answers_and_template_checked_at_start_up():
     with pytest.raises(ValueError, match=r"'Yes' encodes as 3 tokens"):
-        build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Yes", "No"])
+        build_model("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Yes", "No"])
     ids = [ord("Y") + BYTE, ord("N") + BYTE]
-    m = build_generative(
+    m = build_model(
         "verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Yes", "No"], answer_ids=ids
     )
     assert m.answer_ids == tuple(ids)
     with pytest.raises(ValueError, match="two distinct ids"):
-        build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answer_ids=[5, 5])
+        build_model("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answer_ids=[5, 5])
     with pytest.raises(ValueError, match="map to the same token"):
-        build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Y", "Y"])
+        build_model("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Y", "Y"])
     for bad, why in (
         ("Q: {prompt} Good? Y or N:", "exactly once"),  # no {response}
         ("{prompt} {response} {extra} Y or N:", "exactly once"),
@@ -225,7 +227,7 @@ def test_pointwise_answer_ce_steps_toward_the_labels():
     """Objective (b): a few steps of cross-entropy on the simulator's 0/1 labels raise P(yes) on the
     labelled-good rows relative to the labelled-bad ones, on one fixed batch."""
     torch.manual_seed(0)
-    m = build_generative("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Y", "N"])
+    m = build_model("verifier", config=TINY_LLAMA, tokenizer="byt5", template=VERIFIER, answers=["Y", "N"])
     b = _batch(m, n=4, seed=5)
     assert 0 < float(b.label.nansum()) < b.label.numel()
     loss_fn = AnswerCELoss()
@@ -255,7 +257,7 @@ def test_export_loads_as_a_plain_causal_lm(verifier, tmp_path):
     ans = verifier.answer_index(b.attention_mask)
     yes, no = verifier.answer_ids
     torch.testing.assert_close(logits[rows, ans, yes] - logits[rows, ans, no], r, atol=1e-5, rtol=0)
-    again = build_generative("verifier", name_or_path=str(tmp_path / "export")).eval()  # template + answers restored
+    again = build_model("verifier", name_or_path=str(tmp_path / "export")).eval()  # template + answers restored
     assert again.group_template.template == VERIFIER and again.answer_ids == verifier.answer_ids
     torch.testing.assert_close(_scores(again, b), r, atol=1e-5, rtol=0)
 
@@ -274,7 +276,7 @@ def _short_run(model: str, tmp_path, steps: int, extra: list[str] = ()):
             "model.config.hidden_size=32",
             "model.config.intermediate_size=64",
             "model.config.num_hidden_layers=1",
-            "optim.lr=3e-3",
+            "module.lr=3e-3",
             "threads=1",
             "export=false",
             "data.cache=false",
@@ -296,7 +298,7 @@ def test_verifier_trains_with_bt_and_beats_chance(tmp_path):
 def test_pairwise_judge_trains_with_cross_entropy_and_beats_chance(tmp_path):
     # Rows hold two responses: smaller batches and a larger lr than the verifier's to learn within budget.
     s = _short_run(
-        "pairwise_judge", tmp_path, 100, ["data.simulator.num_prompts=500", "data.max_groups=4", "optim.lr=1e-2"]
+        "pairwise_judge", tmp_path, 100, ["data.simulator.num_prompts=500", "data.max_groups=4", "module.lr=1e-2"]
     )
     rep = s["head_report"]
     print("judge report:", rep)

@@ -12,10 +12,11 @@ from rmlab.data.collate import collate
 from rmlab.data.simulator import ATTRIBUTES, SimulatorConfig, generate
 from rmlab.data.tokenize import tokenize_groups
 from rmlab.data.types import DataReport
-from rmlab.heads import AttributeRewardModel, head_size, pearson
 from rmlab.losses.base import Comparisons
-from rmlab.losses.generative import AttributeLoss, head_default_loss
-from rmlab.model import build_model
+from rmlab.losses.heads import AttributeLoss, head_default_loss
+from rmlab.metrics import pearson
+from rmlab.models import build_model
+from rmlab.models.attributes import AttributeRewardModel, attribute_options
 from tests.conftest import TINY_LLAMA, compose
 
 NAMES = list(ATTRIBUTES)
@@ -150,9 +151,9 @@ def test_attribute_loss_on_the_model_separates_the_stages():
 
 def test_misconfigured_heads_raise():
     with pytest.raises(ValueError, match="model.head must be one of"):
-        head_size("ranks", None)
+        build_model(head="ranks")
     with pytest.raises(ValueError, match="attribute names"):
-        head_size("attributes", {"combine": "fixed"})
+        attribute_options({"combine": "fixed"}, None)
     with pytest.raises(ValueError, match="weights has 2 values"):
         _model("fixed", [1.0, 2.0])
     with pytest.raises(ValueError, match="fixed\\|gating"):
@@ -166,10 +167,10 @@ def test_pearson_matches_numpy():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(50, generator=g), torch.randn(50, generator=g)
     y = y + x
-    assert pearson(x, y) == pytest.approx(float(np.corrcoef(x.numpy(), y.numpy())[0, 1]), abs=1e-9)
+    assert pearson(x, y, min_n=3) == pytest.approx(float(np.corrcoef(x.numpy(), y.numpy())[0, 1]), abs=1e-9)
     y[3] = float("nan")  # missing ratings are skipped
     keep = torch.isfinite(y)
-    assert pearson(x, y) == pytest.approx(float(np.corrcoef(x[keep].numpy(), y[keep].numpy())[0, 1]), abs=1e-9)
+    assert pearson(x, y, min_n=3) == pytest.approx(float(np.corrcoef(x[keep].numpy(), y[keep].numpy())[0, 1]), abs=1e-9)
 
 
 def test_export_is_a_multi_output_sequence_classifier(tmp_path):
@@ -212,7 +213,7 @@ def test_attribute_head_recovers_the_true_qualities(tmp_path):
             "model.config.intermediate_size=64",
             "model.config.num_hidden_layers=1",
             "data.simulator.num_prompts=900",
-            "optim.lr=3e-3",
+            "module.lr=3e-3",
             "threads=1",
             "export=false",
             "data.cache=false",

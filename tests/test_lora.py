@@ -18,7 +18,7 @@ def test_lora_trains_head_and_merged_export_matches(tmp_path):
 
     from rmlab.train import run
 
-    overrides = ["model=tiny_llama", "model.lora.r=8", "optim.lr=5e-3", "data.simulator.num_prompts=200", "trainer.max_steps=8",
+    overrides = ["model=tiny_llama", "model.lora.r=8", "module.lr=5e-3", "data.simulator.num_prompts=200", "trainer.max_steps=8",
                  "callbacks.model_checkpoint.every_n_train_steps=4", "~callbacks.progress_bar", "threads=1"]
     cfg = compose(overrides, tmp_path)
     summary = run(cfg)

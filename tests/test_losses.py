@@ -28,7 +28,7 @@ from rmlab.losses import (
     center_term,
     masked_mse,
 )
-from rmlab.losses.generative import AnswerCELoss, AttributeLoss
+from rmlab.losses.heads import AnswerCELoss, AttributeLoss
 from tests.conftest import ROOT, compose
 
 F64 = torch.float64
@@ -430,7 +430,7 @@ def test_grouped_equals_mean_over_prompts_of_mean_bt():
     from rmlab.data.simulator import SimulatorConfig, generate
     from rmlab.data.tokenize import tokenize_groups
     from rmlab.data.types import DataReport
-    from rmlab.model import build_tokenizer
+    from rmlab.models import build_tokenizer
 
     groups = generate(SimulatorConfig(num_prompts=12, k=2, k_max=5, tie_band=0.0, seed=4))
     tg = tokenize_groups(groups, build_tokenizer("byt5", None), DataReport(), max_length=512)
@@ -603,9 +603,9 @@ def train_rows(name: str, tmp_root: Path) -> list[dict[str, str]]:
                 "trainer.log_every_n_steps=1",
                 "trainer.check_val_every_n_epoch=1000",
                 "trainer.enable_progress_bar=false",
-                "optim.lr=1e-3",
-                "optim.warmup_ratio=0",
-                "optim.scheduler=constant",
+                "module.lr=1e-3",
+                "module.warmup_ratio=0",
+                "module.scheduler=constant",
                 "~callbacks.model_checkpoint",
                 "~callbacks.progress_bar",
             ],

@@ -9,7 +9,7 @@ from rmlab.data.collate import collate
 from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.data.tokenize import tokenize_groups
 from rmlab.data.types import DataReport
-from rmlab.model import RewardModel, build_model, pool_index
+from rmlab.models import ScalarRewardModel, build_model, pool_index
 from tests.conftest import TINY_LLAMA
 
 
@@ -80,7 +80,7 @@ def test_scalar_head_contract():
     cfg = AutoConfig.for_model(**{**TINY_LLAMA, "vocab_size": 384}, num_labels=2)
     hf = AutoModelForSequenceClassification.from_config(cfg)
     with pytest.raises(ValueError, match="num_labels must be 1"):
-        RewardModel(hf, ByT5Tokenizer())
+        ScalarRewardModel(hf, ByT5Tokenizer())
 
 
 def test_dropout_off_by_default_and_on_when_asked():
@@ -144,7 +144,7 @@ def test_every_listed_encoder_matches_plain_transformers_under_left_padding(mode
     torch.manual_seed(0)
     hf = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, num_labels=1, **cfg)).eval()
     tok = BertTokenizer(vocab_file=str(VOCAB_FILE))
-    model = RewardModel(hf, tok)
+    model = ScalarRewardModel(hf, tok)
     assert model.pooling == "first"
     rows = [tok("a b c d")["input_ids"], tok("a b")["input_ids"], tok("d c b a a b")["input_ids"]]
     n = max(map(len, rows))
@@ -164,3 +164,15 @@ def _vocab_file(tmp_path_factory):
     global VOCAB_FILE
     VOCAB_FILE = tmp_path_factory.mktemp("vocab") / "vocab.txt"
     VOCAB_FILE.write_text("\n".join(ROOT_VOCAB) + "\n")
+
+
+def test_a_misspelled_model_key_is_an_error_that_lists_the_valid_ones():
+    from tests.conftest import TINY_LLAMA
+
+    with pytest.raises(ValueError, match=r"model\.forward_mod for a scalar reward model; valid keys: .*forward_mode"):
+        build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mod="packed")
+    # a key of another head is not silently accepted either
+    with pytest.raises(ValueError, match=r"model\.template for a scalar"):
+        build_model(config=TINY_LLAMA, tokenizer="byt5", template="{prompt} {response}")
+    with pytest.raises(ValueError, match=r"model\.lora for a verifier"):
+        build_model("verifier", config=TINY_LLAMA, tokenizer="byt5", lora={"r": 8})

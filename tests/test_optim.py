@@ -29,11 +29,11 @@ def test_param_groups_and_the_logged_schedule(tmp_path):
             "trainer.max_epochs=-1",
             "trainer.log_every_n_steps=1",
             "trainer.check_val_every_n_epoch=1000",
-            f"optim.lr={lr}",
-            f"optim.warmup_ratio={warm_ratio}",
-            f"optim.min_lr_ratio={floor}",
-            "optim.scheduler=cosine",
-            "optim.weight_decay=0.05",
+            f"module.lr={lr}",
+            f"module.warmup_ratio={warm_ratio}",
+            f"module.min_lr_ratio={floor}",
+            "module.scheduler=cosine",
+            "module.weight_decay=0.05",
         ],
         tmp_path,
     )
@@ -60,9 +60,9 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path):
 
     from hydra.utils import instantiate
 
-    cfg = compose(["model=tiny_llama", "optim.weight_decay=0.05"], tmp_path)
+    cfg = compose(["model=tiny_llama", "module.weight_decay=0.05"], tmp_path)
     model = instantiate(cfg.model, _convert_="all")
-    module = instantiate(cfg.optim, model=model, loss=instantiate(cfg.loss, _convert_="all"), _convert_="all")
+    module = instantiate(cfg.module, model=model, loss=instantiate(cfg.loss, _convert_="all"), _convert_="all")
     module._trainer = SimpleNamespace(estimated_stepping_batches=10)  # all configure_optimizers reads from it
     opt = module.configure_optimizers()["optimizer"]
     decay, no_decay = opt.param_groups

@@ -9,8 +9,8 @@ from rmlab.data.collate import collate
 from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.data.tokenize import tokenize_groups
 from rmlab.data.types import DataReport
-from rmlab.model import build_model
-from rmlab.packing import pack_batch, pack_segments, plan_rows, resolve_forward_mode, unique_tokens
+from rmlab.models import build_model
+from rmlab.models.packing import pack_batch, pack_segments, plan_rows, resolve_forward_mode, unique_tokens
 from tests.conftest import TINY_LLAMA
 
 
@@ -187,7 +187,7 @@ def test_encoders_and_flash_fall_back():
 @pytest.mark.parametrize("cost", [0, 10**9])
 def test_segment_attention_per_part_and_joint(monkeypatch, cost):
     # cost 0: one SDPA call per response (long responses); 10**9: one masked call for all of a group's.
-    import rmlab.packing as packing
+    import rmlab.models.packing as packing
 
     monkeypatch.setattr(packing, "CALL_COST_PAIRS", cost)
     torch.manual_seed(3)

@@ -199,7 +199,7 @@ def test_rng_round_trip_through_weights_only_checkpoint(tmp_path):
 def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     import wandb
 
-    from rmlab.train import build_loggers
+    from rmlab.runtime import build_loggers
 
     ids = []
     for _ in range(2):  # the first launch, then the resumed one in the same run dir

@@ -66,7 +66,7 @@ def test_optuna_two_trials(tmp_path, storage):
 
         study = optuna.load_study(study_name="rmlab", storage=f"sqlite:///{db}")
         assert len(study.trials) == 2
-        assert {"optim.lr", "loss", "margin_scale"} <= {k.lstrip("+") for k in study.trials[0].params}
+        assert {"module.lr", "loss", "margin_scale"} <= {k.lstrip("+") for k in study.trials[0].params}
 
 
 @pytest.mark.slow

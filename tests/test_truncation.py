@@ -10,7 +10,7 @@ import pytest
 
 from rmlab.data.tokenize import tokenize_groups
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
-from rmlab.model import build_tokenizer
+from rmlab.models import build_tokenizer
 
 EOS = 1
 

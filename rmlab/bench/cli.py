@@ -78,7 +78,7 @@ def prepare(args, work: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from rmlab.bench import workloads as W
-    from rmlab.model import build_model, minilm_path
+    from rmlab.models import build_model, minilm_path
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or minilm_path())
     loads = {}

@@ -13,6 +13,7 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -135,9 +136,9 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
 
     from rmlab.data.datamodule import RewardDataModule
     from rmlab.losses import BTLoss
-    from rmlab.model import build_model
+    from rmlab.models import build_model
+    from rmlab.models.packing import unique_tokens
     from rmlab.module import RewardModule
-    from rmlab.packing import unique_tokens
 
     cuda = spec["device"] == "cuda"
     clock = StepClock(spec["seconds"], spec["warmup"], cuda)
@@ -210,8 +211,6 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
-    import tempfile
-
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer

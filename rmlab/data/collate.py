@@ -17,6 +17,7 @@ Each response appears once however many comparisons it is in; ``winner``/``loser
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,15 @@ class RewardBatch:
 
     def __len__(self) -> int:  # Lightning reads a batch size from here when none is given
         return self.num_comparisons
+
+    def to(self, device, non_blocking: bool = False) -> RewardBatch:
+        """The same batch with every tensor on ``device`` (Lightning's batch transfer calls this too)."""
+        moved = {
+            f.name: v.to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "right") -> RewardBatch:

@@ -88,6 +88,13 @@ def baselines(groups: list[TokenizedGroup]) -> dict[str, float]:
     return {"length_acc": length / n, "oracle_acc": oracle / n if has_truth else float("nan")}
 
 
+# Arguments that change how batches are drawn or where files go, never the tokenized groups themselves.
+NOT_IN_CACHE_KEY = frozenset(
+    {"tokenizer", "output_dir", "num_workers", "cache", "padding_side", "sort_by_length", "max_groups",
+     "global_batch_comparisons"}
+)
+
+
 class RewardDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -122,6 +129,8 @@ class RewardDataModule(L.LightningDataModule):
         max_train_prompts: int | None = None,
     ):
         super().__init__()
+        # Every argument, for the cache key: what is not listed in NOT_IN_CACHE_KEY shapes the tokenized data.
+        self.arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.tokenizer = tokenizer
         self.name, self.source, self.format, self.fields = name, source, format, dict(fields or {})
         self.split, self.val_source, self.val_split, self.val_fraction = split, val_source, val_split, val_fraction
@@ -133,7 +142,7 @@ class RewardDataModule(L.LightningDataModule):
         self.output_dir, self.hub_kwargs = output_dir, dict(hub_kwargs or {})
         self.format_options = dict(format_options or {})
         self.global_batch_comparisons = global_batch_comparisons
-        # A generative model's row builder (rmlab.generative.GroupTemplate), applied after the split.
+        # A generative model's row builder (rmlab.data.templates.GroupTemplate), applied after the split.
         self.template = template
         self.pair_batching = pair_batching
         self.max_train_prompts = max_train_prompts
@@ -230,6 +239,9 @@ class RewardDataModule(L.LightningDataModule):
         return train_t, val_t, report
 
     def _cache_key(self) -> str:
+        """Derived from every argument that shapes the tokenized groups (all but ``NOT_IN_CACHE_KEY``), the
+        tokenizer, the files' identity (a rewritten file has another size or mtime) and the data code's
+        version, so a cache never outlives the data, the settings or the code that built it."""
         tok = self.tokenizer
         tok_id = (
             type(tok).__name__,
@@ -238,36 +250,12 @@ class RewardDataModule(L.LightningDataModule):
             tok.cls_token_id,
             tok.bos_token_id,
             tok.eos_token_id,
+            getattr(tok, "chat_template", None),
         )
-        # The files' identity (a rewritten file has another size or mtime) and the data code's version, so a
-        # cache never outlives the data or the code that built it.
         files = [source_files_stamp(s) for s in (self.source, self.val_source) if s]
-        parts = (
-            "v2",
-            files,
-            data_code_version(),
-            self.source,
-            self.format,
-            self.fields,
-            self.split,
-            self.val_source,
-            self.val_split,
-            self.val_fraction,
-            self.simulator,
-            self.max_length,
-            self.min_prompt_tokens,
-            self.max_records,
-            self.on_error,
-            self.seed,
-            self.max_tokens,
-            self.max_responses,
-            self.format_options,
-            tok_id,
-            repr(self.template),
-            self.pair_batching,
-            self.max_train_prompts,
-        )
-        return cache_key(*parts)
+        shaping = {k: v for k, v in sorted(self.arguments.items()) if k not in NOT_IN_CACHE_KEY}
+        shaping["template"] = repr(shaping.get("template"))
+        return cache_key("v3", files, data_code_version(), tok_id, shaping)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_groups is not None:
@@ -323,8 +311,8 @@ class RewardDataModule(L.LightningDataModule):
             )
         return self.global_batch_comparisons // parts
 
-    def make_sampler(self, groups: list[TokenizedGroup], train: bool) -> GroupBatchSampler:
-        world, rank = self._world()
+    def make_sampler(self, groups: list[TokenizedGroup], train: bool, single: bool = False) -> GroupBatchSampler:
+        world, rank = (1, 0) if single else self._world()
         return GroupBatchSampler(
             rows=[g.k for g in groups],
             row_len=[g.max_row for g in groups],
@@ -338,16 +326,16 @@ class RewardDataModule(L.LightningDataModule):
             rank=rank,
             even=train,
             comparisons=[len(g.winner) for g in groups],
-            max_comparisons=self.per_rank_comparisons(),
+            max_comparisons=self.global_batch_comparisons if single else self.per_rank_comparisons(),
         )
 
-    def _loader(self, groups: list[TokenizedGroup], train: bool) -> DataLoader:
+    def _loader(self, groups: list[TokenizedGroup], train: bool, single: bool = False) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # The training loader is stateful: its sampler position goes into checkpoints (rmlab.checkpoint).
         cls, extra = (ResumableLoader, {"trainer": self.trainer}) if train and self.trainer else (DataLoader, {})
         return cls(
             groups,
-            batch_sampler=self.make_sampler(groups, train),
+            batch_sampler=self.make_sampler(groups, train, single),
             collate_fn=Collator(pad, self.padding_side),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -392,3 +380,8 @@ class RewardDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_groups, train=False)
+
+    def eval_loader(self, groups: list[TokenizedGroup] | None = None) -> DataLoader:
+        """The given groups (default: the val set) in one process, whatever the trainer's ranks: for scoring
+        outside the fit loop (eval.py, the export's reward statistics, the head report)."""
+        return self._loader(self.val_groups if groups is None else groups, train=False, single=True)

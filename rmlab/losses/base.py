@@ -146,6 +146,9 @@ class RewardLoss(nn.Module):
     center: ``pair`` or ``group``, see ``center_term``.
     """
 
+    # True for a loss that also reads the model's extra outputs (``forward(rewards, batch, heads=...)``).
+    needs_heads = False
+
     def __init__(self, center_coef: float = 0.0, center: str = "pair"):
         super().__init__()
         if center not in CENTER_MODES:

@@ -6,7 +6,7 @@
 - The export merges the adapters into the backbone (``merge_and_unload``), so the exported model is a
   plain transformers model that scores without peft.
 
-peft wraps the Hugging Face model *in place*: the LoRA layers live inside ``RewardModel.hf``, so the
+peft wraps the Hugging Face model *in place*: the LoRA layers live inside ``ScalarRewardModel.hf``, so the
 RewardModel's forward, pooling and Lightning checkpoints need no change. The PeftModel wrapper itself is
 kept on ``hf`` unregistered (it contains ``hf``; registering it would list every weight twice).
 """
@@ -33,7 +33,7 @@ def apply_lora(
 ) -> nn.Module:
     """Inject LoRA adapters into ``hf`` (an ``AutoModelForSequenceClassification``) and return the PeftModel."""
     try:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, TaskType, get_peft_model  # optional dependency (rmlab[lora])
     except ImportError as e:
         raise ImportError("model.lora needs peft: pip install 'rmlab[lora]'") from e
     if r <= 0:
@@ -55,7 +55,7 @@ def apply_lora(
 
 
 def peft_of(model: nn.Module) -> nn.Module | None:
-    """The PeftModel behind a RewardModel, or None when it has no LoRA."""
+    """The PeftModel behind a reward model, or None when it has no LoRA."""
     return getattr(getattr(model, "hf", None), "_rmlab_peft", None)
 
 
@@ -70,6 +70,5 @@ def merge_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> Path:
     merged = peft_model.merge_and_unload()  # the same hf object, LoRA folded in, the trained head put back
     object.__delattr__(merged, "_rmlab_peft")
     model.hf = merged
-    if hasattr(model, "_find_head"):  # the head module object changed: point the RewardModel at the new one
-        model.head, model.head_wants_seq, model.pre_head = model._find_head()
+    model.backbone_replaced()  # the head module object changed: the model points at the new one
     return out

@@ -1,10 +1,9 @@
-"""Losses for the heads beyond the scalar one: answer cross-entropy (generative verifier, pairwise judge)
+"""Losses made for the heads beyond the scalar one: answer cross-entropy (generative verifier, pairwise judge)
 and the attribute loss (ArmoRM's two stages)."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from rmlab.losses.base import LossOutput, RewardLoss, check_rewards
@@ -34,7 +33,7 @@ class AnswerCELoss(RewardLoss):
         return LossOutput(terms.mean(), terms.detach())
 
 
-class AttributeLoss(nn.Module):
+class AttributeLoss(RewardLoss):
     """Multi-attribute regression plus the preference loss of the combination (ArmoRM, Wang et al. 2024):
 
         L = regression_weight * masked MSE(a_i, rating_i)  +  preference_weight * BT(sum_i w_i * sg(a_i))
@@ -70,7 +69,7 @@ class AttributeLoss(nn.Module):
 
     def forward(self, rewards: torch.Tensor, batch, heads: dict[str, torch.Tensor] | None = None) -> LossOutput:
         if heads is None or "attributes" not in heads:
-            raise ValueError("the attribute loss needs per-attribute outputs: use model.head=attributes (rmlab.heads)")
+            raise ValueError("the attribute loss needs per-attribute outputs: use model.head=attributes (rmlab.models.attributes)")
         check_rewards(rewards, batch)
         a, w = heads["attributes"], heads["weights"]
         target = batch.attributes
@@ -88,12 +87,12 @@ class AttributeLoss(nn.Module):
         return LossOutput(loss, terms, {"regression": reg.detach(), "preference": pref_loss.detach()})
 
 
-def head_default_loss(kind: str | None = None, head: str | None = None, balance: str = "none") -> nn.Module:
+def head_default_loss(head: str | None = None, balance: str = "none") -> RewardLoss:
     """The objective each head is designed for, so a sweep over ``model=`` needs no matching ``loss=``:
     the attribute loss for ``head=attributes``, answer cross-entropy for the pairwise judge, BT otherwise
     (scalar head, and the generative verifier on pairwise data)."""
     if head == "attributes":
         return AttributeLoss(balance=balance)
-    if kind == "judge":
+    if head == "judge":
         return AnswerCELoss()
     return BTLoss(balance=balance)

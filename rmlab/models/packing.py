@@ -15,7 +15,7 @@ one part per sequence. A token may attend to an earlier token of the same segmen
 shared prefix or in its own part. Rewards are read at the last token of each part.
 
 An encoder (bidirectional attention) cannot share a prefix exactly: the prompt's states would depend
-on every response. ``RewardModel.score_batch`` keeps encoders on the padded path.
+on every response. ``ScalarRewardModel.score_batch`` keeps encoders on the padded path.
 
 On CPU the mask is a 4D boolean tensor that transformers passes to SDPA as is (``masking_utils``
 returns a 4D mask unchanged). It costs full T x T attention per row, masked blocks included, so a
@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from rmlab.models.base import ENCODER_TYPES
 
 MODES = ("padded", "packed", "prefix_shared")
 
@@ -235,7 +237,7 @@ def resolve_forward_mode(model, mode: str) -> str:
     if mode not in (*MODES, "auto"):
         raise ValueError(f"model.forward_mode must be one of {(*MODES, 'auto')}, got {mode!r}")
     causal = (
-        getattr(model, "pooling", "last") == "last" and getattr(model.config, "model_type", "") not in _encoder_types()
+        getattr(model, "pooling", "last") == "last" and getattr(model.config, "model_type", "") not in ENCODER_TYPES
     )
     if not causal:
         return "padded"
@@ -245,12 +247,6 @@ def resolve_forward_mode(model, mode: str) -> str:
     if mode == "prefix_shared" and attn.startswith("flash_attention"):
         return "packed"
     return mode
-
-
-def _encoder_types() -> set[str]:
-    from rmlab.model import ENCODER_TYPES
-
-    return ENCODER_TYPES
 
 
 SEGMENTS_ATTN = "rmlab_sdpa_segments"

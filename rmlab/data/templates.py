@@ -1,0 +1,105 @@
+"""Judge templates: how a generative reward model's rows are built from a text group.
+
+A generative model (rmlab.models.generative) reads each response inside a text template. The data module
+applies the model's ``GroupTemplate`` to each ``PreferenceGroup`` *after* the train/val split and *before*
+tokenization. The template is split at the first response placeholder, so the part before it is the group's
+shared prefix (prefix sharing and the truncation policy keep working: a row keeps its end, where the answer
+cue is).
+
+Judge rows: each comparison (w, l) becomes two rows, (A=w, B=l) with label 1 and (A=l, B=w) with label 0
+(0.5 each for a tie), and a comparison ``winner=row(w,l), loser=row(l,w)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+from rmlab.data.types import PreferenceGroup
+
+VERIFIER_TEMPLATE = "Question: {prompt}\nResponse: {response}\nIs this response good? Answer Yes or No:"
+JUDGE_TEMPLATE = (
+    "Question: {prompt}\nResponse A: {response_a}\nResponse B: {response_b}\nWhich response is better? Answer A or B:"
+)
+FIELDS = {"verifier": ("prompt", "response"), "judge": ("prompt", "response_a", "response_b")}
+
+
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def check_template(template: str, kind: str) -> None:
+    """Each placeholder of the kind exactly once, no other; the first response slot after {prompt}
+    would still work, but a response placeholder must exist or the model never sees what it judges."""
+    want = FIELDS[kind]
+    got = template_fields(template)
+    bad = [f for f in got if f not in want]
+    missing = [f for f in want if got.count(f) != 1]
+    if bad or missing:
+        raise ValueError(
+            f"{kind} template must contain each of {{{'}, {'.join(want)}}} exactly once and nothing else "
+            f"(write a literal brace as {{{{ or }}}}); got placeholders {got}"
+        )
+    if kind == "judge" and template.index("{response_a}") > template.index("{response_b}"):
+        raise ValueError("the judge template must show {response_a} before {response_b}")
+    if template != template.rstrip():
+        # A trailing space becomes its own token in most BPE vocabularies, and the answer token then
+        # usually starts without one: the cue the LM was trained on is lost.
+        raise ValueError("the template must not end with whitespace; put the space in the answer token (' Yes')")
+
+
+class GroupTemplate:
+    """Re-templates a text group into the rows a generative model reads. Picklable, no model inside.
+
+    The data module calls it on each ``PreferenceGroup`` before tokenization; ``None`` drops the group
+    (a judge needs at least one comparison). ``repr`` keys the tokenization cache. A plain class, not a
+    dataclass: Hydra's ``instantiate`` would turn a dataclass argument into a dict.
+    """
+
+    def __init__(self, kind: str, template: str):
+        if kind not in FIELDS:
+            raise ValueError(f"template kind must be one of {sorted(FIELDS)}, got {kind!r}")
+        check_template(template, kind)
+        self.kind, self.template = kind, template
+
+    def __repr__(self) -> str:
+        return f"GroupTemplate(kind={self.kind!r}, template={self.template!r})"
+
+    def _split(self, slot: str) -> tuple[str, str]:
+        head, tail = self.template.split("{" + slot + "}", 1)
+        return head, tail
+
+    def __call__(self, g: PreferenceGroup) -> PreferenceGroup | None:
+        return self.verifier_rows(g) if self.kind == "verifier" else self.judge_rows(g)
+
+    def verifier_rows(self, g: PreferenceGroup) -> PreferenceGroup:
+        head, tail = self._split("response")
+        prefix, suffix = head.format(prompt=g.prompt), tail.format(prompt=g.prompt)
+        return dataclasses.replace(g, prompt=prefix, responses=[r + suffix for r in g.responses])
+
+    def judge_rows(self, g: PreferenceGroup) -> PreferenceGroup | None:
+        if not g.comparisons:
+            return None
+        head, tail = self._split("response_a")
+        prefix = head.format(prompt=g.prompt)
+        truth = g.true_rewards
+        rows, labels, true, comps = [], [], [], []
+        for c in g.comparisons:
+            for a, b, label in ((c.winner, c.loser, 1.0), (c.loser, c.winner, 0.0)):
+                rows.append(g.responses[a] + tail.format(prompt=g.prompt, response_b=g.responses[b]))
+                labels.append(0.5 if c.tie else label)
+                # Truth of "A beats B": the gap, so the oracle baseline still reads r_w > r_l.
+                true.append(truth[a] - truth[b] if truth is not None else float("nan"))
+            i = len(rows) - 2
+            comps.append(dataclasses.replace(c, winner=i, loser=i + 1))
+        return dataclasses.replace(
+            g,
+            prompt=prefix,
+            responses=rows,
+            comparisons=comps,
+            labels=labels,
+            true_rewards=true if truth is not None else None,
+            ranks=None,
+            scores=None,
+            attributes=None,
+        )

@@ -1,0 +1,121 @@
+"""The one interface every reward model implements, and the pieces every model shares.
+
+A reward model turns a ``RewardBatch`` (rmlab.data.collate) into one reward per row. Every caller (the
+LightningModule, ``eval.py``, ``rmlab.score``, the export) talks to a model through ``RewardModel`` only:
+
+- ``kind``: ``scalar`` | ``attributes`` | ``verifier`` | ``judge`` (what the export's config records);
+- ``tokenizer``: the tokenizer the data module tokenizes with;
+- ``group_template``: None, or the row builder the data module applies to each text group before
+  tokenization (generative models read a judge template, rmlab.data.templates);
+- ``extra_outputs``: names of the per-row outputs ``score_heads`` returns beside the rewards (the
+  attribute head: ``attributes`` and ``weights``); empty for a model with one output;
+- ``output_names``: names of the per-row outputs a scored file reports (the attribute names);
+- ``score_batch(batch) -> [N]`` and ``score_heads(batch) -> ([N], {name: [N, ...]})``;
+- ``head_report(scored) -> {name: float}``: the model's own diagnostics (judge position bias, attribute
+  correlations) over already scored batches (``rmlab.models.scoring``), so reporting costs no second forward;
+- ``save_pretrained(dir, extra)``: a Hugging Face directory that plain transformers loads, with
+  ``config.rmlab`` holding what rmlab needs to rebuild the same scorer.
+
+A new head type is one file in this package (a subclass) plus one yaml in ``conf/model/``; see docs/heads.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Bidirectional encoders: the reward is read at [CLS], and a prompt cannot be shared across responses.
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "albert", "deberta", "deberta-v2", "camembert"
+}
+
+
+def pool_index(attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Index of the first or last real token of each row, from the mask alone."""
+    mask = attention_mask.bool()
+    if not mask.any(-1).all():
+        raise ValueError("a row of the batch has no real token (all padding)")
+    if pooling == "first":
+        return mask.int().argmax(-1)
+    if pooling == "last":
+        n = mask.shape[-1]
+        return n - 1 - mask.flip(-1).int().argmax(-1)
+    raise ValueError(f"pooling must be first|last, got {pooling!r}")
+
+
+def backbone_states(hf: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """Last hidden states [N, L, H] of a transformers model's base, positions from the mask by default
+    (so left padding does not shift them)."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def rows_at(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """h [N, L, H] at one position per row -> [N, H]."""
+    return h[torch.arange(h.shape[0], device=h.device), index]
+
+
+class RewardModel(nn.Module):
+    """Base class of every reward model (see the module docstring for the contract)."""
+
+    kind: str = "scalar"
+    group_template: Any = None
+    extra_outputs: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def score_batch(self, batch) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rewards [N] and the named extra outputs (none for a one-output model)."""
+        return self.score_batch(batch), {}
+
+    def head_report(self, scored: Iterable) -> dict[str, float]:
+        """The model's own diagnostics over ``rmlab.models.scoring.Scored`` batches; none by default."""
+        return {}
+
+    def backbone_replaced(self) -> None:
+        """Called after ``self.hf`` was swapped for another object (the LoRA merge): re-find owned parts."""
+
+    def export_meta(self) -> dict[str, Any]:
+        """What ``config.rmlab`` records so ``rmlab.models.load_export`` rebuilds this scorer."""
+        return {"head": self.kind}
+
+    def save_pretrained(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Hugging Face format (safetensors + tokenizer) that plain transformers loads."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.hf.config
+        if self.tokenizer is not None and getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = self.tokenizer.pad_token_id
+        cfg.rmlab = {**self.export_meta(), **(extra or {})}
+        if {"reward_mean", "reward_std"} <= cfg.rmlab.keys():  # OpenRLHF's --normalize_reward reads config.mean / config.std
+            cfg.mean, cfg.std = float(cfg.rmlab["reward_mean"]), float(cfg.rmlab["reward_std"])
+        self.hf.save_pretrained(out, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out)
+        self.save_extra(out)
+        return out
+
+    def save_extra(self, out: Path) -> None:
+        """Weights that live outside the transformers model (the attribute gate), saved beside it."""

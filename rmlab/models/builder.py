@@ -1,0 +1,129 @@
+"""One builder for every reward model: ``build_model(head=..., **options)``, the ``_target_`` of conf/model/.
+
+Heads (``model.head``):
+
+- ``scalar``: backbone + one-output head (rmlab.models.scalar); LoRA, packing and compile apply;
+- ``attributes``: one output per attribute, combined into one reward (rmlab.models.attributes);
+- ``verifier`` / ``judge``: a causal LM read through a judge template (rmlab.models.generative).
+
+Every option is checked against the head's list: a misspelled key is an error that lists the valid ones,
+never silently ignored. ``load_export`` rebuilds whatever head an rmlab export holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rmlab.models.attributes import AttributeRewardModel, attribute_options
+from rmlab.models.backbone import build_tokenizer, load_backbone, read_export_meta
+from rmlab.models.base import RewardModel
+from rmlab.models.generative import GenerativeVerifier, PairwiseJudge, check_restricted_head
+from rmlab.models.lora import apply_lora
+from rmlab.models.packing import configure_speed
+from rmlab.models.scalar import ScalarRewardModel
+
+# Options every head takes (conf/model/base.yaml), then each head's own.
+COMMON_OPTIONS = (
+    "name_or_path", "config", "tokenizer", "dropout", "trust_remote_code", "gradient_checkpointing", "attn_implementation"
+)
+HEAD_OPTIONS = {
+    "scalar": ("pooling", "lora", "forward_mode", "row_tokens", "compile", "head_options"),
+    # The attribute head always runs padded (its gate reads the prompt's hidden state); the speed keys are
+    # accepted so that `model=tiny_llama model.head=attributes` works, and have no effect.
+    "attributes": ("pooling", "lora", "forward_mode", "row_tokens", "compile", "head_options"),
+    "verifier": ("template", "answers", "answer_ids"),
+    "judge": ("template", "answers", "answer_ids"),
+}
+HEADS = tuple(HEAD_OPTIONS)
+
+
+def check_options(head: str, options: dict[str, Any]) -> None:
+    """A head's own options must be among its listed ones; the error lists the valid keys."""
+    if head not in HEAD_OPTIONS:
+        raise ValueError(f"model.head must be one of {list(HEADS)}, got {head!r}")
+    unknown = sorted(k for k in options if k not in HEAD_OPTIONS[head])
+    if unknown:
+        valid = COMMON_OPTIONS + HEAD_OPTIONS[head]
+        raise ValueError(
+            f"unknown option(s) {', '.join('model.' + k for k in unknown)} for a {head} reward model; "
+            f"valid keys: {', '.join(sorted(valid))}"
+        )
+
+
+def build_model(
+    head: str = "scalar",
+    name_or_path: str | None = None,
+    config: dict | None = None,
+    tokenizer: str | None = None,
+    dropout: bool | float = False,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = "sdpa",
+    **options: Any,
+) -> RewardModel:
+    """Build a reward model.
+
+    name_or_path: a hub name, a local directory (an rmlab export restores its own settings), or ``minilm``
+        for the bundled all-MiniLM-L6-v2. config: build from this transformers config with random weights
+        instead (``model_type`` plus its fields). tokenizer: ``byt5`` for a file-free byte tokenizer, another
+        name/path, or None (= name_or_path). ``options``: the head's own keys (``HEAD_OPTIONS``), documented in
+        conf/model/*.yaml.
+    """
+    check_options(head, options)
+    tok = build_tokenizer(tokenizer, name_or_path, trust_remote_code)
+    backbone = dict(
+        name_or_path=name_or_path,
+        config=config,
+        dropout=dropout,
+        trust_remote_code=trust_remote_code,
+        gradient_checkpointing=gradient_checkpointing,
+        attn_implementation=attn_implementation,
+    )
+    if head in ("verifier", "judge"):
+        return build_generative(head, tok, backbone, options)
+    attrs = attribute_options(options.get("head_options"), name_or_path) if head == "attributes" else None
+    hf = load_backbone(
+        "seq_cls", tok, num_labels=len(attrs["attributes"]) if attrs else 1, head_name=head, **backbone
+    )
+    lora = options.get("lora")
+    if lora and int(lora.get("r") or 0) > 0:  # adapters + a trained head, in place (rmlab.models.lora)
+        apply_lora(hf, **lora)
+    pooling = options.get("pooling") or "auto"
+    meta = getattr(hf.config, "rmlab", None)
+    if isinstance(meta, dict) and pooling == "auto":
+        pooling = meta.get("pooling", "auto")
+    if attrs is not None:
+        model = AttributeRewardModel(hf, tok, pooling, **attrs)
+        model.load_gate(name_or_path)
+        return model
+    return configure_speed(
+        ScalarRewardModel(hf, tok, pooling),
+        options.get("forward_mode") or "padded",
+        options.get("row_tokens"),
+        bool(options.get("compile") or False),
+    )
+
+
+def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dict[str, Any]) -> GenerativeVerifier:
+    """A ``GenerativeVerifier`` (head=verifier) or ``PairwiseJudge`` (head=judge) on a causal LM. Template,
+    answers and answer ids: the config's, else an rmlab export's of the same kind, else the kind's default."""
+    hf = load_backbone("causal", tok, **backbone)
+    meta = getattr(hf.config, "rmlab", None) or {}
+    cls = GenerativeVerifier if head == "verifier" else PairwiseJudge
+    saved = meta if meta.get("head") == cls.kind else {}
+    answers = options.get("answers")
+    model = cls(
+        hf,
+        tok,
+        template=options.get("template") or saved.get("template"),
+        answers=answers or saved.get("answers"),
+        answer_ids=options.get("answer_ids") or (saved.get("answer_ids") if not answers else None),
+    )
+    check_restricted_head(model)
+    return model
+
+
+def load_export(name_or_path: str, **options: Any) -> RewardModel:
+    """Any rmlab export (or HF reward model) with the right head: ``config.rmlab.head`` picks it."""
+    head = read_export_meta(name_or_path).get("head") or "scalar"
+    return build_model(head=head, name_or_path=name_or_path, **options)

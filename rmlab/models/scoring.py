@@ -1,0 +1,47 @@
+"""The one loop from batches to rewards: validation reports, ``eval.py``, ``rmlab.score`` and the export's
+reward statistics all score through ``score_batches``; training scores through the same ``score_heads``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rmlab.models.base import RewardModel
+
+
+@dataclass
+class Scored:
+    """One scored batch: the batch as given (on its own device), its rewards and named extra outputs on CPU."""
+
+    batch: Any
+    rewards: torch.Tensor  # [N] float32
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def score_batches(
+    model: RewardModel,
+    batches: Iterable,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> Iterator[Scored]:
+    """Score every batch in eval mode without gradients; the model's mode is restored afterwards."""
+    dev = torch.device(device) if device is not None else model.device
+    model.to(dev)
+    was = model.training
+    model.eval()
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=desc, unit="batch", leave=False)
+    try:
+        with torch.inference_mode():
+            for batch in it:
+                rewards, heads = model.score_heads(batch.to(dev))
+                yield Scored(batch, rewards.float().cpu(), {k: v.float().cpu() for k, v in heads.items()})
+    finally:
+        model.train(was)

@@ -1,0 +1,116 @@
+"""What every run needs around its work: the run dir, threads, the saved config, loggers and wandb's lifecycle.
+
+``start_run`` is the first thing ``train.py`` and ``eval.py`` do. ``Loggers`` is a context manager: inside it
+the loggers exist; leaving it (normally or by an exception) finishes wandb with the right exit code, so a
+crash never leaves a wandb run open. The wandb key is only ever checked for presence, never read out loud.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rmlab.checkpoint import wandb_run_id
+
+log = logging.getLogger("rmlab")
+
+
+def start_run(cfg: DictConfig, resolve: bool = True) -> tuple[Path, float]:
+    """Quiet transformers, the run dir, threads, the config saved in the run dir. Returns (run dir, start time)."""
+    transformers.logging.set_verbosity_error()
+    t0 = time.time()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=resolve))
+    return out, t0
+
+
+def has_wandb_key() -> bool:
+    """True when wandb has credentials (env or netrc). Never reads the key out loud."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def run_name_and_group(cfg: DictConfig) -> tuple[str, str]:
+    """A run is named by its overrides; the runs of one -m sweep share a group (task + sweep dir)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    out = Path(cfg.paths.output_dir)
+    try:
+        hc = HydraConfig.get()
+        name = hc.job.override_dirname or out.name
+        group = f"{cfg.task_name}/{Path(hc.sweep.dir).name}" if hc.mode == RunMode.MULTIRUN else cfg.task_name
+    except ValueError:  # called outside a Hydra app (tests, notebooks)
+        name, group = out.name, cfg.task_name
+    return name, group
+
+
+def is_wandb(logger) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for lcfg in (cfg.get("logger") or {}).values():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        if "wandb" in lcfg._target_.lower():
+            with open_dict(lcfg):
+                if lcfg.get("offline") is None:
+                    # No key: run offline, never prompt, never hang. `wandb sync` uploads later.
+                    lcfg.offline = not has_wandb_key()
+                if lcfg.get("id") is None:
+                    # The id lives in the run dir, so a resumed or requeued run continues the same wandb run.
+                    lcfg.id, lcfg.resume = wandb_run_id(cfg.paths.output_dir), "allow"
+                name, group = run_name_and_group(cfg)
+                if lcfg.get("name") is None:
+                    lcfg.name = name  # the overrides that make this run, e.g. "loss=margin,seed=2"
+                if lcfg.get("group") is None:
+                    lcfg.group = group  # one group per sweep
+            os.environ.setdefault("WANDB_SILENT", "true")
+            lg = instantiate(lcfg)
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # resolved, never ${...}
+            loggers.append(lg)
+        else:
+            loggers.append(instantiate(lcfg))
+    return loggers
+
+
+def finish_wandb(loggers: list, failed: bool) -> None:
+    if not any(is_wandb(lg) for lg in loggers):
+        return
+    try:
+        import wandb  # installed whenever a WandbLogger exists
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)
+    except Exception as e:  # finishing must never mask the run's own error
+        log.warning("wandb.finish failed: %s", e)
+
+
+class Loggers:
+    """``with Loggers(cfg) as loggers:`` the run's loggers; wandb is finished on the way out, whatever happened."""
+
+    def __init__(self, cfg: DictConfig):
+        self.loggers = build_loggers(cfg)
+
+    def __enter__(self) -> list:
+        return self.loggers
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        finish_wandb(self.loggers, failed=exc_type is not None)
