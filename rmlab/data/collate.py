@@ -3,13 +3,14 @@
 Example (runnable)::
 
     >>> from rmlab.data.tokenize import TokenizedGroup
-    >>> g = TokenizedGroup(prompt_ids=[5, 6], response_ids=[[7, 1], [8, 9, 1]], winner=[1], loser=[0],
-    ...                    margin=[float("nan")], strength=[-1], weight=[1.0], tie=[False], group_weight=[1.0])
+    >>> g = TokenizedGroup(prompt_ids=[5, 6], response_ids=[[7, 1], [8, 9, 1]], winner=[1], loser=[0])
     >>> b = collate([g, g], pad_id=0)
     >>> b.input_ids.tolist()            # two groups x two responses, right-padded
     [[5, 6, 7, 1, 0], [5, 6, 8, 9, 1], [5, 6, 7, 1, 0], [5, 6, 8, 9, 1]]
     >>> b.group_index.tolist(), b.winner.tolist(), b.loser.tolist()
     ([0, 0, 1, 1], [1, 3], [0, 2])
+    >>> b.margin.tolist(), b.weight.tolist()  # fields the group does not give: their missing values
+    ([nan, nan], [1.0, 1.0])
 
 Each response appears once however many comparisons it is in; ``winner``/``loser`` index rows of
 ``input_ids``. A loss receives ``rewards`` (one per row) and this batch.
@@ -18,37 +19,15 @@ Each response appears once however many comparisons it is in; ``winner``/``loser
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
 from rmlab.data.tokenize import TokenizedGroup
+from rmlab.data.types import COMPARISON_FIELDS, RESPONSE_FIELDS
 
 
-@dataclass
-class RewardBatch:
-    input_ids: torch.Tensor  # [N, L] one row per unique response (prompt + response)
-    attention_mask: torch.Tensor  # [N, L]
-    position_ids: torch.Tensor  # [N, L] from the mask, so left padding does not shift positions
-    group_index: torch.Tensor  # [N] group of each response, 0..G-1
-    response_len: torch.Tensor  # [N] response tokens (no prompt), for length-bias metrics
-    winner: torch.Tensor  # [C] row index of the preferred response
-    loser: torch.Tensor  # [C]
-    margin: torch.Tensor  # [C] float, NaN = no margin
-    strength: torch.Tensor  # [C] long, -1 = none
-    weight: torch.Tensor  # [C] per-comparison weight
-    tie: torch.Tensor  # [C] bool
-    group_weight: torch.Tensor  # [C] 1/C(K,2) of the comparison's original group (eq 6)
-    cmp_group: torch.Tensor  # [C] group of each comparison
-    rank: torch.Tensor  # [N] 0 = best, NaN = unranked
-    score: torch.Tensor  # [N] per-response rating, NaN = none
-    true_reward: torch.Tensor  # [N] simulator truth, NaN = unknown
-    label: torch.Tensor  # [N] pointwise 0/1 label, NaN = none
-    attributes: torch.Tensor  # [N, A] per-attribute ratings (A may be 0), NaN = missing
-    group_ids: list[str] = field(default_factory=list)
-    subsets: list[str] = field(default_factory=list)  # per group
-    prompt_len: torch.Tensor | None = None  # [N] tokens of the shared prefix in each row
-
+class _RewardBatchMethods:
     @property
     def num_groups(self) -> int:
         return len(self.group_ids)
@@ -60,7 +39,7 @@ class RewardBatch:
     def __len__(self) -> int:  # Lightning reads a batch size from here when none is given
         return self.num_comparisons
 
-    def to(self, device, non_blocking: bool = False) -> RewardBatch:
+    def to(self, device, non_blocking: bool = False):
         """The same batch with every tensor on ``device`` (Lightning's batch transfer calls this too)."""
         moved = {
             f.name: v.to(device, non_blocking=non_blocking)
@@ -70,10 +49,37 @@ class RewardBatch:
         return dataclasses.replace(self, **moved)
 
 
+# One row per unique response, the comparisons among them, and one tensor per declared field (rmlab.data.types):
+# [C] per comparison, [N] per response.
+RewardBatch = dataclasses.make_dataclass(
+    "RewardBatch",
+    [
+        ("input_ids", torch.Tensor),  # [N, L] one row per unique response (prompt + response)
+        ("attention_mask", torch.Tensor),  # [N, L]
+        ("position_ids", torch.Tensor),  # [N, L] from the mask, so left padding does not shift positions
+        ("group_index", torch.Tensor),  # [N] group of each response, 0..G-1
+        ("response_len", torch.Tensor),  # [N] response tokens (no prompt), for length-bias metrics
+        ("winner", torch.Tensor),  # [C] row index of the preferred response
+        ("loser", torch.Tensor),  # [C]
+        *[(f.name, torch.Tensor) for f in COMPARISON_FIELDS],  # [C] each
+        ("cmp_group", torch.Tensor),  # [C] group of each comparison
+        *[(f.name, torch.Tensor) for f in RESPONSE_FIELDS],  # [N] each
+        ("attributes", torch.Tensor),  # [N, A] per-attribute ratings (A may be 0), NaN = missing
+        ("group_ids", list, field(default_factory=list)),
+        ("subsets", list, field(default_factory=list)),  # per group
+        ("prompt_len", torch.Tensor | None, field(default=None)),  # [N] tokens of the shared prefix in each row
+    ],
+    bases=(_RewardBatchMethods,),
+)
+RewardBatch.__module__ = __name__  # picklable (DataLoader workers) under its module-level name
+DTYPES = {"float": torch.float32, "long": torch.long, "bool": torch.bool}
+
+
 def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "right") -> RewardBatch:
     rows, gidx, rlen, plen = [], [], [], []
-    win, los, mar, stren, wt, tie, gw, cg = [], [], [], [], [], [], [], []
-    rank, score, truth, label, attrs = [], [], [], [], []
+    win, los, cg, attrs = [], [], [], []
+    per_cmp: dict[str, list] = {f.name: [] for f in COMPARISON_FIELDS}
+    per_resp: dict[str, list] = {f.name: [] for f in RESPONSE_FIELDS}
     n_attr = max((len(g.attributes[0]) for g in groups if g.attributes), default=0)
     for gi, g in enumerate(groups):
         base = len(rows)
@@ -84,16 +90,12 @@ def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "righ
             plen.append(len(g.prompt_ids))
         win += [base + i for i in g.winner]
         los += [base + i for i in g.loser]
-        mar += g.margin
-        stren += g.strength
-        wt += g.weight
-        tie += g.tie
-        gw += g.group_weight
         cg += [gi] * len(g.winner)
-        rank += g.ranks
-        score += g.scores
-        truth += g.true_rewards
-        label += g.labels
+        # An empty list means "none given": the field's missing value for each comparison or response.
+        for f in COMPARISON_FIELDS:
+            per_cmp[f.name] += getattr(g, f.group_name) or [f.missing] * len(g.winner)
+        for f in RESPONSE_FIELDS:
+            per_resp[f.name] += getattr(g, f.group_name) or [f.missing] * g.k
         nan_row = [float("nan")] * n_attr
         attrs += list(g.attributes) if g.attributes else [nan_row] * g.k
     n, longest = len(rows), max(len(r) for r in rows)
@@ -107,7 +109,6 @@ def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "righ
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    f = torch.float32
     return RewardBatch(
         input_ids=ids,
         attention_mask=mask,
@@ -116,17 +117,10 @@ def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "righ
         response_len=torch.tensor(rlen),
         winner=torch.tensor(win, dtype=torch.long),
         loser=torch.tensor(los, dtype=torch.long),
-        margin=torch.tensor(mar, dtype=f),
-        strength=torch.tensor(stren, dtype=torch.long),
-        weight=torch.tensor(wt, dtype=f),
-        tie=torch.tensor(tie, dtype=torch.bool),
-        group_weight=torch.tensor(gw, dtype=f),
+        **{f.name: torch.tensor(per_cmp[f.name], dtype=DTYPES[f.dtype]) for f in COMPARISON_FIELDS},
         cmp_group=torch.tensor(cg, dtype=torch.long),
-        rank=torch.tensor(rank, dtype=f),
-        score=torch.tensor(score, dtype=f),
-        true_reward=torch.tensor(truth, dtype=f),
-        label=torch.tensor(label, dtype=f),
-        attributes=torch.tensor(attrs, dtype=f).reshape(n, n_attr),
+        **{f.name: torch.tensor(per_resp[f.name], dtype=DTYPES[f.dtype]) for f in RESPONSE_FIELDS},
+        attributes=torch.tensor(attrs, dtype=torch.float32).reshape(n, n_attr),
         group_ids=[g.group_id for g in groups],
         subsets=[g.subset for g in groups],
         prompt_len=torch.tensor(plen),

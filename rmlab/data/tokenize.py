@@ -19,35 +19,15 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from pathlib import Path
 
-from rmlab.data.types import DataReport, PreferenceGroup
+from rmlab.data.types import COMPARISON_FIELDS, RESPONSE_FIELDS, DataReport, PreferenceGroup
 
 NAN = float("nan")
 
 
-@dataclass
-class TokenizedGroup:
-    prompt_ids: list[int]  # start specials + prompt + mid specials: the shared prefix
-    response_ids: list[list[int]]  # response + end specials, one per response
-    winner: list[int]
-    loser: list[int]
-    margin: list[float]  # NaN = none
-    strength: list[int]  # -1 = none
-    weight: list[float]
-    tie: list[bool]
-    group_weight: list[float]  # 1 / (comparisons in the *original* group): eq 6 balancing
-    group_id: str = ""
-    ranks: list[float] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    true_rewards: list[float] = field(default_factory=list)
-    labels: list[float] = field(default_factory=list)
-    attributes: list[list[float]] = field(default_factory=list)
-    subset: str = ""
-    parent: int = -1  # index of the original group when this is a sub-group of a split group
-    n_records: int = 1  # source records behind this group, for the data report
-
+class _TokenizedGroupMethods:
     @property
     def num_tokens(self) -> int:
         p = len(self.prompt_ids)
@@ -65,6 +45,28 @@ class TokenizedGroup:
         return self.__dict__.copy()
 
 
+# A tokenized group: the shared prefix, the responses, the comparisons (winner/loser indices) and one list per
+# declared field (rmlab.data.types): per comparison (margin, strength, ...) and per response (ranks, scores, ...).
+# An empty list means "none given": collate fills it with the field's missing value.
+TokenizedGroup = make_dataclass(
+    "TokenizedGroup",
+    [
+        ("prompt_ids", list),  # start specials + prompt + mid specials: the shared prefix
+        ("response_ids", list),  # response + end specials, one per response
+        ("winner", list, field(default_factory=list)),
+        ("loser", list, field(default_factory=list)),
+        *[(f.group_name, list, field(default_factory=list)) for f in COMPARISON_FIELDS + RESPONSE_FIELDS],
+        ("group_id", str, field(default="")),
+        ("attributes", list, field(default_factory=list)),  # [K][A] per-attribute ratings, NaN = missing
+        ("subset", str, field(default="")),
+        ("parent", int, field(default=-1)),  # the original group's index when this is a sub-group of a split group
+        ("n_records", int, field(default=1)),  # source records behind this group, for the data report
+    ],
+    bases=(_TokenizedGroupMethods,),
+)
+TokenizedGroup.__module__ = __name__  # picklable (DataLoader workers) under its module-level name
+
+
 def special_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
     """(start, mid, end) special tokens around prompt and response for this tokenizer."""
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -78,6 +80,14 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+CASTS = {"float": float, "long": int, "bool": bool}
+
+
+def record_value(f, value):
+    """A per-comparison value as the batch stores it: the field's missing value for None, else cast."""
+    return f.missing if value is None else CASTS[f.dtype](value)
 
 
 def _pad(values, k, fill):
@@ -140,16 +150,10 @@ def tokenize_groups(
                 response_ids=resp,
                 winner=[c.winner for c in keep_c],
                 loser=[c.loser for c in keep_c],
-                margin=[NAN if c.margin is None else float(c.margin) for c in keep_c],
-                strength=[-1 if c.strength is None else int(c.strength) for c in keep_c],
-                weight=[float(c.weight) for c in keep_c],
-                tie=[bool(c.tie) for c in keep_c],
+                **{f.group_name: [record_value(f, getattr(c, f.name)) for c in keep_c] for f in COMPARISON_FIELDS if f.from_record},
                 group_weight=[1.0 / n_orig] * len(keep_c),
                 group_id=g.group_id,
-                ranks=_pad(g.ranks, k, NAN),
-                scores=_pad(g.scores, k, NAN),
-                true_rewards=_pad(g.true_rewards, k, NAN),
-                labels=_pad(g.labels, k, NAN),
+                **{f.group_name: _pad(getattr(g, f.group_name), k, f.missing) for f in RESPONSE_FIELDS},
                 attributes=list(g.attributes) if g.attributes is not None else [],
                 subset=g.subset or "",
                 n_records=g.n_records,
@@ -170,16 +174,9 @@ def subgroup(tg: TokenizedGroup, members: list[int], cis: list[int], group_id: s
         response_ids=[tg.response_ids[r] for r in members],
         winner=[local[tg.winner[c]] for c in cis],
         loser=[local[tg.loser[c]] for c in cis],
-        margin=[tg.margin[c] for c in cis],
-        strength=[tg.strength[c] for c in cis],
-        weight=[tg.weight[c] for c in cis],
-        tie=[tg.tie[c] for c in cis],
-        group_weight=[tg.group_weight[c] for c in cis],
+        **{f.group_name: [getattr(tg, f.group_name)[c] for c in cis] if getattr(tg, f.group_name) else [] for f in COMPARISON_FIELDS},
         group_id=group_id,
-        ranks=pick(tg.ranks),
-        scores=pick(tg.scores),
-        true_rewards=pick(tg.true_rewards),
-        labels=pick(tg.labels),
+        **{f.group_name: pick(getattr(tg, f.group_name)) for f in RESPONSE_FIELDS},
         attributes=pick(tg.attributes),
         subset=tg.subset,
         parent=parent,

@@ -12,6 +12,42 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class BatchField:
+    """One per-comparison or per-response value that flows from the records to the loss.
+
+    Declared once here (``COMPARISON_FIELDS``, ``RESPONSE_FIELDS``); ``TokenizedGroup`` (rmlab.data.tokenize),
+    ``RewardBatch`` (rmlab.data.collate) and the loss-side ``Comparisons`` (rmlab.losses.base) are built from
+    these declarations, so a new field is one line here plus where a format adapter reads it.
+    """
+
+    name: str  # the RewardBatch attribute (and Comparison's, for a per-comparison field read from a record)
+    group_name: str  # the list's name in PreferenceGroup / TokenizedGroup
+    dtype: str  # float | long | bool
+    missing: Any  # the value when the data has none
+    doc: str
+    from_record: bool = True  # False: computed by rmlab (tokenization), not read from a record
+
+
+COMPARISON_FIELDS = (
+    BatchField("margin", "margin", "float", NAN, "a continuous margin (rating gap, judge-score gap, margin field); NaN = none"),
+    BatchField("strength", "strength", "long", -1, "a discrete preference strength 0..3 (Llama 2's scale); -1 = none"),
+    BatchField("weight", "weight", "float", 1.0, "a per-comparison weight (e.g. annotator agreement)"),
+    BatchField("tie", "tie", "bool", False, "the label says neither side is better"),
+    BatchField(
+        "group_weight", "group_weight", "float", 1.0, "1 / C(K,2) of the comparison's original group (eq 6)", False
+    ),
+)
+RESPONSE_FIELDS = (
+    BatchField("rank", "ranks", "float", NAN, "0 = best; equal ranks are ties; NaN = unranked"),
+    BatchField("score", "scores", "float", NAN, "a per-response rating; NaN = none"),
+    BatchField("true_reward", "true_rewards", "float", NAN, "the simulator's hidden truth; NaN = unknown"),
+    BatchField("label", "labels", "float", NAN, "a pointwise correct (1) / incorrect (0) label; NaN = none"),
+)
+
 
 @dataclass
 class Comparison:

@@ -16,15 +16,18 @@ option that composes with every loss, not a copy of each loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Fields a loss may read, by the axis they live on: [C] per comparison, [N] per response.
-COMPARISON_FIELDS = ("margin", "strength", "weight", "tie", "group_weight", "cmp_group")
-RESPONSE_FIELDS = ("group_index", "rank", "score", "label")
+from rmlab.data import types as data_types
+
+# Fields a loss may read, by the axis they live on: [C] per comparison, [N] per response (declared in
+# rmlab.data.types, the one declaration of the batch contract).
+COMPARISON_FIELDS = (*(f.name for f in data_types.COMPARISON_FIELDS), "cmp_group")
+RESPONSE_FIELDS = ("group_index", *(f.name for f in data_types.RESPONSE_FIELDS))
 CENTER_MODES = ("pair", "group")
 
 
@@ -37,35 +40,13 @@ class LossOutput:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named add-ons (e.g. "center"), detached
 
 
-@dataclass
-class Comparisons:
-    """The comparison structure alone, for using a loss outside a RewardBatch."""
-
-    winner: torch.Tensor
-    loser: torch.Tensor
-    margin: torch.Tensor | None = None
-    strength: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    tie: torch.Tensor | None = None
-    group_weight: torch.Tensor | None = None
-    cmp_group: torch.Tensor | None = None
-    group_index: torch.Tensor | None = None
-    rank: torch.Tensor | None = None
-    score: torch.Tensor | None = None
-    label: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
-
+class _ComparisonDefaults:
     def __post_init__(self):
         c = self.winner.numel()
-        f = torch.get_default_dtype()
-        if self.margin is None:
-            self.margin = torch.full((c,), float("nan"), dtype=f)
-        if self.strength is None:
-            self.strength = torch.full((c,), -1, dtype=torch.long)
-        if self.weight is None:
-            self.weight = torch.ones(c, dtype=f)
-        if self.tie is None:
-            self.tie = torch.zeros(c, dtype=torch.bool)
+        dtypes = {"float": torch.get_default_dtype(), "long": torch.long, "bool": torch.bool}
+        for f in data_types.COMPARISON_FIELDS:
+            if f.from_record and getattr(self, f.name) is None:
+                setattr(self, f.name, torch.full((c,), f.missing, dtype=dtypes[f.dtype]))
         if self.cmp_group is None:
             # Without a group per comparison, the comparisons belong to the winner's group when
             # responses have one, else to a single group.
@@ -77,6 +58,21 @@ class Comparisons:
             # float64, so 1/3 is exact to float64 tests; a loss casts weights to the rewards' dtype.
             counts = torch.bincount(self.cmp_group, minlength=1).double() if c else torch.ones(1, dtype=torch.float64)
             self.group_weight = 1.0 / counts[self.cmp_group]
+
+
+# The comparison structure alone, for using a loss outside a RewardBatch: winner and loser [C], then every
+# declared field (None = its missing value for per-comparison fields, absent for per-response ones).
+Comparisons = make_dataclass(
+    "Comparisons",
+    [
+        ("winner", torch.Tensor),
+        ("loser", torch.Tensor),
+        *[(name, torch.Tensor | None, field(default=None)) for name in COMPARISON_FIELDS + RESPONSE_FIELDS],
+        ("extra", dict, field(default_factory=dict)),
+    ],
+    bases=(_ComparisonDefaults,),
+)
+Comparisons.__module__ = __name__
 
 
 def check_rewards(rewards: torch.Tensor, batch) -> None:
