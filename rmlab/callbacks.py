@@ -1,7 +1,8 @@
-"""The eval report's metrics during validation, logged as ``val/...``, and wandb dashboards.
+"""Callbacks that watch the steps: the eval report's metrics during validation (and wandb dashboards), the
+non-finite guard, the gradient norm.
 
 ``EvalMetricsCallback`` collects the rewards that the module's shared step already computed
-(``pl_module.last_rewards``: no second forward), then at the end of each validation epoch logs every
+(``pl_module.last_step``: no second forward), then at the end of each validation epoch logs every
 scalar of ``rmlab.metrics.compute_all`` as ``val/<name>`` (``val/ece``, ``val/brier``,
 ``val/bucket_strength/3``, ``val/length/pearson``, ``val/rank/kendall_tau``, ``val/truth/acc``, ...).
 With a ``WandbLogger`` it also logs reward histograms of chosen and rejected, the reliability diagram
@@ -21,9 +22,12 @@ import math
 from typing import Any
 
 import lightning as L
+import torch
 
+from rmlab.checkpoint import save_inspection_checkpoint
 from rmlab.metrics import EvalResult, PredictionCollector, Predictions, compute_all, concat_predictions
 from rmlab.report import reliability_figure, worst_comparisons
+from rmlab.strategies import deepspeed_stage
 
 log = logging.getLogger("rmlab")
 
@@ -49,10 +53,10 @@ class EvalMetricsCallback(L.Callback):
         self.collector = PredictionCollector(keep_tokens=keep)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        rewards = pl_module.last_rewards
-        if trainer.sanity_checking or self.collector is None or rewards is None:
+        step = pl_module.last_step
+        if trainer.sanity_checking or self.collector is None or step is None:
             return
-        self.collector.add(rewards, batch)
+        self.collector.add(step.rewards, batch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:  # the same on every rank, so no rank skips the gather below alone
@@ -119,3 +123,109 @@ def final_val_rewards(trainer) -> Any:
         if isinstance(cb, EvalMetricsCallback) and cb.last_pred is not None and cb.last_step == trainer.global_step:
             return cb.last_pred.reward
     return None
+
+
+class NonFiniteGuard(L.Callback):
+    """Stop on a NaN/inf loss or reward, naming the step and the batch's prompts (rmlab.train always adds it).
+
+    Training: checked before the backward, so the step's update and any checkpoint of this step never happen;
+    the state is saved to ``nonfinite-step<N>.ckpt`` for a post-mortem and the last good checkpoint is
+    untouched. Under DDP every rank decides together each step (train batches are even across ranks), so no
+    rank is left alone in the next all-reduce. Val/test batches may be uneven across ranks: no collective per
+    step; the first bad batch is kept and every rank decides together at the epoch's end.
+    """
+
+    def __init__(self):
+        self._eval_bad = None  # the first non-finite val/test StepOutput of this epoch, under DDP
+
+    @staticmethod
+    def is_bad(step) -> bool:
+        return not bool(torch.isfinite(step.loss) and torch.isfinite(step.rewards).all())
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        step = pl_module.last_step
+        bad = self.is_bad(step)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            stop_on_nonfinite(trainer, step)
+
+    def _eval_batch_end(self, trainer, pl_module) -> None:
+        step = pl_module.last_step
+        if step is None:
+            return
+        if self.is_bad(step):
+            if trainer.world_size <= 1:
+                stop_on_nonfinite(trainer, step)
+            elif self._eval_bad is None:
+                self._eval_bad = step
+
+    def _eval_epoch_end(self, trainer) -> None:
+        if trainer.world_size <= 1:
+            return
+        seen, self._eval_bad = self._eval_bad, None
+        if trainer.strategy.reduce_boolean_decision(seen is not None, all=False):
+            if seen is None:
+                raise FloatingPointError("non-finite val/test loss or rewards on another rank; see its message")
+            stop_on_nonfinite(trainer, seen)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_end(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_end(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._eval_epoch_end(trainer)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._eval_epoch_end(trainer)
+
+
+def stop_on_nonfinite(trainer, step) -> None:
+    """Raise FloatingPointError naming the stage, step and prompt ids; a train step's state is saved first."""
+    ids, gstep = list(step.batch.group_ids), trainer.global_step
+    bad = int((~torch.isfinite(step.rewards)).sum())
+    info = {"stage": step.stage, "global_step": gstep, "group_ids": ids, "loss": float(step.loss),
+            "nonfinite_rewards": bad}
+    saved = ""
+    if step.stage == "train":
+        path = save_inspection_checkpoint(trainer, f"nonfinite-step{gstep}.ckpt", info)
+        saved = f" State saved for inspection: {path}; the last good checkpoint is untouched." if path else ""
+    shown = ", ".join(map(str, ids[:32])) + (f" ... ({len(ids) - 32} more)" if len(ids) > 32 else "")
+    raise FloatingPointError(
+        f"non-finite {step.stage} loss ({float(step.loss)}) or rewards ({bad} of {step.rewards.numel()} non-finite) "
+        f"at global step {gstep}; prompt ids in the batch: [{shown}].{saved} "
+        "Lower module.lr, check margins and data, or use trainer.precision=32-true"
+    )
+
+
+class GradNormMonitor(L.Callback):
+    """Logs ``train/grad_norm``, the global L2 norm before clipping: spikes here flag bad pairs or a too-high lr
+    before the loss does (rmlab.train always adds it)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        norm = grad_norm(trainer, pl_module)
+        if norm is not None:
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
+
+def grad_norm(trainer, pl_module) -> torch.Tensor | None:
+    """The L2 norm of all gradients, over every rank's shard; None when it cannot be read here.
+
+    - One process, or DDP: the gradients are whole on each rank (DDP all-reduced them), so the local norm
+      is the global one and no collective is needed.
+    - FSDP: each rank holds a shard of the gradients. FSDP's own ``clip_grad_norm_`` all-reduces the
+      shards' sums of squares (hybrid sharding counted once); with an infinite max norm it clips nothing.
+      Every rank runs this hook, so every rank joins that all-reduce.
+    - DeepSpeed ZeRO keeps the reduced gradients in its own partitioned buffers, not in ``p.grad``:
+      there is no norm to read before its step, so none is logged.
+    """
+    wrapped = trainer.model if trainer is not None else None
+    if hasattr(wrapped, "clip_grad_norm_"):
+        return wrapped.clip_grad_norm_(float("inf")).detach().float()
+    strategy = getattr(trainer, "strategy", None)
+    if type(strategy).__name__ == "DeepSpeedStrategy" and deepspeed_stage(strategy) >= 1:
+        return None
+    norms = [p.grad.detach().float().norm(2) for p in pl_module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else None

@@ -1,22 +1,23 @@
 """RewardModule: the LightningModule (the *system*) around a RewardModel and a pluggable loss.
 
-One shared step for train, val and test. Metrics are torchmetrics objects, one set per stage, logged
+One shared step for train, val and test; what watches the steps (the non-finite guard, the gradient norm, the
+val report's metrics) lives in rmlab.callbacks. Metrics are torchmetrics objects, one set per stage, logged
 as objects so that DDP syncs their state. Names are ``stage/name``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
-from rmlab.checkpoint import save_inspection_checkpoint
 from rmlab.losses.base import LossOutput, RewardLoss
 from rmlab.models.base import RewardModel
-from rmlab.strategies import deepspeed_stage
 
 STAGES = ("train", "val", "test")
 METRICS = ("loss", "acc", "tie_rate", "reward_chosen", "reward_rejected", "reward_gap")
@@ -35,6 +36,16 @@ def pairwise_stats(rewards: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor
         "reward_rejected": (rl, nt.float()),
         "reward_gap": (rw - rl, nt.float()),
     }
+
+
+@dataclass
+class StepOutput:
+    """What one step computed, for the callbacks that watch steps (rmlab.callbacks): nothing is recomputed."""
+
+    loss: torch.Tensor  # detached
+    rewards: torch.Tensor  # [N] detached
+    batch: Any
+    stage: str  # train | val | test
 
 
 def model_state(state: dict) -> dict:
@@ -62,9 +73,8 @@ class RewardModule(L.LightningModule):
         # ModuleDict keys cannot shadow nn.Module attributes (`train`), hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_": nn.ModuleDict({m: MeanMetric() for m in METRICS}) for s in STAGES})
         self.val_acc_best = MaxMetric()
-        self.last_rewards = None  # the last step's rewards, read by rmlab.callbacks.EvalMetricsCallback
+        self.last_step: StepOutput | None = None  # the last step's loss, rewards and batch (for the callbacks)
         self.last_val_step = -1  # the global step of the last full validation (rmlab.train validates again if stale)
-        self._eval_nonfinite = None  # (loss, rewards, batch, stage) of the first non-finite val/test batch under DDP
 
     def forward(self, batch) -> torch.Tensor:
         return self.model.score_batch(batch)
@@ -79,21 +89,8 @@ class RewardModule(L.LightningModule):
         else:
             rewards = self(batch)
             out = self.loss_fn(rewards, batch)
-        self.last_rewards = rewards.detach()  # read by rmlab.callbacks.EvalMetricsCallback: no second forward
-        bad = not bool(torch.isfinite(out.loss) and torch.isfinite(rewards).all())
-        distributed = self._trainer is not None and self.trainer.world_size > 1
-        if distributed and stage != "train":
-            # Val/test batches may be uneven across ranks: no collective per step. The first bad batch is
-            # kept and every rank decides together at the end of the epoch (``_stop_if_eval_nonfinite``).
-            if bad and self._eval_nonfinite is None:
-                self._eval_nonfinite = (out.loss.detach(), rewards.detach(), batch, stage)
-            bad = False
-        elif distributed:
-            # Train batches are even across ranks (the sampler): all ranks stop together; a rank that raised
-            # alone would leave the others in the next all-reduce.
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            self.stop_on_nonfinite(out.loss, rewards, batch, stage)
+        # Read by the callbacks: EvalMetricsCallback (the val metrics, no second forward) and NonFiniteGuard.
+        self.last_step = StepOutput(out.loss.detach(), rewards.detach(), batch, stage)
         n = max(batch.num_comparisons, 1)
         m = self.metrics[f"{stage}_"]
         on_step = stage == "train"
@@ -118,44 +115,12 @@ class RewardModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self.shared_step(batch, "test")
 
-    def _stop_if_eval_nonfinite(self) -> None:
-        """Under DDP, a non-finite val/test batch on any rank stops every rank, at the epoch's end."""
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return
-        seen, self._eval_nonfinite = self._eval_nonfinite, None
-        if self.trainer.strategy.reduce_boolean_decision(seen is not None, all=False):
-            if seen is None:
-                raise FloatingPointError("non-finite val/test loss or rewards on another rank; see its message")
-            self.stop_on_nonfinite(*seen)
-
-    def on_test_epoch_end(self):
-        self._stop_if_eval_nonfinite()
-
     def on_validation_epoch_end(self):
-        self._stop_if_eval_nonfinite()
         self.last_val_step = self.global_step
         acc = self.metrics["val_"]["acc"].compute()
         if not torch.isnan(acc):
             self.val_acc_best.update(acc)
             self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=False)
-
-    def stop_on_nonfinite(self, loss: torch.Tensor, rewards: torch.Tensor, batch, stage: str) -> None:
-        """Stop on a NaN/inf loss or reward, naming the step and the batch's prompts. The state is saved to
-        ``nonfinite-step<N>.ckpt`` for a post-mortem; the last good checkpoint is untouched, since this raises
-        before the step's update and before any checkpoint of this step."""
-        step, ids = self.global_step, list(batch.group_ids)
-        bad = int((~torch.isfinite(rewards.detach())).sum())
-        info = {"stage": stage, "global_step": step, "group_ids": ids, "loss": float(loss.detach()), "nonfinite_rewards": bad}
-        saved = ""
-        if stage == "train" and self._trainer is not None:
-            path = save_inspection_checkpoint(self.trainer, f"nonfinite-step{step}.ckpt", info)
-            saved = f" State saved for inspection: {path}; the last good checkpoint is untouched." if path else ""
-        shown = ", ".join(map(str, ids[:32])) + (f" ... ({len(ids) - 32} more)" if len(ids) > 32 else "")
-        raise FloatingPointError(
-            f"non-finite {stage} loss ({float(loss.detach())}) or rewards ({bad} of {rewards.numel()} non-finite) "
-            f"at global step {step}; prompt ids in the batch: [{shown}].{saved} "
-            "Lower module.lr, check margins and data, or use trainer.precision=32-true"
-        )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # FSDP shards the gradients: Lightning refuses norm clipping there, FSDP's own clip_grad_norm_ takes the
@@ -165,32 +130,6 @@ class RewardModule(L.LightningModule):
             wrapped.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # The global L2 norm before clipping: spikes here flag bad pairs or a too-high lr before the loss does.
-        norm = self.grad_norm()
-        if norm is not None:
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
-
-    def grad_norm(self) -> torch.Tensor | None:
-        """The L2 norm of all gradients, over every rank's shard; None when it cannot be read here.
-
-        - One process, or DDP: the gradients are whole on each rank (DDP all-reduced them), so the local norm
-          is the global one and no collective is needed.
-        - FSDP: each rank holds a shard of the gradients. FSDP's own ``clip_grad_norm_`` all-reduces the
-          shards' sums of squares (hybrid sharding counted once); with an infinite max norm it clips nothing.
-          Every rank runs this hook, so every rank joins that all-reduce.
-        - DeepSpeed ZeRO keeps the reduced gradients in its own partitioned buffers, not in ``p.grad``:
-          there is no norm to read before its step, so none is logged.
-        """
-        wrapped = self.trainer.model if self._trainer is not None else None
-        if hasattr(wrapped, "clip_grad_norm_"):
-            return wrapped.clip_grad_norm_(float("inf")).detach().float()
-        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-        if type(strategy).__name__ == "DeepSpeedStrategy" and deepspeed_stage(strategy) >= 1:
-            return None
-        norms = [p.grad.detach().float().norm(2) for p in self.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else None
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from rmlab import strategies
-from rmlab.callbacks import final_val_rewards
+from rmlab.callbacks import GradNormMonitor, NonFiniteGuard, final_val_rewards
 from rmlab.checkpoint import ResumeState, checkpoint_plugins, resolve_ckpt_path
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
 from rmlab.models.scoring import score_batches
@@ -28,8 +28,9 @@ log = logging.getLogger("rmlab")
 def build_trainer(cfg: DictConfig, loggers: list, resuming: bool) -> L.Trainer:
     """The Lightning Trainer with the config's callbacks, exact-resume state and atomic checkpoint files."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
-    # RNG states + CSV rows kept in step with checkpoints: exact resume.
-    callbacks.append(ResumeState(resuming_loggers=loggers if resuming else ()))
+    # Always on: the non-finite guard, the gradient norm, and RNG states + CSV rows kept in step with
+    # checkpoints (exact resume).
+    callbacks += [NonFiniteGuard(), GradNormMonitor(), ResumeState(resuming_loggers=loggers if resuming else ())]
     plugins = checkpoint_plugins(cfg.trainer)
     return instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,

@@ -126,6 +126,7 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from rmlab.callbacks import EvalMetricsCallback
+    from rmlab.module import StepOutput
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -143,7 +144,7 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
             cb.on_validation_epoch_start(trainer, module)
             for b, (rewards, batch) in enumerate(_val_batches()):
                 if mine(b):
-                    module.last_rewards = rewards
+                    module.last_step = StepOutput(torch.tensor(0.0), rewards, batch, "val")
                     cb.on_validation_batch_end(trainer, module, None, batch, b)
             cb.on_validation_epoch_end(trainer, module)
             results.append({"logged": dict(logged), "n": int(cb.last_pred.reward.size), "step": cb.last_step})

@@ -226,11 +226,14 @@ def _module_with_grads():
 def test_grad_norm_is_the_total_norm_before_clipping():
     from types import SimpleNamespace
 
+    from rmlab.callbacks import GradNormMonitor
+
+    monitor = GradNormMonitor()
     module, net, logged = _module_with_grads()
     grads = [p.grad.clone() for p in net.parameters()]
     # One process (and DDP, whose gradients are already whole on each rank): the local total norm.
     expected = torch.nn.utils.get_total_norm([p.grad for p in net.parameters()], 2.0)
-    module.on_before_optimizer_step(None)
+    monitor.on_before_optimizer_step(None, module, None)
     assert float(logged["train/grad_norm"]) == pytest.approx(float(expected), rel=1e-6)
     for p, g in zip(net.parameters(), grads):
         assert torch.equal(p.grad, g)  # reading the norm clips nothing
@@ -244,15 +247,13 @@ def test_grad_norm_is_the_total_norm_before_clipping():
             calls.append(max_norm)
             return torch.tensor(7.5)
 
-    module._trainer = SimpleNamespace(model=Wrapped(), strategy=None)
     logged.clear()
-    module.on_before_optimizer_step(None)
+    monitor.on_before_optimizer_step(SimpleNamespace(model=Wrapped(), strategy=None), module, None)
     assert calls == [float("inf")] and float(logged["train/grad_norm"]) == 7.5
 
     class DeepSpeedStrategy:
         config = {"zero_optimization": {"stage": 2}}
 
-    module._trainer = SimpleNamespace(model=net, strategy=DeepSpeedStrategy())
     logged.clear()
-    module.on_before_optimizer_step(None)
+    monitor.on_before_optimizer_step(SimpleNamespace(model=net, strategy=DeepSpeedStrategy()), module, None)
     assert "train/grad_norm" not in logged
