@@ -4,7 +4,6 @@ is derived from every argument that shapes the tokenized data."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 
@@ -13,7 +12,7 @@ import torch
 
 from rmlab.data import types
 from rmlab.data.collate import RewardBatch, collate
-from rmlab.data.datamodule import NOT_IN_CACHE_KEY, RewardDataModule
+from rmlab.data.datamodule import BATCH_KEYS_IN_CACHE, CONFIGS, build_datamodule
 from rmlab.data.tokenize import TokenizedGroup, subgroup
 from rmlab.losses.base import Comparisons
 
@@ -78,29 +77,33 @@ CHANGED = {
     "seed": 3,
     "hub_kwargs": {"data_dir": "harmless-base"},
     "format_options": {"max_k": 4},
-    "template": "a template",
     "pair_batching": "shuffled",
     "max_train_prompts": 10,
 }
 
 
-def test_cache_key_changes_with_every_argument_that_shapes_the_data(tmp_path, monkeypatch):
+def test_cache_key_changes_with_every_setting_that_shapes_the_data(tmp_path, monkeypatch):
     from rmlab.models import build_tokenizer
 
     monkeypatch.chdir(tmp_path)  # the sources above do not exist: their file stamps are empty
     tok = build_tokenizer("byt5", None)
-    params = [p for p in inspect.signature(RewardDataModule.__init__).parameters if p != "self"]
-    shaping = [p for p in params if p not in NOT_IN_CACHE_KEY]
-    assert set(shaping) == set(CHANGED), "a new datamodule argument: add it to CHANGED or to NOT_IN_CACHE_KEY"
-    base = RewardDataModule(tokenizer=tok)._cache_key()
-    assert RewardDataModule(tokenizer=tok)._cache_key() == base
-    for arg, value in CHANGED.items():
-        assert RewardDataModule(tokenizer=tok, **{arg: value})._cache_key() != base, arg
-    for arg in NOT_IN_CACHE_KEY - {"tokenizer", "output_dir"}:  # how batches are drawn: the same cache
-        default = inspect.signature(RewardDataModule.__init__).parameters[arg].default
-        other = {"num_workers": 2, "cache": not default, "padding_side": "left", "sort_by_length": False,
-                 "max_groups": 3, "global_batch_comparisons": 8}[arg]
-        assert RewardDataModule(tokenizer=tok, **{arg: other})._cache_key() == base, arg
+    batch_only = {"max_groups": 3, "sort_by_length": False, "padding_side": "left", "num_workers": 2,
+                  "global_batch_comparisons": 8}
+    every = {f.name for cls in CONFIGS.values() for f in dataclasses.fields(cls)}
+    assert every == set(CHANGED) | set(batch_only), "a new data setting: add it to CHANGED or batch_only"
+    assert set(BATCH_KEYS_IN_CACHE) <= set(CHANGED)
+    base = build_datamodule(tokenizer=tok)._cache_key()
+    assert build_datamodule(tokenizer=tok)._cache_key() == base
+    for key, value in CHANGED.items():
+        assert build_datamodule(tokenizer=tok, **{key: value})._cache_key() != base, key
+    for key, value in batch_only.items():  # how batches are drawn: the same tokenized groups, the same cache
+        assert build_datamodule(tokenizer=tok, **{key: value})._cache_key() == base, key
+    assert build_datamodule(tokenizer=tok, template="a template")._cache_key() != base
+
+
+def test_an_unknown_data_key_is_an_error_that_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown data option\(s\) data.max_lenght; valid keys: .*max_length"):
+        build_datamodule(max_lenght=128)
 
 
 @pytest.mark.parametrize("subset", ["harmless-base", "helpful-base"])
@@ -112,6 +115,6 @@ def test_switching_hub_kwargs_subsets_misses_the_cache(tmp_path, monkeypatch, su
     tok = build_tokenizer("byt5", None)
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
-    keys = {RewardDataModule(tokenizer=tok, source=str(src), hub_kwargs={"data_dir": d})._cache_key()
+    keys = {build_datamodule(tokenizer=tok, source=str(src), hub_kwargs={"data_dir": d})._cache_key()
             for d in ("harmless-base", subset, None)}
     assert len(keys) == (2 if subset == "harmless-base" else 3)

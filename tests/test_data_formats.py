@@ -271,7 +271,7 @@ def test_unknown_option_or_field_is_an_error(tmp_path):
 
 def test_tokenization_cache_sees_a_rewritten_file_and_a_code_change(tmp_path, monkeypatch):
     from rmlab.data import datamodule as dm_mod
-    from rmlab.data.datamodule import RewardDataModule
+    from rmlab.data.datamodule import build_datamodule
     from rmlab.models import build_tokenizer
 
     monkeypatch.setenv("RMLAB_CACHE", str(tmp_path / "cache"))
@@ -280,7 +280,7 @@ def test_tokenization_cache_sees_a_rewritten_file_and_a_code_change(tmp_path, mo
 
     def loaded(n: int) -> int:
         write_jsonl(src, [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(n)])
-        dm = RewardDataModule(tokenizer=tok, source=str(src), val_fraction=0.0, max_length=64, cache=True)
+        dm = build_datamodule(tokenizer=tok, source=str(src), val_fraction=0.0, max_length=64, cache=True)
         dm.setup("fit")
         return dm.report["train"]["records"]["loaded"]
 
@@ -289,9 +289,9 @@ def test_tokenization_cache_sees_a_rewritten_file_and_a_code_change(tmp_path, mo
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.pt"))) == 2
     assert loaded(9) == 9 and len(list((tmp_path / "cache" / "tokenized").glob("*.pt"))) == 3  # rewritten: new mtime
     # Same file, same config: a hit. Another version of the rmlab.data code: a miss.
-    dm = RewardDataModule(tokenizer=tok, source=str(src), val_fraction=0.0, max_length=64)
+    dm = build_datamodule(tokenizer=tok, source=str(src), val_fraction=0.0, max_length=64)
     key = dm._cache_key()
-    assert RewardDataModule(tokenizer=tok, source=str(src), val_fraction=0.0, max_length=64)._cache_key() == key
+    assert build_datamodule(tokenizer=tok, source=str(src), val_fraction=0.0, max_length=64)._cache_key() == key
     monkeypatch.setattr(dm_mod, "data_code_version", lambda: "another version")
     assert dm._cache_key() != key
 

@@ -186,10 +186,10 @@ def test_a_group_too_big_for_a_batch_is_split_without_losing_a_comparison():
 def test_the_data_report_counts_groups_the_ranks_cannot_share(tmp_path):
     from types import SimpleNamespace
 
-    from rmlab.data.datamodule import RewardDataModule
+    from rmlab.data.datamodule import build_datamodule
     from rmlab.models import build_tokenizer
 
-    dm = RewardDataModule(
+    dm = build_datamodule(
         tokenizer=build_tokenizer("byt5", None),
         simulator={"num_prompts": 40},
         max_length=64,
@@ -204,7 +204,7 @@ def test_the_data_report_counts_groups_the_ranks_cannot_share(tmp_path):
     want = {"ranks": 2, "epoch": 0, "batches_split": 0, "groups_left_out": 1, "groups_repeated": 0}
     assert dm.report["train"]["sharding"] == want
     assert json.loads((tmp_path / "data_report.json").read_text())["train"]["sharding"] == want
-    dm.max_groups = 2  # batches of two groups: splitting one evens the count, nothing is left out
+    dm.batches.max_groups = 2  # batches of two groups: splitting one evens the count, nothing is left out
     dm.train_dataloader()
     assert (
         dm.report["train"]["sharding"]["groups_left_out"] == 0 and dm.report["train"]["sharding"]["batches_split"] == 1

@@ -50,12 +50,12 @@ def test_sampler_gives_each_rank_disjoint_groups():
 
 
 def test_global_batch_is_counted_in_comparisons_and_divided_across_ranks():
-    from rmlab.data.datamodule import RewardDataModule
+    from rmlab.data.datamodule import build_datamodule
 
-    dm = RewardDataModule(global_batch_comparisons=48)
+    dm = build_datamodule(global_batch_comparisons=48)
     dm.trainer = SimpleNamespace(world_size=2, global_rank=1, accumulate_grad_batches=2)
     assert dm.per_rank_comparisons() == 12  # 48 comparisons per optimizer step = 2 ranks x 2 micro-batches x 12
-    dm.global_batch_comparisons = 50
+    dm.batches.global_batch_comparisons = 50
     with pytest.raises(ValueError, match="does not divide across 2 ranks x 2 accumulation"):
         dm.per_rank_comparisons()
 
@@ -187,8 +187,8 @@ def test_global_batch_comparisons_composes_on_every_data_config(data, tmp_path):
         return
     dm = instantiate(cfg.data, tokenizer=None, _convert_="all")  # no data is read before setup()
     dm.trainer = SimpleNamespace(world_size=2, global_rank=0, accumulate_grad_batches=1)
-    assert dm.global_batch_comparisons == 64 and dm.per_rank_comparisons() == 32
-    dm.global_batch_comparisons = 63
+    assert dm.batches.global_batch_comparisons == 64 and dm.per_rank_comparisons() == 32
+    dm.batches.global_batch_comparisons = 63
     with pytest.raises(
         ValueError, match=r"global_batch_comparisons=63 does not divide across 2 ranks x 1 accumulation"
     ):

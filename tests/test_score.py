@@ -35,13 +35,13 @@ def test_rewards_do_not_depend_on_batch_size_or_padding_side(backbone, request):
 
 def test_eval_loader_rewards_do_not_depend_on_batch_size_or_padding_side(tiny_llama):
     """The eval path (datamodule batches of whole groups) gives the same rewards as rmlab.score."""
-    from rmlab.data.datamodule import RewardDataModule
+    from rmlab.data.datamodule import build_datamodule
     from rmlab.evaluate import score_loader
 
     per_key = {}
     for side in ("right", "left"):
         for groups_per_batch in (1, 3, 8):
-            dm = RewardDataModule(
+            dm = build_datamodule(
                 tokenizer=tiny_llama.tokenizer,
                 simulator={"num_prompts": 40, "k": 3},
                 val_fraction=0.3,
@@ -91,18 +91,18 @@ def test_score_file_streams_keeps_order_and_fields(tiny_llama, tmp_path, monkeyp
                 f.write(json.dumps({"q": p, "chosen": rs[0], "rejected": rs[1], "id": i}) + "\n")
             else:
                 f.write(json.dumps({"q": p, "a": rs[0], "id": i}) + "\n")
-    import rmlab.data.sources as sources
+    import rmlab.score as score_mod
 
     scorer = Scorer(tiny_llama, max_length=256, batch_size=2)
     seen, read = [], [0]
-    real, real_rows, real_read = scorer.score, scorer.rows, sources.read_records
+    real, real_rows, real_read = scorer.score, scorer.rows, score_mod.read_records
 
     def counting_read(path):  # how far the reader has got when each chunk is scored
         for x in real_read(path):
             read[0] += 1
             yield x
 
-    monkeypatch.setattr(sources, "read_records", counting_read)
+    monkeypatch.setattr(score_mod, "read_records", counting_read)
     monkeypatch.setattr(scorer, "rows", lambda its: seen.append((len(its), read[0])) or real_rows(its))
     n = score_file(
         scorer, str(src), str(tmp_path / "out.jsonl"), parse_fields("prompt=q,response=a"), buffer=3, progress=False

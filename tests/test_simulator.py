@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rmlab.data.datamodule import RewardDataModule, baselines, in_val
+from rmlab.data.datamodule import baselines, build_datamodule, in_val
 from rmlab.data.simulator import SimulatorConfig, generate
 
 
@@ -44,7 +44,7 @@ def test_ties_strength_and_length_baseline(tmp_path):
     assert {c.strength for c in comps} == {0, 1, 2, 3}
     from transformers import ByT5Tokenizer
 
-    dm = RewardDataModule(tokenizer=ByT5Tokenizer(), simulator={"num_prompts": 800}, cache=False, max_length=512)
+    dm = build_datamodule(tokenizer=ByT5Tokenizer(), simulator={"num_prompts": 800}, cache=False, max_length=512)
     dm.setup()
     base = dm.report["val_baselines"]
     assert base["oracle_acc"] > 0.75  # the truth predicts the noisy labels well ...
@@ -61,7 +61,7 @@ def test_ties_strength_and_length_baseline(tmp_path):
 def test_split_is_by_prompt():
     from transformers import ByT5Tokenizer
 
-    dm = RewardDataModule(tokenizer=ByT5Tokenizer(), simulator={"num_prompts": 600}, cache=False, val_fraction=0.2)
+    dm = build_datamodule(tokenizer=ByT5Tokenizer(), simulator={"num_prompts": 600}, cache=False, val_fraction=0.2)
     dm.setup()
     train = {tuple(g.prompt_ids) for g in dm.train_groups}
     val = {tuple(g.prompt_ids) for g in dm.val_groups}

@@ -134,7 +134,7 @@ def expand_pairs(groups: list[TokenizedGroup]) -> tuple[list[TokenizedGroup], di
 def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
     import lightning as L
 
-    from rmlab.data.datamodule import RewardDataModule
+    from rmlab.data.datamodule import build_datamodule
     from rmlab.losses import BTLoss
     from rmlab.models import build_model
     from rmlab.models.packing import unique_tokens
@@ -162,7 +162,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
             return unique_tokens(batch)
         return sum(share[gid.rsplit("/c", 1)[0]] for gid in batch.group_ids)  # one comparison per sample
 
-    dm = RewardDataModule(
+    dm = build_datamodule(
         tokenizer=model.tokenizer,
         max_tokens=spec["max_tokens"],
         max_responses=spec["max_responses"],

@@ -5,11 +5,13 @@ Splits are by prompt: a prompt (exact text) is in train or in val, never both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,64 +90,97 @@ def baselines(groups: list[TokenizedGroup]) -> dict[str, float]:
     return {"length_acc": length / n, "oracle_acc": oracle / n if has_truth else float("nan")}
 
 
-# Arguments that change how batches are drawn or where files go, never the tokenized groups themselves.
-NOT_IN_CACHE_KEY = frozenset(
-    {"tokenizer", "output_dir", "num_workers", "cache", "padding_side", "sort_by_length", "max_groups",
-     "global_batch_comparisons"}
-)
+@dataclass
+class RecordsConfig:
+    """Which records are read, how they become preference groups, and which prompts are held out."""
+
+    name: str = "data"  # label in the data report
+    source: str = "simulator"  # `simulator`, a local file/dir/glob, or a hub dataset name
+    format: str = "pairs"  # the format adapter (rmlab.data.formats)
+    fields: dict = field(default_factory=dict)  # the format's field names -> the file's own
+    split: str = "train"  # the source's split (hub datasets)
+    val_source: str | None = None  # a separate val source; None = hold out val_fraction of the prompts
+    val_split: str | None = None  # a separate val split of the source
+    val_fraction: float = 0.1  # share of prompts held out (split by prompt text)
+    simulator: dict = field(default_factory=dict)  # the simulator's settings (source=simulator)
+    max_records: int | None = None  # read at most this many records
+    on_error: str = "raise"  # raise | skip: what a bad record does
+    hub_kwargs: dict = field(default_factory=dict)  # passed to datasets.load_dataset (e.g. data_dir)
+    format_options: dict = field(default_factory=dict)  # the format adapter's own options
+    seed: int = 0  # the split and the simulator follow it
+    max_train_prompts: int | None = None  # cap on labelled training prompts (learning curves)
+
+
+@dataclass
+class RowsConfig:
+    """How a group becomes token rows: truncation, and whether comparisons stay grouped."""
+
+    max_length: int = 512  # tokens per row (prompt + response); the prompt is cut first
+    min_prompt_tokens: int = 16  # the prompt keeps at least this many tokens when cut
+    pair_batching: str = "grouped"  # grouped (eq 6) | shuffled (one sample per comparison)
+
+
+@dataclass
+class BatchesConfig:
+    """How tokenized groups are batched (max_tokens and max_responses also split groups too big for a batch)."""
+
+    max_tokens: int = 8192  # padded tokens per batch (rows x longest row)
+    max_responses: int = 64  # rows per batch at most
+    max_groups: int | None = None  # prompts per batch at most
+    sort_by_length: bool = True  # batch similar lengths together
+    padding_side: str = "right"  # right | left; rewards do not depend on it
+    num_workers: int = 0  # DataLoader workers
+    global_batch_comparisons: int | None = None  # comparisons per optimizer step over all ranks (a cap)
+
+
+CONFIGS = {"records": RecordsConfig, "rows": RowsConfig, "batches": BatchesConfig}
+# Batch settings that also shape the tokenized groups (a group bigger than a batch is split), so they key the cache.
+BATCH_KEYS_IN_CACHE = ("max_tokens", "max_responses")
+
+
+def build_datamodule(
+    tokenizer: Any = None, template: Any = None, output_dir: str | None = None, cache: bool = True, **options: Any
+) -> RewardDataModule:
+    """The ``_target_`` of conf/data/*.yaml: the flat ``data.*`` keys sorted into the three configs. A key that
+    none of them has is an error that lists the valid ones."""
+    parts: dict[str, dict[str, Any]] = {k: {} for k in CONFIGS}
+    owner = {f.name: part for part, cls in CONFIGS.items() for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in options if k not in owner)
+    if unknown:
+        raise ValueError(
+            f"unknown data option(s) {', '.join('data.' + k for k in unknown)}; valid keys: "
+            f"{', '.join(sorted([*owner, 'cache']))}"
+        )
+    for k, v in options.items():
+        parts[owner[k]][k] = {} if v is None and k in ("fields", "simulator", "hub_kwargs", "format_options") else v
+    return RewardDataModule(
+        tokenizer=tokenizer,
+        records=RecordsConfig(**parts["records"]),
+        rows=RowsConfig(**parts["rows"]),
+        batches=BatchesConfig(**parts["batches"]),
+        template=template,
+        output_dir=output_dir,
+        cache=cache,
+    )
 
 
 class RewardDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: Any = None,
-        name: str = "data",
-        source: str = "simulator",
-        format: str = "pairs",
-        fields: dict | None = None,
-        split: str = "train",
-        val_source: str | None = None,
-        val_split: str | None = None,
-        val_fraction: float = 0.1,
-        simulator: dict | None = None,
-        max_length: int = 512,
-        min_prompt_tokens: int = 16,
-        max_records: int | None = None,
-        on_error: str = "raise",
-        padding_side: str = "right",
-        max_tokens: int = 8192,
-        max_responses: int = 64,
-        max_groups: int | None = None,
-        sort_by_length: bool = True,
-        num_workers: int = 0,
-        seed: int = 0,
-        cache: bool = True,
-        output_dir: str | None = None,
-        hub_kwargs: dict | None = None,
-        format_options: dict | None = None,
-        global_batch_comparisons: int | None = None,
+        records: RecordsConfig | None = None,
+        rows: RowsConfig | None = None,
+        batches: BatchesConfig | None = None,
         template: Any = None,
-        pair_batching: str = "grouped",
-        max_train_prompts: int | None = None,
+        output_dir: str | None = None,
+        cache: bool = True,
     ):
+        """``template``: a generative model's row builder (rmlab.data.templates.GroupTemplate), applied after the
+        split. ``cache``: keep tokenized groups in $RMLAB_CACHE (~/.cache/rmlab), keyed by ``_cache_key``."""
         super().__init__()
-        # Every argument, for the cache key: what is not listed in NOT_IN_CACHE_KEY shapes the tokenized data.
-        self.arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.tokenizer = tokenizer
-        self.name, self.source, self.format, self.fields = name, source, format, dict(fields or {})
-        self.split, self.val_source, self.val_split, self.val_fraction = split, val_source, val_split, val_fraction
-        self.simulator = dict(simulator or {})
-        self.max_length, self.min_prompt_tokens, self.max_records = max_length, min_prompt_tokens, max_records
-        self.on_error, self.padding_side = on_error, padding_side
-        self.max_tokens, self.max_responses, self.max_groups = max_tokens, max_responses, max_groups
-        self.sort_by_length, self.num_workers, self.seed, self.cache = sort_by_length, num_workers, seed, cache
-        self.output_dir, self.hub_kwargs = output_dir, dict(hub_kwargs or {})
-        self.format_options = dict(format_options or {})
-        self.global_batch_comparisons = global_batch_comparisons
-        # A generative model's row builder (rmlab.data.templates.GroupTemplate), applied after the split.
-        self.template = template
-        self.pair_batching = pair_batching
-        self.max_train_prompts = max_train_prompts
+        self.records, self.rows, self.batches = records or RecordsConfig(), rows or RowsConfig(), batches or BatchesConfig()
+        self.template, self.output_dir, self.cache = template, output_dir, cache
         self.train_groups: list[TokenizedGroup] | None = None
         self.val_groups: list[TokenizedGroup] = []
         self.report: dict[str, Any] = {}
@@ -153,14 +188,14 @@ class RewardDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------- loading
     def load_groups(self, source: str, split: str, report: DataReport) -> list[PreferenceGroup]:
         if source == "simulator":
-            sim = SimulatorConfig(**{**self.simulator, "seed": self.simulator.get("seed", self.seed)})
+            sim = SimulatorConfig(**{**self.records.simulator, "seed": self.records.simulator.get("seed", self.records.seed)})
             groups = generate(sim)
             report.loaded = report.kept = len(groups)
             return groups
-        records = read_records(source, split, self.hub_kwargs)
+        records = read_records(source, split, self.records.hub_kwargs)
         # The chat format renders messages with the tokenizer's own chat template.
-        options = {**self.format_options, "tokenizer": self.tokenizer} if self.format == "chat" else self.format_options
-        return records_to_groups(records, self.format, self.fields, report, self.on_error, self.max_records, **options)
+        options = {**self.records.format_options, "tokenizer": self.tokenizer} if self.records.format == "chat" else self.records.format_options
+        return records_to_groups(records, self.records.format, self.records.fields, report, self.records.on_error, self.records.max_records, **options)
 
     def _tokenize(self, groups: list[PreferenceGroup], report: DataReport) -> list[TokenizedGroup]:
         if self.template is not None:
@@ -170,34 +205,34 @@ class RewardDataModule(L.LightningDataModule):
                     report.drop("rejected_by_model_template", g.n_records)
                     report.kept -= g.n_records
             groups = [t for t in templated if t is not None]
-        toks = tokenize_groups(groups, self.tokenizer, report, self.max_length, self.min_prompt_tokens)
+        toks = tokenize_groups(groups, self.tokenizer, report, self.rows.max_length, self.rows.min_prompt_tokens)
         # A group bigger than one batch is split into sub-groups (documented in split_group).
-        row_cap = max(2, min(self.max_responses, self.max_tokens // max(1, max((t.max_row for t in toks), default=1))))
+        row_cap = max(2, min(self.batches.max_responses, self.batches.max_tokens // max(1, max((t.max_row for t in toks), default=1))))
         out = []
         for i, t in enumerate(toks):
-            subs = split_group(t, row_cap, parent=i) if t.k > row_cap or t.k * t.max_row > self.max_tokens else [t]
+            subs = split_group(t, row_cap, parent=i) if t.k > row_cap or t.k * t.max_row > self.batches.max_tokens else [t]
             if len(subs) > 1:
                 report.truncated["groups_split_into_subgroups"] += 1
             if not subs:  # splitting keeps comparisons; a comparison-less group too big for a batch cannot be kept
                 report.drop("pointwise_group_larger_than_a_batch", t.n_records)
                 report.kept -= t.n_records
             out.extend(subs)
-        if self.pair_batching == "shuffled":
+        if self.rows.pair_batching == "shuffled":
             for t in out:
                 if not t.winner:  # shuffled batching is made of comparisons; pointwise-only groups have none
                     report.drop("no_comparison_for_shuffled_batching", t.n_records)
                     report.kept -= t.n_records
             out = [p for t in out for p in explode_pairs(t)]
-        elif self.pair_batching != "grouped":
-            raise ValueError(f"data.pair_batching must be grouped|shuffled, got {self.pair_batching!r}")
+        elif self.rows.pair_batching != "grouped":
+            raise ValueError(f"data.pair_batching must be grouped|shuffled, got {self.rows.pair_batching!r}")
         return out
 
     def _build(self) -> tuple[list[TokenizedGroup], list[TokenizedGroup], dict]:
-        train_r, val_r = DataReport(name=f"{self.name}/train"), DataReport(name=f"{self.name}/val")
-        groups = self.load_groups(self.source, self.split, train_r)
-        if self.val_source or self.val_split:
+        train_r, val_r = DataReport(name=f"{self.records.name}/train"), DataReport(name=f"{self.records.name}/val")
+        groups = self.load_groups(self.records.source, self.records.split, train_r)
+        if self.records.val_source or self.records.val_split:
             train = groups
-            val = self.load_groups(self.val_source or self.source, self.val_split or self.split, val_r)
+            val = self.load_groups(self.records.val_source or self.records.source, self.records.val_split or self.records.split, val_r)
             train_prompts = {g.prompt for g in train}
             leaked = [g for g in val if g.prompt in train_prompts]
             if leaked:  # a prompt in both splits would inflate val accuracy; keep it in train only
@@ -206,7 +241,7 @@ class RewardDataModule(L.LightningDataModule):
                 val_r.drop("prompt_also_in_train", n)
                 val_r.kept -= n
         else:
-            val_mask = [in_val(g.prompt, self.val_fraction, self.seed) for g in groups]
+            val_mask = [in_val(g.prompt, self.records.val_fraction, self.records.seed) for g in groups]
             train = [g for g, v in zip(groups, val_mask) if not v]
             val = [g for g, v in zip(groups, val_mask) if v]
             # One source, two splits: move the val share of the counts over so each report balances.
@@ -214,10 +249,10 @@ class RewardDataModule(L.LightningDataModule):
             val_r.loaded = val_r.kept = nv
             train_r.loaded -= nv
             train_r.kept -= nv
-        if self.max_train_prompts is not None and len(train) > self.max_train_prompts:
+        if self.records.max_train_prompts is not None and len(train) > self.records.max_train_prompts:
             # A learning-curve knob: fewer labelled prompts, the same val set. The rest are counted.
-            cut = train[self.max_train_prompts :]
-            train = train[: self.max_train_prompts]
+            cut = train[self.records.max_train_prompts :]
+            train = train[: self.records.max_train_prompts]
             n = sum(g.n_records for g in cut)
             train_r.drop("beyond_max_train_prompts", n)
             train_r.kept -= n
@@ -239,8 +274,8 @@ class RewardDataModule(L.LightningDataModule):
         return train_t, val_t, report
 
     def _cache_key(self) -> str:
-        """Derived from every argument that shapes the tokenized groups (all but ``NOT_IN_CACHE_KEY``), the
-        tokenizer, the files' identity (a rewritten file has another size or mtime) and the data code's
+        """Derived from everything that shapes the tokenized groups: every records and rows setting, the batch
+        budgets that split groups (``BATCH_KEYS_IN_CACHE``), the model's template, the tokenizer, the files' identity (a rewritten file has another size or mtime) and the data code's
         version, so a cache never outlives the data, the settings or the code that built it."""
         tok = self.tokenizer
         tok_id = (
@@ -252,10 +287,10 @@ class RewardDataModule(L.LightningDataModule):
             tok.eos_token_id,
             getattr(tok, "chat_template", None),
         )
-        files = [source_files_stamp(s) for s in (self.source, self.val_source) if s]
-        shaping = {k: v for k, v in sorted(self.arguments.items()) if k not in NOT_IN_CACHE_KEY}
-        shaping["template"] = repr(shaping.get("template"))
-        return cache_key("v3", files, data_code_version(), tok_id, shaping)
+        files = [source_files_stamp(s) for s in (self.records.source, self.records.val_source) if s]
+        batches = {k: getattr(self.batches, k) for k in BATCH_KEYS_IN_CACHE}
+        shaping = {"records": dataclasses.asdict(self.records), "rows": dataclasses.asdict(self.rows), "batches": batches}
+        return cache_key("v3", files, data_code_version(), tok_id, shaping, repr(self.template))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_groups is not None:
@@ -277,7 +312,7 @@ class RewardDataModule(L.LightningDataModule):
             log.info(line)
         if not self.train_groups:
             raise ValueError(
-                f"no training groups left from data.source={self.source!r}; see the data report: {self.report['one_line']}"
+                f"no training groups left from data.source={self.records.source!r}; see the data report: {self.report['one_line']}"
             )
         self.write_report()
 
@@ -299,34 +334,34 @@ class RewardDataModule(L.LightningDataModule):
 
     def per_rank_comparisons(self) -> int | None:
         """The comparison cap of one micro-batch: the global batch divided across ranks and accumulation."""
-        if self.global_batch_comparisons is None:
+        if self.batches.global_batch_comparisons is None:
             return None
         world, _ = self._world()
         accum = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self.trainer is not None else 1
         parts = world * accum
-        if self.global_batch_comparisons <= 0 or self.global_batch_comparisons % parts:
+        if self.batches.global_batch_comparisons <= 0 or self.batches.global_batch_comparisons % parts:
             raise ValueError(
-                f"data.global_batch_comparisons={self.global_batch_comparisons} does not divide across {world} ranks x "
+                f"data.global_batch_comparisons={self.batches.global_batch_comparisons} does not divide across {world} ranks x "
                 f"{accum} accumulation steps; use a positive multiple of {parts}"
             )
-        return self.global_batch_comparisons // parts
+        return self.batches.global_batch_comparisons // parts
 
     def make_sampler(self, groups: list[TokenizedGroup], train: bool, single: bool = False) -> GroupBatchSampler:
         world, rank = (1, 0) if single else self._world()
         return GroupBatchSampler(
             rows=[g.k for g in groups],
             row_len=[g.max_row for g in groups],
-            max_tokens=self.max_tokens,
-            max_responses=self.max_responses,
-            max_groups=self.max_groups,
+            max_tokens=self.batches.max_tokens,
+            max_responses=self.batches.max_responses,
+            max_groups=self.batches.max_groups,
             shuffle=train,
-            sort_by_length=self.sort_by_length,
-            seed=self.seed,
+            sort_by_length=self.batches.sort_by_length,
+            seed=self.records.seed,
             num_replicas=world,
             rank=rank,
             even=train,
             comparisons=[len(g.winner) for g in groups],
-            max_comparisons=self.global_batch_comparisons if single else self.per_rank_comparisons(),
+            max_comparisons=self.batches.global_batch_comparisons if single else self.per_rank_comparisons(),
         )
 
     def _loader(self, groups: list[TokenizedGroup], train: bool, single: bool = False) -> DataLoader:
@@ -336,9 +371,9 @@ class RewardDataModule(L.LightningDataModule):
         return cls(
             groups,
             batch_sampler=self.make_sampler(groups, train, single),
-            collate_fn=Collator(pad, self.padding_side),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            collate_fn=Collator(pad, self.batches.padding_side),
+            num_workers=self.batches.num_workers,
+            persistent_workers=self.batches.num_workers > 0,
             **extra,
         )
 
@@ -368,7 +403,7 @@ class RewardDataModule(L.LightningDataModule):
             log.warning(
                 "[%s/train] %d group(s) left out and %d repeated per epoch to give %d ranks equal steps (data report: "
                 "train.sharding)",
-                self.name,
+                self.records.name,
                 info["left_out"],
                 info["repeated"],
                 sampler.num_replicas,
