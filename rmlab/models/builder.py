@@ -1,17 +1,22 @@
 """One builder for every reward model: ``build_model(head=..., **options)``, the ``_target_`` of conf/model/.
 
-Heads (``model.head``):
+Heads (``model.head``), each registered with ``register_head``:
 
 - ``scalar``: backbone + one-output head (rmlab.models.scalar); LoRA, packing and compile apply;
 - ``attributes``: one output per attribute, combined into one reward (rmlab.models.attributes);
 - ``verifier`` / ``judge``: a causal LM read through a judge template (rmlab.models.generative).
 
-Every option is checked against the head's list: a misspelled key is an error that lists the valid ones,
-never silently ignored. ``load_export`` rebuilds whatever head an rmlab export holds.
+A new head ``foo`` is one file, ``rmlab/models/foo.py``, that registers its build function with
+``@register_head("foo", options=(...))``, plus one yaml in conf/model/ with ``head: foo`` (docs/heads.md has a
+worked example). ``build_model`` imports ``rmlab.models.foo`` the first time it meets the name, so nothing else
+needs an edit. Every option is checked against the head's list: a misspelled key is an error that lists the
+valid ones, never silently ignored. ``load_export`` rebuilds whatever head an rmlab export holds.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 from rmlab.models.attributes import AttributeRewardModel, attribute_options
@@ -22,25 +27,42 @@ from rmlab.models.lora import apply_lora
 from rmlab.models.packing import configure_speed
 from rmlab.models.scalar import ScalarRewardModel
 
-# Options every head takes (conf/model/base.yaml), then each head's own.
+# Options every head takes (conf/model/parts/base.yaml); each head lists its own at registration.
 COMMON_OPTIONS = (
     "name_or_path", "config", "tokenizer", "dropout", "trust_remote_code", "gradient_checkpointing", "attn_implementation"
 )
-HEAD_OPTIONS = {
-    "scalar": ("pooling", "lora", "forward_mode", "row_tokens", "compile", "head_options"),
-    # The attribute head always runs padded (its gate reads the prompt's hidden state); the speed keys are
-    # accepted so that `model=tiny_llama model.head=attributes` works, and have no effect.
-    "attributes": ("pooling", "lora", "forward_mode", "row_tokens", "compile", "head_options"),
-    "verifier": ("template", "answers", "answer_ids"),
-    "judge": ("template", "answers", "answer_ids"),
-}
-HEADS = tuple(HEAD_OPTIONS)
+# A head's build function: (head, tokenizer, backbone keyword arguments for load_backbone, own options) -> model.
+HeadBuilder = Callable[[str, Any, dict[str, Any], dict[str, Any]], RewardModel]
+BUILDERS: dict[str, HeadBuilder] = {}
+HEAD_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
+def register_head(name: str, options: tuple[str, ...] = ()) -> Callable[[HeadBuilder], HeadBuilder]:
+    """Register ``fn`` as the builder of ``model.head=name``, taking ``options`` beside the common ones."""
+
+    def wrap(fn: HeadBuilder) -> HeadBuilder:
+        BUILDERS[name], HEAD_OPTIONS[name] = fn, tuple(options)
+        return fn
+
+    return wrap
+
+
+def find_head(head: str) -> HeadBuilder:
+    """The registered builder; an unknown name is looked up once as the module ``rmlab.models.<head>``."""
+    if head not in BUILDERS and head.isidentifier():
+        try:
+            importlib.import_module(f"rmlab.models.{head}")
+        except ModuleNotFoundError as e:
+            if e.name != f"rmlab.models.{head}":
+                raise
+    if head not in BUILDERS:
+        raise ValueError(f"model.head must be one of {sorted(BUILDERS)}, got {head!r}")
+    return BUILDERS[head]
 
 
 def check_options(head: str, options: dict[str, Any]) -> None:
     """A head's own options must be among its listed ones; the error lists the valid keys."""
-    if head not in HEAD_OPTIONS:
-        raise ValueError(f"model.head must be one of {list(HEADS)}, got {head!r}")
+    find_head(head)
     unknown = sorted(k for k in options if k not in HEAD_OPTIONS[head])
     if unknown:
         valid = COMMON_OPTIONS + HEAD_OPTIONS[head]
@@ -79,12 +101,20 @@ def build_model(
         gradient_checkpointing=gradient_checkpointing,
         attn_implementation=attn_implementation,
     )
-    if head in ("verifier", "judge"):
-        return build_generative(head, tok, backbone, options)
+    return BUILDERS[head](head, tok, backbone, options)
+
+
+SEQUENCE_HEAD_OPTIONS = ("pooling", "lora", "forward_mode", "row_tokens", "compile", "head_options")
+
+
+@register_head("scalar", SEQUENCE_HEAD_OPTIONS)
+@register_head("attributes", SEQUENCE_HEAD_OPTIONS)
+def build_sequence_head(head: str, tok: Any, backbone: dict[str, Any], options: dict[str, Any]) -> RewardModel:
+    """The scalar head, or the attribute head (which always runs padded: its gate reads the prompt's hidden
+    state; the speed keys are accepted so that ``model=tiny_llama model.head=attributes`` works)."""
+    name_or_path = backbone["name_or_path"]
     attrs = attribute_options(options.get("head_options"), name_or_path) if head == "attributes" else None
-    hf = load_backbone(
-        "seq_cls", tok, num_labels=len(attrs["attributes"]) if attrs else 1, head_name=head, **backbone
-    )
+    hf = load_backbone("seq_cls", tok, num_labels=len(attrs["attributes"]) if attrs else 1, head_name=head, **backbone)
     lora = options.get("lora")
     if lora and int(lora.get("r") or 0) > 0:  # adapters + a trained head, in place (rmlab.models.lora)
         apply_lora(hf, **lora)
@@ -104,6 +134,8 @@ def build_model(
     )
 
 
+@register_head("verifier", ("template", "answers", "answer_ids"))
+@register_head("judge", ("template", "answers", "answer_ids"))
 def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dict[str, Any]) -> GenerativeVerifier:
     """A ``GenerativeVerifier`` (head=verifier) or ``PairwiseJudge`` (head=judge) on a causal LM. Template,
     answers and answer ids: the config's, else an rmlab export's of the same kind, else the kind's default."""
@@ -121,6 +153,9 @@ def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dic
     )
     check_restricted_head(model)
     return model
+
+
+HEADS = tuple(BUILDERS)  # the built-in heads
 
 
 def load_export(name_or_path: str, **options: Any) -> RewardModel:
