@@ -484,3 +484,15 @@ def test_an_empty_folder_is_not_file_not_found(tmp_path):
 def test_a_missing_file_is_still_file_not_found(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load(str(tmp_path / "gone.jsonl"))
+
+
+def test_a_list_mapping_where_one_field_is_read_is_a_config_error(tmp_path):
+    """data.fields.chosen=[a, b] for chat (read as messages, not joined text) used to escape as
+    `TypeError: unhashable type: 'list'` from the first record; now it is refused before reading."""
+    path = write(tmp_path, "d.jsonl", jl(GOOD))
+    with pytest.raises(ValueError, match=r"data.fields \['chosen'\] must each name one field for data.format=chat"):
+        load(path, "chat", {"chosen": ["a", "b"]})
+    with pytest.raises(ValueError, match=r"data.fields \['margin'\] must each name one field"):
+        load(path, "pairs", {"margin": ["m1", "m2"]})
+    (g,), _ = load(path, "pairs", {"prompt": ["prompt", "chosen"]})  # text fields still join
+    assert g.prompt == "p0\n\ngood"

@@ -86,6 +86,17 @@ DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+# The fields that may list several names: text read with Field.text (parts joined), labels (votes) and
+# attribute ratings. Any other field names exactly one.
+MULTI_FIELDS: dict[str, set[str]] = {
+    "pairs": {"prompt", "chosen", "rejected", "subset", "label"},
+    "implicit_prompt": {"chosen", "rejected", "subset"},
+    "chat": {"subset"},
+    "ratings": {"prompt", "response", "subset", "attributes"},
+    "rankings": {"prompt", "subset"},
+}
+
+
 @dataclass
 class FormatOptions:
     """``data.format_options``: every key the adapters read, so a typo is an error, not a no-op."""
@@ -482,6 +493,8 @@ def adapt_chat(f: Field) -> PreferenceGroup | str:
         )
         chosen, rejected = head + chosen, head + rejected
     prompt, a, b = split_chat(chosen, rejected, f.opts.tokenizer, f.opts.fallback_template)
+    for text, side in ((prompt, "chosen"), (a, "chosen"), (b, "rejected")):  # message contents, as rendered
+        check_text(text, f.where, f.fields[side])
     if not prompt:
         return "no_shared_prompt"
     return _pair_group(f, prompt, a, b, _score_margin(f))
@@ -502,7 +515,8 @@ def _texts(f: Field, items: list, key: str) -> list[str]:
     out = []
     for i, r in enumerate(items):
         if isinstance(r, dict):  # [{"response": ..., "score": ...}, ...]
-            r = Field(r, f"{f.where} {f.fields[key]}[{i}]", f.fields, f.opts).text("response")
+            names = {"response": "response", **{k: v for k, v in f.fields.items() if v is not None}}
+            r = Field(r, f"{f.where} {f.fields[key]}[{i}]", names, f.opts).text("response")
         if not isinstance(r, str):
             raise DataError(
                 f.where,
@@ -637,6 +651,12 @@ def records_to_groups(
     if unknown:
         raise ValueError(
             f"data.fields {unknown} mean nothing to data.format={fmt}; it reads {sorted(DEFAULT_FIELDS[fmt])}"
+        )
+    several = sorted(k for k, v in fields.items() if isinstance(v, (list, tuple)) and k not in MULTI_FIELDS[fmt])
+    if several:
+        raise ValueError(
+            f"data.fields {several} must each name one field for data.format={fmt}; "
+            f"only {sorted(MULTI_FIELDS[fmt])} may list several"
         )
     opts = FormatOptions.build(options)
     mapping = {**DEFAULT_FIELDS[fmt], **fields}
