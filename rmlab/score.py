@@ -238,6 +238,8 @@ def score_file(
                 bar.update(len(recs))
     if bar is not None:
         bar.close()
+    if n == 0:  # a file of blank lines (or an empty list): scoring nothing is not a success
+        raise DataError(src, "the file has no records to score", "give a file with one JSON record per line")
     return n
 
 
@@ -311,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         n = score_file(scorer, a.input, dst, parse_fields(a.fields), a.buffer, norm, progress=not a.no_progress)
     except DataError as e:  # a bad record: its file, line and what to do, without a traceback
+        if Path(dst).is_file() and Path(dst).stat().st_size == 0:  # nothing scored: leave no empty output
+            Path(dst).unlink()
         raise SystemExit(f"rmlab.score: {e}") from None
     print(f"scored {n} records -> {dst}", file=sys.stderr)
 

@@ -61,7 +61,9 @@ def data_code_version() -> str:
 
 
 def in_val(prompt: str, fraction: float, seed: int) -> bool:
-    h = int(hashlib.sha1(f"{seed}\x00{prompt}".encode()).hexdigest()[:8], 16)
+    # surrogatepass: a lone surrogate (refused by the readers, but possible in records built in code)
+    # hashes like any other text instead of raising; valid text hashes exactly as with plain utf-8.
+    h = int(hashlib.sha1(f"{seed}\x00{prompt}".encode("utf-8", "surrogatepass")).hexdigest()[:8], 16)
     return (h % 100_000) < fraction * 100_000
 
 

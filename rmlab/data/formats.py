@@ -19,6 +19,7 @@ Formats (docs/data.md has an example of each):
 from __future__ import annotations
 
 import math
+import reprlib
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,10 +28,26 @@ from typing import Any
 
 from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, check_messages, split_chat
 from rmlab.data.grouping import PAIRINGS, comparisons_from_scores, finish_rated, merge_by_prompt
-from rmlab.data.sources import DataError
+from rmlab.data.sources import DataError, find_surrogate
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
 
 HH_ASSISTANT = "\n\nAssistant:"
+
+# Numbers in data (margins, scores, ratings, ranks) must be finite and at most this large in absolute value.
+# Batches are float32 (max 3.4e38): a value within +-1e30, the gap of two of them and a scaled margin stay
+# finite there, where 1e308 - (-1e308) = inf would not. A value beyond it counts as non-finite.
+MAX_ABS = 1e30
+
+
+def in_range(x: float) -> bool:
+    """Finite and within +-MAX_ABS: the rule every numeric field of a record is held to."""
+    return math.isfinite(x) and abs(x) <= MAX_ABS
+
+
+def _show(v: Any) -> str:
+    """A short text of a value for an error message, safe for deeply nested lists."""
+    return reprlib.repr(v) if isinstance(v, (list, dict, tuple)) else str(v)[:60]
+
 
 # The adapter's logical names -> the dataset's field names. None = not used unless mapped.
 # A value may be a list: prompt parts are joined (instruction + input), labels are annotators' votes.
@@ -69,6 +86,17 @@ DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+# The fields that may list several names: text read with Field.text (parts joined), labels (votes) and
+# attribute ratings. Any other field names exactly one.
+MULTI_FIELDS: dict[str, set[str]] = {
+    "pairs": {"prompt", "chosen", "rejected", "subset", "label"},
+    "implicit_prompt": {"chosen", "rejected", "subset"},
+    "chat": {"subset"},
+    "ratings": {"prompt", "response", "subset", "attributes"},
+    "rankings": {"prompt", "subset"},
+}
+
+
 @dataclass
 class FormatOptions:
     """``data.format_options``: every key the adapters read, so a typo is an error, not a no-op."""
@@ -95,6 +123,10 @@ class FormatOptions:
         if unknown:
             raise ValueError(f"unknown data.format_options {unknown}; known: {sorted(known - {'tokenizer'})}")
         opts = cls(**options)
+        for name in ("score_offset", "tie_eps"):
+            x = getattr(opts, name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not in_range(float(x)):
+                raise ValueError(f"data.format_options.{name}={x!r} must be a finite number within +-{MAX_ABS:g}")
         if opts.pairing not in PAIRINGS:
             raise ValueError(f"data.format_options.pairing={opts.pairing!r} is not one of {PAIRINGS}")
         if opts.score_reduce not in REDUCERS:
@@ -108,6 +140,9 @@ REDUCERS: dict[str, Callable[[list[float]], float]] = {
     "min": min,
     "max": max,
 }
+
+
+READ = object()  # Field.number(value=READ): read the mapped field (None is a value: a missing one)
 
 
 class Field:
@@ -164,6 +199,7 @@ class Field:
                     f"field {name!r} must be a string, got {type(v).__name__}",
                     f"map data.fields.{key} to a text field, or fix the record",
                 )
+            check_text(v, self.where, name)
         return self._extract(key, v)
 
     def _extract(self, key: str, v: str) -> str:
@@ -188,24 +224,38 @@ class Field:
             )
         return v[i:j].strip()
 
-    def number(self, key: str, required: bool = True, value: Any = None) -> float | None:
-        v = self.raw(key, required) if value is None else value
+    def number(self, key: str, required: bool = True, value: Any = READ) -> float | None:
+        """The field as a float; a list of grades (score fields) is reduced with ``score_reduce``.
+
+        A list with a grade that is not finite (or beyond +-MAX_ABS) gives NaN: the adapter counts the
+        record as non-finite, as for a single such value, instead of reducing inf or overflowing.
+        """
+        v = self.raw(key, required) if value is READ else value
+        if isinstance(v, list) and v and key in ("score", "scores"):  # several graders: reduce
+            grades = [self.scalar(key, x, in_list=True) for x in v]
+            if not all(in_range(x) for x in grades):
+                return math.nan
+            return float(REDUCERS[self.opts.score_reduce](grades))
+        return self.scalar(key, v, required)
+
+    def scalar(self, key: str, v: Any, required: bool = True, in_list: bool = False) -> float | None:
+        """One value as a float: a number, or a string holding one; never a list, a bool or null."""
+        name = self.fields.get(key)
         if v is None or (isinstance(v, str) and not v.strip()):
             if required:
-                raise DataError(
-                    self.where, f"field {self.fields[key]!r} is empty", "fill it in, or set data.on_error=skip"
-                )
+                what = "has an empty value in its list" if in_list else "is empty"
+                raise DataError(self.where, f"field {name!r} {what}", "fill it in, or set data.on_error=skip")
             return None
-        if isinstance(v, list) and v and key in ("score", "scores"):  # several graders: reduce
-            return REDUCERS[self.opts.score_reduce]([self.number(key, value=x) for x in v])
         try:
-            if isinstance(v, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
                 raise ValueError
             return float(v)
+        except OverflowError:  # an integer beyond float range: as non-finite as 1e400, which parses to inf
+            return math.inf if v > 0 else -math.inf
         except (TypeError, ValueError):
             raise DataError(
                 self.where,
-                f"field {self.fields[key]!r} = {str(v)[:60]!r} is not a number",
+                f"field {name!r} = {_show(v)!r} is not a number",
                 "fix the value, map another field, or set data.on_error=skip",
             ) from None
 
@@ -226,10 +276,27 @@ class Field:
                 continue
             sub = Field(self.rec, self.where, {"score": n}, self.opts)
             x = sub.number("score", value=v)
-            if not math.isfinite(x):
-                raise DataError(self.where, f"attribute field {n!r} = {v!r} is not finite", "fix it, or set data.on_error=skip")
+            if not in_range(x):
+                raise DataError(
+                    self.where,
+                    f"attribute field {n!r} = {_show(v)!r} is not finite (or beyond +-{MAX_ABS:g})",
+                    "fix it, or set data.on_error=skip",
+                )
             out.append(x)
         return out
+
+
+def check_text(v: str, where: str, name: Any) -> None:
+    """Text with a lone surrogate (JSON can spell ``"\\ud800"``) is not valid Unicode: no tokenizer
+    or UTF-8 writer accepts it, so the record is malformed. (``read_records`` checks every field of a
+    file's records already; this covers records handed to the adapters directly.)"""
+    i = find_surrogate(v)
+    if i >= 0:
+        raise DataError(
+            where,
+            f"field {name!r} holds a lone surrogate ({ascii(v[i])} at character {i}), which is not valid Unicode text",
+            "fix the text where the file was written (a surrogate pair split in two), or set data.on_error=skip",
+        )
 
 
 WINNER_TABLE: dict[str, int | None] = {
@@ -259,6 +326,12 @@ def parse_winner(v: Any, where: str, field: str, label_map: dict | None = None) 
     Accepts 1|2 (0 = tie), A|B, A>B|B>A|A=B, first|second|tie; ``label_map`` (raw -> first|second|tie)
     covers any other convention, e.g. 0/1 labels where 0 means the first side.
     """
+    if isinstance(v, (list, dict)):
+        raise DataError(
+            where,
+            f"label {field!r} = {_show(v)} is a {type(v).__name__}, not a label",
+            "map data.fields.label to a field holding 1|2|0, A|B, A>B|B>A|A=B or first|second|tie",
+        )
     if label_map:
         hit = label_map.get(str(v).strip(), label_map.get(v) if isinstance(v, (int, str)) else None)
         if hit is not None:
@@ -306,25 +379,38 @@ def _label(f: Field) -> tuple[bool, bool, int | None, float | None]:
     return True, side == 1, strength, margin
 
 
-def _drop_reason(a: str, b: str, margin: float | None) -> str | None:
+def _drop_reason(a: str, b: str, margin: float | str | None) -> str | None:
+    """Why a well-formed pair is dropped, or None. ``margin`` may already be a reason (a non-finite number)."""
     if not a.strip() or not b.strip():
         return "empty_response"
     if a == b:
         return "identical_chosen_rejected"
-    if margin is not None and not math.isfinite(margin):
+    if isinstance(margin, str):
+        return margin
+    if margin is not None and not math.isfinite(margin):  # the fields were range-checked: this is a last guard
         return "nonfinite_margin"
     return None
 
 
-def _score_margin(f: Field) -> float | None:
-    """chosen_score - rejected_score when both are mapped (UltraFeedback binarized), else the margin field."""
+def _margin(f: Field) -> float | str | None:
+    """The margin field, or the reason ``nonfinite_margin`` when it is not finite (or beyond +-MAX_ABS)."""
+    m = f.optional_number("margin")
+    return "nonfinite_margin" if m is not None and not in_range(m) else m
+
+
+def _score_margin(f: Field) -> float | str | None:
+    """chosen_score - rejected_score when both are mapped (UltraFeedback binarized), else the margin field.
+
+    A score that is not finite (or beyond +-MAX_ABS) gives the reason ``nonfinite_score`` instead.
+    """
     if f.name("chosen_score") and f.name("rejected_score"):
-        return f.number("chosen_score") - f.number("rejected_score")
-    return f.optional_number("margin")
+        c, r = f.number("chosen_score"), f.number("rejected_score")
+        return c - r if in_range(c) and in_range(r) else "nonfinite_score"
+    return _margin(f)
 
 
 def _pair_group(
-    f: Field, prompt: str, a: str, b: str, margin: float | None, strength: float | None = None
+    f: Field, prompt: str, a: str, b: str, margin: float | str | None, strength: float | None = None
 ) -> PreferenceGroup | str:
     labelled, swap, votes_strength, votes_margin = _label(f)
     tie = labelled and votes_margin == 0.0
@@ -392,7 +478,7 @@ def adapt_implicit_prompt(f: Field) -> PreferenceGroup | str:
     prompt, a, b = split_implicit_prompt(f.text("chosen"), f.text("rejected"))
     if not prompt:
         return "no_shared_assistant_prefix"
-    return _pair_group(f, prompt, a, b, f.optional_number("margin"))
+    return _pair_group(f, prompt, a, b, _margin(f))
 
 
 def adapt_chat(f: Field) -> PreferenceGroup | str:
@@ -407,6 +493,8 @@ def adapt_chat(f: Field) -> PreferenceGroup | str:
         )
         chosen, rejected = head + chosen, head + rejected
     prompt, a, b = split_chat(chosen, rejected, f.opts.tokenizer, f.opts.fallback_template)
+    for text, side in ((prompt, "chosen"), (a, "chosen"), (b, "rejected")):  # message contents, as rendered
+        check_text(text, f.where, f.fields[side])
     if not prompt:
         return "no_shared_prompt"
     return _pair_group(f, prompt, a, b, _score_margin(f))
@@ -427,13 +515,15 @@ def _texts(f: Field, items: list, key: str) -> list[str]:
     out = []
     for i, r in enumerate(items):
         if isinstance(r, dict):  # [{"response": ..., "score": ...}, ...]
-            r = Field(r, f"{f.where} {f.fields[key]}[{i}]", f.fields, f.opts).text("response")
+            names = {"response": "response", **{k: v for k, v in f.fields.items() if v is not None}}
+            r = Field(r, f"{f.where} {f.fields[key]}[{i}]", names, f.opts).text("response")
         if not isinstance(r, str):
             raise DataError(
                 f.where,
                 f"field {f.fields[key]!r}[{i}] must be a string, got {type(r).__name__}",
                 f"data.fields.{key} must hold a list of texts (or of objects with data.fields.response)",
             )
+        check_text(r, f.where, f"{f.fields[key]}[{i}]")
         out.append(r)
     return out
 
@@ -471,7 +561,7 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
         attributes = [f.attribute_ratings()]
     if any(not r.strip() for r in responses):
         return "empty_response"
-    if not all(math.isfinite(s) for s in scores):
+    if not all(in_range(s) for s in scores):
         return "nonfinite_score"
     if len(set(responses)) < len(responses):
         return "identical_responses_in_record"
@@ -492,7 +582,7 @@ def adapt_rankings(f: Field) -> PreferenceGroup | str:
     prompt = f.text("prompt")
     responses = _texts(f, _list(f, "responses"), "responses")
     if f.name("ranks") and f.raw("ranks", required=False) is not None:  # a record without ranks is in order
-        ranks = [f.number("ranks", value=r) for r in _list(f, "ranks")]
+        ranks = [f.scalar("ranks", r, in_list=True) for r in _list(f, "ranks")]
         if len(ranks) != len(responses):
             raise DataError(
                 f.where, f"{len(responses)} responses but {len(ranks)} ranks", "each response needs one rank"
@@ -507,6 +597,8 @@ def adapt_rankings(f: Field) -> PreferenceGroup | str:
         return "empty_response"
     if len(set(responses)) < len(responses):
         return "identical_responses_in_record"
+    if not all(in_range(r) for r in ranks):
+        return "nonfinite_rank"
     # Dense 0-based ranks (0 = best), equal values share a rank: the Plackett-Luce input.
     levels = sorted(set(ranks))
     dense = [float(levels.index(r)) for r in ranks]
@@ -559,6 +651,12 @@ def records_to_groups(
     if unknown:
         raise ValueError(
             f"data.fields {unknown} mean nothing to data.format={fmt}; it reads {sorted(DEFAULT_FIELDS[fmt])}"
+        )
+    several = sorted(k for k, v in fields.items() if isinstance(v, (list, tuple)) and k not in MULTI_FIELDS[fmt])
+    if several:
+        raise ValueError(
+            f"data.fields {several} must each name one field for data.format={fmt}; "
+            f"only {sorted(MULTI_FIELDS[fmt])} may list several"
         )
     opts = FormatOptions.build(options)
     mapping = {**DEFAULT_FIELDS[fmt], **fields}

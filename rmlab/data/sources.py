@@ -10,6 +10,8 @@ import glob
 import gzip
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,69 @@ class DataError(ValueError):
 
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".parquet")
+
+# A record nested deeper than this (lists in lists in ...) is malformed: no format reads more than a few
+# levels, and a deeper one would reach Python's recursion limit in whatever walks it next.
+MAX_DEPTH = 64
+# U+D800..U+DFFF on its own: JSON can spell it ("\ud800") but it is not a character, and no UTF-8
+# encoder (the tokenizer, the prompt hash, a written jsonl) accepts it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def find_surrogate(s: str) -> int:
+    """Index of the first lone surrogate in ``s``, or -1."""
+    m = _SURROGATE.search(s)
+    return m.start() if m else -1
+
+
+def check_record(rec: Any, where: str) -> DataError | None:
+    """The record's structural problems as a ``DataError`` naming the field, or None.
+
+    Two things make a record unreadable for every consumer (training, eval, ``rmlab.score``), whatever
+    its format: nesting deeper than ``MAX_DEPTH``, and a string (value or key) holding a lone surrogate,
+    which cannot be encoded as UTF-8. NUL characters are legal text. The walk is iterative, so it
+    cannot itself hit the recursion limit.
+    """
+    stack: list[tuple[Any, str, int]] = [(rec, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if isinstance(v, str):
+            i = find_surrogate(v)
+            if i >= 0:
+                return DataError(
+                    where,
+                    f"field {path or '(record)'!r} holds a lone surrogate ({ascii(v[i])} at character {i}), "
+                    "which is not valid Unicode text",
+                    "fix the text where the file was written (a surrogate pair split in two), or set "
+                    "data.on_error=skip",
+                )
+        elif isinstance(v, (dict, list)):
+            if depth >= MAX_DEPTH:
+                top = re.split(r"[.\[]", path, maxsplit=1)[0] if path else "(record)"
+                return DataError(
+                    where,
+                    f"field {top!r} is nested more than {MAX_DEPTH} levels deep",
+                    "no format reads such nesting: fix the record, or set data.on_error=skip",
+                )
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    name = f"{path}.{k}" if path else str(k)
+                    if isinstance(k, str) and find_surrogate(k) >= 0:
+                        return DataError(
+                            where,
+                            f"field name {ascii(name)} holds a lone surrogate, which is not valid Unicode text",
+                            "fix the field name where the file was written, or set data.on_error=skip",
+                        )
+                    stack.append((x, name, depth + 1))
+            else:
+                stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+    return None
+
+
+def _checked(where: str, rec: Any) -> tuple[str, Any]:
+    bad = check_record(rec, where)
+    return (where, bad) if bad is not None else (where, rec)
 
 
 def resolve_paths(source: str) -> list[str]:
@@ -53,6 +118,29 @@ def read_records(
         return
     paths = resolve_paths(os.path.expanduser(source))
     if not paths:
+        local = Path(os.path.expanduser(source))
+        if local.is_dir():
+            others = sorted(f.name for f in local.iterdir())
+            what = f"it holds {len(others)} other entries, e.g. {', '.join(others[:3])}" if others else "it is empty"
+            yield (
+                source,
+                DataError(
+                    source,
+                    f"the folder has no data files ({what})",
+                    f"put files ending in {', '.join(LOCAL_SUFFIXES)} in it, or point data.source at a file or glob",
+                ),
+            )
+            return
+        if any(ch in source for ch in "*?["):
+            yield (
+                source,
+                DataError(
+                    source,
+                    "no file matches the pattern",
+                    "check the folder and the pattern in data.source (relative paths start at the repo root)",
+                ),
+            )
+            return
         if looks_local(source):
             yield (
                 source,
@@ -84,6 +172,34 @@ def _read_file(path: str) -> Iterator[tuple[str, Any]]:
         yield path, DataError(path, "the file is empty", "point data.source at a file with records")
         return
     name = path.lower()
+    gz = name.endswith(".gz")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        yield path, DataError(path, f"cannot read the file ({e.strerror})", "check its permissions and data.source")
+        return
+    if gz and magic != GZIP_MAGIC:
+        yield (
+            path,
+            DataError(
+                path,
+                "the name ends in .gz but the file is not gzip-compressed",
+                f"if it is plain text, rename it to {os.path.basename(path)[:-3]}; otherwise download or "
+                "compress it again",
+            ),
+        )
+        return
+    if not gz and magic == GZIP_MAGIC and name.endswith((".jsonl", ".json", ".csv")):
+        yield (
+            path,
+            DataError(
+                path,
+                "the file is gzip-compressed but its name does not end in .gz",
+                f"rename it to {os.path.basename(path)}.gz",
+            ),
+        )
+        return
     if name.endswith((".jsonl", ".jsonl.gz")):
         yield from _read_jsonl(path, gzip.open if name.endswith(".gz") else open)
     elif name.endswith((".json", ".json.gz")):
@@ -104,14 +220,14 @@ def _read_file(path: str) -> Iterator[tuple[str, Any]]:
             )
             return
         for n, rec in enumerate(table.to_pylist()):
-            yield f"{path}:row {n}", rec
+            yield _checked(f"{path}:row {n}", rec)
     else:
         yield path, DataError(path, "unknown file type", f"use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
 def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
     with opener(path, "rb") as f:
-        n = 0
+        n = records = 0
         try:
             for n, raw in enumerate(f, start=1):
                 where = f"{path}:{n}"
@@ -119,6 +235,7 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
                     # utf-8-sig on the first line: a byte-order mark (editors on Windows write one) is not JSON.
                     line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 except UnicodeDecodeError as e:
+                    records += 1
                     yield (
                         where,
                         DataError(
@@ -130,8 +247,9 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
                     continue
                 if not line.strip():
                     continue
+                records += 1
                 try:
-                    yield where, json.loads(line)
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     yield (
                         where,
@@ -141,8 +259,46 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
                             "fix or remove the line, or set data.on_error=skip",
                         ),
                     )
-        except (OSError, EOFError) as e:  # a truncated .gz: everything before it was read
+                    continue
+                except RecursionError:  # the decoder recurses once per [ or {
+                    yield where, _too_deep(where)
+                    continue
+                except ValueError as e:  # e.g. an integer of more than 4,300 digits
+                    yield (
+                        where,
+                        DataError(
+                            where,
+                            f"unreadable JSON ({str(e)[:80]})",
+                            "fix or remove the line, or set data.on_error=skip",
+                        ),
+                    )
+                    continue
+                yield _checked(where, rec)
+        except EOFError as e:  # a truncated .gz: everything before it was read
             yield f"{path}:{n + 1}", DataError(f"{path}:{n + 1}", f"the file is cut off ({e})", "download it again")
+            return
+        except (OSError, zlib.error) as e:  # bad CRC, damaged deflate data, a read error
+            yield (
+                f"{path}:{n + 1}",
+                DataError(f"{path}:{n + 1}", f"the compressed data is damaged ({e})", "download it again"),
+            )
+            return
+    if records == 0:
+        yield path, _no_records(path)
+
+
+def _too_deep(where: str) -> DataError:
+    return DataError(
+        where,
+        "the JSON is nested too deeply to read",
+        f"no format reads more than a few levels ({MAX_DEPTH} at most): fix the record, or set data.on_error=skip",
+    )
+
+
+def _no_records(path: str) -> DataError:
+    return DataError(
+        path, "the file has no records (only blank lines or an empty list)", "point data.source at a file with records"
+    )
 
 
 def _read_json(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
@@ -163,11 +319,28 @@ def _read_json(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError as e:
         yield path, DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})", "re-encode the file as UTF-8")
         return
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        yield path, DataError(path, f"unreadable JSON ({str(e)[:80]})", "fix the document")
+        return
+    except RecursionError:
+        yield path, _too_deep(path)
+        return
+    except EOFError as e:
+        yield path, DataError(path, f"the file is cut off ({e})", "download it again")
+        return
+    except (OSError, zlib.error) as e:
+        yield path, DataError(path, f"the compressed data is damaged ({e})", "download it again")
+        return
     if isinstance(blob, dict):  # {"data": [...]} or a single record
         lists = [v for v in blob.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
         blob = lists[0] if len(lists) == 1 else [blob]
+    elif not isinstance(blob, list):  # a bare string or number: one (bad) record, reported by the adapter
+        blob = [blob]
+    if not blob:
+        yield path, _no_records(path)
+        return
     for n, rec in enumerate(blob):
-        yield f"{path}:record {n}", rec
+        yield _checked(f"{path}:record {n}", rec)
 
 
 def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
