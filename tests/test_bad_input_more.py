@@ -190,21 +190,21 @@ def test_in_val_hashes_any_text_and_keeps_the_split_of_valid_text():
 
 
 def test_a_surrogate_record_through_the_datamodule_is_a_counted_skip(tmp_path, monkeypatch):
-    from rmlab.data.datamodule import RewardDataModule
-    from rmlab.model import build_tokenizer
+    from rmlab.data.datamodule import build_datamodule
+    from rmlab.models import build_tokenizer
 
     monkeypatch.setenv("RMLAB_CACHE", str(tmp_path / "cache"))
     rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
     rows[3]["prompt"] = "p3\ud800\x00"
     src = write(tmp_path, "d.jsonl", jl(*rows))
-    dm = RewardDataModule(
+    dm = build_datamodule(
         tokenizer=build_tokenizer("byt5", None), source=src, val_fraction=0.3, max_length=64, on_error="skip"
     )
     dm.setup("fit")
     tr, va = dm.report["train"]["records"], dm.report["val"]["records"]
     assert tr["loaded"] + va["loaded"] == 6 and tr["kept"] + va["kept"] == 5
     assert tr["dropped"] == {"bad_record: field 'prompt' holds a lone surrogate": 1}
-    dm_raise = RewardDataModule(tokenizer=build_tokenizer("byt5", None), source=src, max_length=64, cache=False)
+    dm_raise = build_datamodule(tokenizer=build_tokenizer("byt5", None), source=src, max_length=64, cache=False)
     with pytest.raises(DataError, match=r"d.jsonl:4: field 'prompt' holds a lone surrogate"):
         dm_raise.setup("fit")
 
@@ -354,8 +354,8 @@ def test_nonfinite_values_never_reach_a_batch(tmp_path, monkeypatch, fmt, fields
     (margin: every kept record gave one, so no NaN "none" either; weight; score of rated responses)."""
     import torch
 
-    from rmlab.data.datamodule import RewardDataModule
-    from rmlab.model import build_tokenizer
+    from rmlab.data.datamodule import build_datamodule
+    from rmlab.models import build_tokenizer
 
     monkeypatch.setenv("RMLAB_CACHE", str(tmp_path / "cache"))
     bad_values = [1e308, -1e308, "inf", "-inf", "NaN", float("nan"), float("inf"), 1e31, HUGE_INT]
@@ -371,7 +371,7 @@ def test_nonfinite_values_never_reach_a_batch(tmp_path, monkeypatch, fmt, fields
         else:
             rows.append({"prompt": f"p{i // 3}", "response": f"answer {i}", "score": v})
     src = write(tmp_path, "d.jsonl", jl(*rows))
-    dm = RewardDataModule(
+    dm = build_datamodule(
         tokenizer=build_tokenizer("byt5", None),
         source=src,
         format=fmt,

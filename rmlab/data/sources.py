@@ -6,6 +6,7 @@ downstream can name the file, the line and the field.
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
 import json
@@ -344,8 +345,6 @@ def _read_json(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
-    import csv
-
     # surrogateescape keeps undecodable bytes as markers, so one bad row is reported (or skipped)
     # with its line number instead of failing the whole file.
     # utf-8-sig: a leading byte-order mark (Excel writes one) would otherwise stick to the first column's name.
