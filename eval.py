@@ -9,11 +9,14 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     from rmlab.data.sources import DataError
     from rmlab.evaluate import run  # lazy: `python eval.py --help` stays fast
+    from rmlab.validate import ConfigError
 
     try:
         run(cfg)
     except DataError as e:  # bad input: the file, the line, the field and what to do; no traceback
         raise SystemExit(f"rmlab: bad input: {e}") from None
+    except ConfigError as e:  # bad settings: each key, its value and what is valid; no traceback
+        raise SystemExit(f"rmlab: bad config: {e}") from None
 
 
 if __name__ == "__main__":

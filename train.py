@@ -8,11 +8,14 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> float | None:
     from rmlab.data.sources import DataError
     from rmlab.train import run
+    from rmlab.validate import ConfigError
 
     try:
         summary = run(cfg)
     except DataError as e:  # bad input: the file, the line, the field and what to do; no traceback
         raise SystemExit(f"rmlab: bad input: {e}") from None
+    except ConfigError as e:  # bad settings: each key, its value and what is valid; no traceback
+        raise SystemExit(f"rmlab: bad config: {e}") from None
     return summary.get("val_acc")  # the value an Optuna sweep optimizes
 
 

@@ -30,6 +30,7 @@ from rmlab.models import RewardModel, Scored, load_export, read_export_meta, sco
 from rmlab.module import model_state
 from rmlab.report import write_report
 from rmlab.runtime import start_run
+from rmlab.validate import check_config
 
 log = logging.getLogger("rmlab")
 
@@ -115,6 +116,7 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg, entry="eval")  # bad settings fail here, named, before anything loads
     out, t0 = start_run(cfg, resolve=False)
 
     ckpt = cfg.get("ckpt_path")

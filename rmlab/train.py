@@ -21,6 +21,7 @@ from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards,
 from rmlab.models.scoring import score_batches
 from rmlab.runtime import Loggers, start_run
 from rmlab.summary import run_summary, write_summary
+from rmlab.validate import check_config
 
 log = logging.getLogger("rmlab")
 
@@ -39,6 +40,7 @@ def build_trainer(cfg: DictConfig, loggers: list, resuming: bool) -> L.Trainer:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg, entry="train")  # bad settings fail here, named, before anything loads
     # 1. Seed before anything draws random numbers (0 is a valid seed), then the run dir.
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)

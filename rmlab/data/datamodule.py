@@ -23,7 +23,7 @@ from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
 from rmlab.data.sampler import GroupBatchSampler
 from rmlab.data.simulator import SimulatorConfig, generate
-from rmlab.data.sources import read_records, resolve_paths
+from rmlab.data.sources import DataError, read_records, resolve_paths
 from rmlab.data.tokenize import (
     TokenizedGroup,
     cache_key,
@@ -312,11 +312,11 @@ class RewardDataModule(L.LightningDataModule):
                 save_cached(key, self.train_groups + self.val_groups, self.report)
         for line in self.report["one_line"]:
             log.info(line)
+        self.write_report()  # also when nothing is left: the report says why
         if not self.train_groups:
-            raise ValueError(
-                f"no training groups left from data.source={self.records.source!r}; see the data report: {self.report['one_line']}"
-            )
-        self.write_report()
+            where = Path(self.output_dir) / "data_report.json" if self.output_dir else "the log above"
+            raise DataError(f"data.source={self.records.source}", "no training groups left after loading, splitting and "
+                            "tokenizing", f"read the data report at {where}; " + " ".join(self.report["one_line"]))
 
     def write_report(self) -> None:
         if not self.output_dir:

@@ -1,0 +1,358 @@
+"""Config validation before anything heavy loads: ``check_config(cfg, entry)`` is the first line of
+``rmlab.train.run`` and ``rmlab.evaluate.run``.
+
+It checks the types, ranges and cross-field rules of the composed config (module, trainer, data, loss, model
+and the top-level keys) and raises one ``ConfigError`` listing every failure, each as
+``<key as typed on the command line>=<bad value>: <what is valid>``. Nothing is built or read: no model,
+tokenizer, data file or run dir. Settings that are valid but likely unintended (``data.val_fraction=0`` with
+no separate validation data) are logged as warnings and returned.
+
+Checks are skipped for keys a config does not have (an eval config has no trainer), so a group of your own
+is never refused for lacking a key.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from rmlab.data.formats import ADAPTERS
+from rmlab.models.builder import HEADS
+from rmlab.models.packing import MODES
+
+log = logging.getLogger("rmlab")
+
+# The tokenizer adds at most this many special tokens to a row (rmlab.data.tokenize.special_tokens):
+# start ([CLS]/BOS), a separator between prompt and response, and an end token.
+MAX_SPECIAL_TOKENS = 3
+SEED_LIMIT = 2**32  # numpy's seed range; Lightning's seed_everything refuses values outside it
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str  # as typed on the command line, e.g. module.lr
+    value: Any
+    expected: str  # what is valid: a range, a set, an example
+
+    def __str__(self) -> str:
+        return f"{self.key}={typed(self.value)}: {self.expected}"
+
+
+class ConfigError(ValueError):
+    """One or more bad settings, each naming its key, the bad value and what is valid.
+
+    ``problems`` holds each failure; the message lists them all, one a line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            msg = str(self.problems[0])
+        else:
+            msg = f"{len(self.problems)} settings are invalid:\n" + "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(msg)
+
+
+def typed(value: Any) -> str:
+    """A value as one would type it in an override: null, true, 1e-05, abc, [0.9, 0.999]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value and value.strip() == value and " " not in value else repr(value)
+    if OmegaConf.is_config(value):
+        return str(OmegaConf.to_container(value, resolve=False))
+    return str(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Checker:
+    """Reads keys of the config (resolving interpolations one key at a time) and collects problems."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.problems: list[Problem] = []
+        self.warnings: list[str] = []
+
+    def fail(self, key: str, value: Any, expected: str) -> None:
+        self.problems.append(Problem(key, value, expected))
+
+    def get(self, key: str) -> Any:
+        """The resolved value of ``key``; ``_ABSENT`` when the config has no such key or it cannot be read
+        (a required ``???`` or a broken interpolation is recorded as a problem)."""
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(self.cfg, parent_key, default=None) if parent_key else self.cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent.keys():  # `in parent` is False for ???
+            return _ABSENT
+        if OmegaConf.is_missing(parent, leaf):
+            self.fail(key, "???", f"is required; set {key}=<value>")
+            return _ABSENT
+        try:
+            value = parent[leaf]
+        except MissingMandatoryValue as e:  # an interpolation to a ??? key
+            self.fail(key, OmegaConf.to_container(parent)[leaf], f"refers to a required key that is not set ({e.msg})")
+            return _ABSENT
+        except OmegaConfBaseException as e:
+            raw = OmegaConf.to_container(parent, resolve=False)[leaf]
+            self.fail(key, raw, f"cannot be resolved: {str(e).splitlines()[0]}")
+            return _ABSENT
+        return value
+
+    # ---------------------------------------------------------------- kinds of value
+    def integer(self, key: str, minimum: int | None = None, *, also: tuple = (), none_ok: bool = False,
+                hint: str = "") -> Any:
+        """An integer >= minimum, or one of ``also`` (e.g. -1 = no limit), or null when ``none_ok``."""
+        v = self.get(key)
+        if v is _ABSENT or (v is None and none_ok) or (_is_int(v) and v in also):
+            return v
+        allowed = " or ".join([*(str(a) for a in also), *([f">= {minimum}"] if minimum is not None else [])])
+        expected = "must be an integer" + (f": {allowed}" if allowed else "") + (" (or null)" if none_ok else "")
+        if not _is_int(v) or (minimum is not None and v < minimum):
+            self.fail(key, v, expected + (f"; {hint}" if hint else ""))
+            return _ABSENT
+        return v
+
+    def number(self, key: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+               high_open: bool = False, none_ok: bool = False, hint: str = "") -> Any:
+        """A finite number in [low, high] (an open end with ``*_open``), or null when ``none_ok``."""
+        v = self.get(key)
+        if v is _ABSENT or (v is None and none_ok):
+            return v
+        ok = _is_number(v)
+        if ok and low is not None:
+            ok = v > low if low_open else v >= low
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+        if not ok:
+            if low is not None and high is not None:
+                rng = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            elif low is not None:
+                rng = f"{'>' if low_open else '>='} {low}"
+            elif high is not None:
+                rng = f"{'<' if high_open else '<='} {high}"
+            else:
+                rng = "finite"
+            self.fail(key, v, f"must be a number {rng}" + (" (or null)" if none_ok else "")
+                      + (f"; {hint}" if hint else ""))
+            return _ABSENT
+        return v
+
+    def choice(self, key: str, options: tuple, *, none_ok: bool = False) -> Any:
+        v = self.get(key)
+        if v is _ABSENT or (v is None and none_ok):
+            return v
+        if v not in options or isinstance(v, bool):
+            self.fail(key, v, f"must be one of {' | '.join(map(str, options))}" + (" (or null)" if none_ok else ""))
+            return _ABSENT
+        return v
+
+    def boolean(self, key: str) -> Any:
+        v = self.get(key)
+        if v is not _ABSENT and not isinstance(v, bool):
+            self.fail(key, v, "must be true or false")
+            return _ABSENT
+        return v
+
+
+# -------------------------------------------------------------------- the groups
+def _check_top(c: _Checker, entry: str) -> None:
+    seed = c.integer("seed", 0, none_ok=True, hint=f"a seed is in [0, 2**32 - 1 = {SEED_LIMIT - 1}], e.g. seed=0")
+    if _is_int(seed) and seed >= SEED_LIMIT:
+        c.fail("seed", seed, f"must be < 2**32 = {SEED_LIMIT}; e.g. seed=0")
+    c.integer("threads", 1, none_ok=True, hint="null = torch's default (all cores), e.g. threads=1")
+    ckpt = c.get("ckpt_path")
+    if ckpt not in (_ABSENT, None):
+        special = ("last",) if entry == "train" else ()
+        if not isinstance(ckpt, str) or not ckpt:
+            c.fail("ckpt_path", ckpt, "must be a checkpoint path" + (", `last` or null" if special else " or null"))
+        elif ckpt not in special and "://" not in ckpt and not os.path.exists(ckpt):
+            c.fail("ckpt_path", ckpt, "no such file or directory"
+                   + ("; use ckpt_path=last to resume this run dir, or null to start fresh" if special else ""))
+    if entry == "train":
+        c.boolean("export")
+    else:
+        c.choice("split", ("auto", "val", "all"))
+        c.integer("n_bins", 1)
+        c.integer("worst_k", 0)
+        if ckpt in (_ABSENT, None) and _no_model(c):
+            c.fail("model.name_or_path", None, "no model to evaluate: set ckpt_path=<checkpoint> or "
+                   "model.name_or_path=<export dir>")
+
+
+def _check_module(c: _Checker) -> None:
+    c.number("module.lr", 0, low_open=True, hint="e.g. module.lr=1e-4 (MiniLM-sized) or 1e-5..5e-5 (1B+)")
+    c.number("module.weight_decay", 0, hint="e.g. module.weight_decay=0.01")
+    c.number("module.eps", 0, low_open=True, hint="e.g. module.eps=1e-8")
+    c.number("module.warmup_ratio", 0, 1, high_open=True, hint="a share of the steps, e.g. 0.05")
+    c.number("module.min_lr_ratio", 0, 1, hint="the schedule's floor as a share of lr, e.g. 0.1")
+    c.choice("module.scheduler", ("cosine", "linear", "constant"))
+    betas = c.get("module.betas")
+    if betas is not _ABSENT:
+        seq = list(betas) if OmegaConf.is_list(betas) or isinstance(betas, (list, tuple)) else None
+        if seq is None or len(seq) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in seq):
+            c.fail("module.betas", betas, "must be two numbers in [0, 1), e.g. module.betas=[0.9,0.999]")
+
+
+def _check_trainer(c: _Checker) -> None:
+    steps = c.integer("trainer.max_steps", 1, also=(-1,), hint="-1 = no step limit (run the epochs), e.g. 100")
+    epochs = c.integer("trainer.max_epochs", 1, also=(-1,), none_ok=True, hint="e.g. trainer.max_epochs=1")
+    if steps == -1 and epochs == -1:
+        c.fail("trainer.max_epochs", -1, "with trainer.max_steps=-1 training never ends (and the lr schedule has no "
+               "length); set trainer.max_epochs>=1 or trainer.max_steps>0")
+    c.integer("trainer.accumulate_grad_batches", 1, hint="batches per optimizer step, e.g. 1")
+    c.integer("trainer.log_every_n_steps", 1)
+    c.integer("trainer.check_val_every_n_epoch", 1, none_ok=True)
+    c.integer("trainer.num_sanity_val_steps", 0, also=(-1,))
+    c.number("trainer.gradient_clip_val", 0, none_ok=True, hint="0 or null = no clipping, e.g. 1.0")
+    v = c.get("trainer.val_check_interval")
+    if v not in (_ABSENT, None):
+        ok = (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1)
+        if not ok:
+            c.fail("trainer.val_check_interval", v, "must be a float in (0, 1] (a share of an epoch) or an integer "
+                   ">= 1 (every N batches); e.g. 1.0")
+
+
+def _check_data(c: _Checker, entry: str) -> None:
+    if not isinstance(c.cfg.get("data"), DictConfig):
+        return
+    c.get("data.source")  # ??? is reported as required
+    c.choice("data.on_error", ("raise", "skip"))
+    c.choice("data.padding_side", ("left", "right"))
+    c.choice("data.pair_batching", ("grouped", "shuffled"))
+    c.integer("data.max_records", 1, none_ok=True, hint="null = every record")
+    c.integer("data.max_train_prompts", 1, none_ok=True, hint="null = every training prompt")
+    c.integer("data.max_groups", 1, none_ok=True, hint="null = only the token and row budgets")
+    c.integer("data.max_responses", 2, hint="a comparison needs two rows in one batch, e.g. 32")
+    c.integer("data.num_workers", 0)
+    c.boolean("data.cache")
+    c.boolean("data.sort_by_length")
+    c.choice("data.format", tuple(ADAPTERS))
+
+    # A row holds the kept prompt, up to MAX_SPECIAL_TOKENS special tokens and at least one response token.
+    mpt = c.integer("data.min_prompt_tokens", 0, hint="e.g. 16")
+    max_len = c.integer("data.max_length", 1, hint="tokens per row, e.g. 512")
+    if _is_int(mpt) and _is_int(max_len) and max_len <= mpt + MAX_SPECIAL_TOKENS:
+        need = mpt + MAX_SPECIAL_TOKENS + 1
+        c.fail("data.max_length", max_len, f"must be >= data.min_prompt_tokens ({mpt}) + {MAX_SPECIAL_TOKENS} special "
+               f"tokens + 1 response token = {need}; raise it (e.g. data.max_length={max(512, need)}) or lower "
+               "data.min_prompt_tokens")
+    max_tokens = c.integer("data.max_tokens", 1, hint="padded tokens per batch, e.g. 8192")
+    if _is_int(max_tokens) and _is_int(max_len) and max_tokens < max_len:
+        c.fail("data.max_tokens", max_tokens, f"must be >= data.max_length ({max_len}) so one row fits a batch; "
+               f"e.g. data.max_tokens={max(8192, 16 * max_len)}")
+
+    # Validation data: a separate source or split, else val_fraction of the prompts.
+    separate = any(c.get(k) not in (_ABSENT, None, "") for k in ("data.val_source", "data.val_split"))
+    frac = c.number("data.val_fraction", 0, 1, high_open=True,
+                    hint="the share of prompts held out for validation, e.g. 0.1") if not separate else _ABSENT
+    if frac == 0:
+        if entry == "train":
+            c.warnings.append(
+                "data.val_fraction=0 and no data.val_source / data.val_split: no prompt is held out, so no "
+                "validation will run (no val/acc, no val-based checkpoints or export statistics). Set "
+                "data.val_fraction=0.1 (a share of the prompts) or data.val_source=<file> to validate."
+            )
+        elif c.get("split") == "val":
+            c.fail("data.val_fraction", frac, "with split=val there is nothing to evaluate; set split=all or "
+                   "data.val_fraction>0 (as in training)")
+
+    gbc = c.integer("data.global_batch_comparisons", 1, none_ok=True, hint="null = no cap")
+    if _is_int(gbc):
+        accum = c.get("trainer.accumulate_grad_batches")
+        devices, nodes = c.get("trainer.devices"), c.get("trainer.num_nodes")
+        parts = accum if _is_int(accum) and accum >= 1 else 1
+        known = "accumulation steps"
+        if _is_int(devices) and devices >= 1:
+            parts *= devices * (nodes if _is_int(nodes) and nodes >= 1 else 1)
+            known = "ranks x accumulation steps"
+        if gbc % parts:
+            c.fail("data.global_batch_comparisons", gbc, f"must divide by the {known} ({parts}); use a multiple "
+                   f"of {parts}, e.g. {parts * max(1, gbc // parts)}")
+
+    if c.get("data.source") == "simulator":
+        _check_simulator(c)
+
+
+def _check_simulator(c: _Checker) -> None:
+    c.integer("data.simulator.num_prompts", 1, hint="groups generated (train + val), e.g. 2400")
+    k = c.integer("data.simulator.k", 2, hint="responses per prompt, e.g. 3")
+    k_max = c.integer("data.simulator.k_max", 2, none_ok=True)
+    if _is_int(k) and _is_int(k_max) and k_max < k:
+        c.fail("data.simulator.k_max", k_max, f"must be >= data.simulator.k ({k}) or null")
+    c.choice("data.simulator.comparisons", ("all", "adjacent", "one", "ranking"))
+    c.number("data.simulator.temperature", 0, low_open=True, hint="annotator noise, e.g. 0.5")
+    c.number("data.simulator.tie_band", 0, hint="e.g. 0.15; 0 = no ties")
+
+
+def _check_loss(c: _Checker) -> None:
+    if not isinstance(c.cfg.get("loss"), DictConfig):
+        return
+    c.choice("loss.balance", ("none", "group"))
+    c.choice("loss.center", ("pair", "group"))
+    c.number("loss.center_coef", 0, hint="0 = no centering, e.g. 0.01")
+    target, head = c.get("loss._target_"), c.get("model.head")
+    if isinstance(target, str) and target.endswith(".AttributeLoss") and head not in (_ABSENT, "attributes"):
+        c.fail("model.head", head, "must be attributes with loss=attributes (it trains per-attribute outputs): "
+               "use model=attributes (or model.head=attributes), or another loss")
+
+
+def _no_model(c: _Checker) -> bool:
+    """True when the model config names no weights and no config to build from (model=hf without a name)."""
+    model = c.cfg.get("model")
+    if not isinstance(model, DictConfig) or "name_or_path" not in model.keys():
+        return False
+    missing = OmegaConf.is_missing(model, "name_or_path")
+    return (missing or model.name_or_path in (None, "")) and OmegaConf.select(model, "config", default=None) is None
+
+
+def _check_model(c: _Checker) -> None:
+    if not isinstance(c.cfg.get("model"), DictConfig):
+        return
+    if _no_model(c):
+        c.fail("model.name_or_path", None, "no model to build: set model.name_or_path=<hub name or local dir> "
+               "(or model.config=<a transformers config> for random weights)")
+    c.choice("model.head", HEADS)
+    c.choice("model.forward_mode", ("auto", *MODES))
+    c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
+
+
+def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:
+    """Check the composed config of ``entry`` (``train`` or ``eval``) before anything is built.
+
+    Raises one ``ConfigError`` naming every bad setting; logs and returns the warnings."""
+    if entry not in ("train", "eval"):
+        raise ValueError(f"entry must be train|eval, got {entry!r}")
+    c = _Checker(cfg)
+    _check_top(c, entry)
+    if entry == "train":
+        _check_module(c)
+        _check_trainer(c)
+        _check_loss(c)
+        _check_model(c)
+    _check_data(c, entry)
+    for w in c.warnings:
+        log.warning("%s", w)
+    if c.problems:
+        # The same key can be reached twice (e.g. a ??? read by two checks): report it once.
+        seen, unique = set(), []
+        for p in c.problems:
+            if (p.key, p.expected) not in seen:
+                seen.add((p.key, p.expected))
+                unique.append(p)
+        raise ConfigError(unique)
+    return c.warnings
