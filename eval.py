@@ -4,6 +4,8 @@ or python eval.py model.name_or_path=<run>/export data=... (see docs/eval.md).""
 import hydra
 from omegaconf import DictConfig
 
+import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in conf/*.yaml
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:

@@ -3,16 +3,22 @@
 import hydra
 from omegaconf import DictConfig
 
+import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in conf/*.yaml
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from rmlab.checkpoint import CheckpointError
     from rmlab.data.sources import DataError
+    from rmlab.rundir import RunDirBusy
     from rmlab.train import run
 
     try:
         summary = run(cfg)
     except DataError as e:  # bad input: the file, the line, the field and what to do; no traceback
         raise SystemExit(f"rmlab: bad input: {e}") from None
+    except (CheckpointError, RunDirBusy) as e:  # a broken or foreign checkpoint, a run dir in use: what to do
+        raise SystemExit(f"rmlab: {e}") from None
     return summary.get("val_acc")  # the value an Optuna sweep optimizes
 
 

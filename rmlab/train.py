@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rmlab.rundir import claim_run_dir
+
 log = logging.getLogger("rmlab")
 
 
@@ -205,6 +207,7 @@ def start_run(cfg: DictConfig, resolve: bool = True) -> tuple[Path, float]:
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out)  # one live run per dir: another one's dir stops this run with RunDirBusy
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=resolve))
@@ -218,7 +221,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.seed is not None:  # 0 is a valid seed; seeded before anything draws random numbers
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     out, t0 = start_run(cfg)
+    from rmlab.checkpoint import resume_checkpoint  # `last` resolved (intact fallback), checked before the model builds
 
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.model)
     model = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")
     # Generative models re-template each group into their own rows (rmlab.generative.GroupTemplate).
@@ -229,12 +234,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     failed = True
     try:  # from here on, wandb is finished whatever fails (callbacks, trainer, data, training)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
-        from rmlab.checkpoint import ResumeState, checkpoint_plugins, resolve_ckpt_path
+        from rmlab.checkpoint import ResumeState, checkpoint_plugins
 
-        # `last` = this run dir's newest checkpoint (or a fresh start): one command for launch and requeue.
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
-        # RNG states + CSV rows kept in step with checkpoints: exact resume.
-        callbacks.append(ResumeState(resuming_loggers=loggers if ckpt_path else ()))
+        # RNG states + CSV rows kept in step with checkpoints: exact resume; the model config in each checkpoint.
+        callbacks.append(ResumeState(resuming_loggers=loggers if ckpt_path else (), model_cfg=cfg.model))
         plugins = checkpoint_plugins(cfg.trainer)  # atomic checkpoint files
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),
                               **({"plugins": plugins} if plugins else {}))
