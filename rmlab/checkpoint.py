@@ -171,6 +171,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- the callback
+_ONE_RANK_DUMP = False  # set while one rank alone dumps a checkpoint (save_inspection_checkpoint)
+
+
 class ResumeState(L.Callback):
     """Saves RNG states with each checkpoint and restores them before the first resumed batch; keeps the
     CSV log in step with the checkpoints (flushed every batch, cut back to the checkpoint on resume)."""
@@ -195,18 +198,30 @@ class ResumeState(L.Callback):
         return {"rng": capture_rng()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_rng = state_dict.get("rng")
+        # Rank 0's states; on_load_checkpoint (called first) may have set this rank's own.
+        if self._pending_rng is None:
+            self._pending_rng = state_dict.get("rng")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # The best val accuracy so far, as a float: a persistent torchmetrics state would be deep-copied by
         # state_dict(), which fails on FSDP's lazily loaded tensors.
         if self._model is not None:
             checkpoint["rmlab_model"] = self._model
+        # Every rank's RNG states (the callback state holds rank 0's only: only rank 0 writes the file), so each
+        # rank draws its own dropout masks again on resume. A collective: every rank dumps the checkpoint, except
+        # for the NaN guard's one-rank inspection checkpoint, which skips it.
+        if trainer.world_size > 1 and not _ONE_RANK_DUMP and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, capture_rng())
+            checkpoint["rmlab_rng_by_rank"] = states
         best = getattr(pl_module, "val_acc_best", None)
         if best is not None and best.update_called:
             checkpoint["rmlab_val_acc_best"] = float(best.max_value)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        by_rank = checkpoint.get("rmlab_rng_by_rank")
+        if by_rank and len(by_rank) == trainer.world_size:
+            self._pending_rng = by_rank[trainer.global_rank]
         fit_state = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict") or {}
         self._pending_loaders = list(fit_state.get("combined_loader") or [])
         self._val_due = saved_at_an_epochs_last_batch(checkpoint)
@@ -655,7 +670,12 @@ def save_inspection_checkpoint(trainer: L.Trainer, name: str, info: dict[str, An
     ckpt_dir = ckpt_dir or Path(trainer.default_root_dir) / "checkpoints"
     path = ckpt_dir / name
     try:
-        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        global _ONE_RANK_DUMP
+        _ONE_RANK_DUMP = True  # no collective in the callbacks' save hooks: the other ranks are not here
+        try:
+            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        finally:
+            _ONE_RANK_DUMP = False
         state["nonfinite"] = info
         atomic_torch_save(state, path)
         return path

@@ -89,3 +89,12 @@ class WaitForFile(L.Callback):
         t0 = time.time()
         while not Path(self.path).exists() and time.time() - t0 < self.timeout:
             time.sleep(0.2)
+
+
+class RankSkewedRng(L.Callback):
+    """Each rank draws ``rank + 1`` extra numbers from torch's RNG before each training batch, so the ranks'
+    RNG streams differ (as on GPUs, where each device has its own): a resume that gave every rank rank 0's
+    states would draw other dropout masks on rank 1."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.rand(trainer.global_rank + 1)

@@ -121,14 +121,23 @@ def test_max_epochs_3_three_kills_mid_epoch_at_a_boundary_and_in_validation(tmp_
 
 @pytest.mark.slow
 def test_ddp_killed_mid_epoch_resumes_exactly(tmp_path):
-    """trainer=ddp_cpu (2 processes, gloo), max_epochs=2: both ranks killed at step 7, resumed from step 5."""
-    args = [*BASE, "trainer=ddp_cpu", "data.simulator.num_prompts=120", "trainer.max_epochs=2"]
+    """trainer=ddp_cpu (2 processes, gloo), max_epochs=2: both ranks killed at step 7, resumed from step 5, each
+    rank with its own RNG states (the checkpoint holds every rank's)."""
+    args = [
+        *BASE,
+        "trainer=ddp_cpu",
+        "data.simulator.num_prompts=120",
+        "trainer.max_epochs=2",
+        "+callbacks.skew._target_=tests.faults.RankSkewedRng",  # each rank its own RNG stream, as on GPUs
+    ]
     full, killed = tmp_path / "full", tmp_path / "killed"
     _finish(_popen(args, full), killed=False)
     # Every rank runs the kill callback, so both die at the same step (as when the node goes).
     _finish(_popen(args, killed, kill="step:7"), killed=True)
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    five = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert five["global_step"] == 5 and len(five["rmlab_rng_by_rank"]) == 2
+    assert not torch.equal(five["rmlab_rng_by_rank"][0]["torch"], five["rmlab_rng_by_rank"][1]["torch"])
     _finish(_popen(args, killed), killed=False)
-    steps = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    _assert_same_run(full, killed, steps=int(_csv(full / "csv" / "metrics.csv", "train/loss_step").keys().__len__()))
-    assert steps >= 10
+    steps = len(_csv(full / "csv" / "metrics.csv", "train/loss_step"))
+    assert steps >= 10  # two epochs of at least 5 steps, so the kill at 7 is past the first epoch's checkpoints
+    _assert_same_run(full, killed, steps=steps)
