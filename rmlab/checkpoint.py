@@ -247,8 +247,15 @@ class ResumeState(L.Callback):
         states, self._pending_loaders = self._pending_loaders, []
         if states:
             restore_loader_states(trainer, states)
-        if start_next_epoch_properly(trainer) and self._val_due:
-            rerun_skipped_validation(trainer)
+        if start_next_epoch_properly(trainer):
+            # Resumed from an epoch's last batch. A run that never stopped validates next (the val loader's
+            # iterator draws a seed from torch's RNG), then builds the next epoch's iterator (another draw, which
+            # Lightning makes here too), then trains: so the checkpoint's RNG states go back now, before both.
+            if self._pending_rng is not None:
+                restore_rng(self._pending_rng)
+                self._pending_rng = None
+            if self._val_due:
+                rerun_skipped_validation(trainer)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

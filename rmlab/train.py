@@ -237,7 +237,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from rmlab.checkpoint import ResumeState, checkpoint_plugins
 
         # RNG states + CSV rows kept in step with checkpoints: exact resume; the model config in each checkpoint.
-        callbacks.append(ResumeState(resuming_loggers=loggers if ckpt_path else (), model_cfg=cfg.model))
+        # First, so the RNG is restored before any other callback's on_train_batch_start draws from it.
+        callbacks.insert(0, ResumeState(resuming_loggers=loggers if ckpt_path else (), model_cfg=cfg.model))
         plugins = checkpoint_plugins(cfg.trainer)  # atomic checkpoint files
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),
                               **({"plugins": plugins} if plugins else {}))

@@ -18,10 +18,12 @@ import torch
 
 from tests.conftest import ROOT, compose
 
-# 10 batches an epoch of a tiny Llama with dropout on (so the RNG state matters), a checkpoint every 5 steps.
+# 10 batches an epoch of a tiny Llama with dropout on, a checkpoint every 5 steps. forward_mode=padded: the
+# default prefix-shared forward of a causal LM draws no dropout masks, and the RNG state must matter here.
 BASE = [
     "model=tiny_llama",
     "model.dropout=0.1",
+    "model.forward_mode=padded",
     "data.simulator.num_prompts=80",
     "trainer.log_every_n_steps=1",
     "~callbacks.progress_bar",
