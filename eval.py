@@ -4,11 +4,15 @@ or python eval.py model.name_or_path=<run>/export data=... (see docs/eval.md).""
 import hydra
 from omegaconf import DictConfig
 
+import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in conf/*.yaml
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from rmlab.checkpoint import CheckpointError
     from rmlab.data.sources import DataError
     from rmlab.evaluate import run  # lazy: `python eval.py --help` stays fast
+    from rmlab.rundir import RunDirBusy
     from rmlab.validate import ConfigError
 
     try:
@@ -17,6 +21,8 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"rmlab: bad input: {e}") from None
     except ConfigError as e:  # bad settings: each key, its value and what is valid; no traceback
         raise SystemExit(f"rmlab: bad config: {e}") from None
+    except (CheckpointError, RunDirBusy) as e:  # a broken or foreign checkpoint or export, a run dir in use
+        raise SystemExit(f"rmlab: {e}") from None
 
 
 if __name__ == "__main__":

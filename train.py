@@ -3,10 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
+import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in conf/*.yaml
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from rmlab.checkpoint import CheckpointError
     from rmlab.data.sources import DataError
+    from rmlab.rundir import RunDirBusy
     from rmlab.train import run
     from rmlab.validate import ConfigError
 
@@ -16,6 +20,8 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(f"rmlab: bad input: {e}") from None
     except ConfigError as e:  # bad settings: each key, its value and what is valid; no traceback
         raise SystemExit(f"rmlab: bad config: {e}") from None
+    except (CheckpointError, RunDirBusy) as e:  # a broken or foreign checkpoint, a run dir in use: what to do
+        raise SystemExit(f"rmlab: {e}") from None
     return summary.get("val_acc")  # the value an Optuna sweep optimizes
 
 

@@ -10,8 +10,10 @@ this module adds what it does not:
 - ``ResumeState``: the RNG states (torch, CUDA, numpy, python) saved with each checkpoint and restored
   right before the first resumed batch; the CSV log flushed as training goes and cut back to the
   checkpoint's step on resume, so logged steps continue without duplicates.
-- ``ResumableLoader``: a DataLoader that Lightning sees as stateful, so the grouped batch sampler's
-  position (epoch, batches consumed) goes into the checkpoint and the resumed epoch skips what was done.
+- The training loader's position: ``rmlab.data.loader.ResumableLoader`` is a DataLoader Lightning sees as
+  stateful, so the grouped batch sampler's position (epoch, batches consumed) goes into the checkpoint;
+  ``ResumeState`` hands it back at ``on_train_start`` (Lightning skips that whenever the loader was built
+  before the restore, i.e. with a finite ``max_epochs``), and the resumed epoch skips what was done.
 - ``resolve_ckpt_path``: ``ckpt_path=last`` means the newest of ``<run dir>/checkpoints/last.ckpt`` and
   Lightning's SLURM ``hpc_ckpt_*.ckpt``; a missing one starts fresh, so one command serves both the first
   launch and every requeue.
@@ -25,6 +27,7 @@ this module adds what it does not:
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import random
@@ -37,7 +40,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from torch.utils.data import DataLoader
 
 log = logging.getLogger("rmlab")
 
@@ -56,9 +58,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         # Safe by default: an rmlab checkpoint holds tensors and plain types only.
-        return super().load_checkpoint(
-            path, map_location=map_location, weights_only=True if weights_only is None else weights_only
-        )
+        try:
+            return super().load_checkpoint(
+                path, map_location=map_location, weights_only=True if weights_only is None else weights_only
+            )
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a torn, empty or foreign file: say which, and what to do
+            if Path(path).is_file() and (why := checkpoint_problem(path)):
+                raise CheckpointError(unreadable_message(Path(path), why)) from e
+            raise
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -161,46 +170,21 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------ the sampler position
-class ResumableLoader(DataLoader):
-    """The training DataLoader: stateful for Lightning (``state_dict``/``load_state_dict``), and the one
-    that sets the batch sampler's epoch.
-
-    - The position is read from the trainer's batch progress, not counted in the sampler: Lightning
-      prefetches a batch ahead, so the sampler has always yielded one more batch than was trained on.
-    - Lightning's ``set_epoch`` reaches only ``loader.sampler`` and ``loader.batch_sampler.sampler``, never a
-      custom batch sampler, so without this every epoch would repeat epoch 0's order.
-    """
-
-    def __init__(self, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._trainer = trainer
-
-    def __iter__(self):
-        if self._trainer is not None and hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(self._trainer.current_epoch)
-        return super().__iter__()
-
-    def state_dict(self) -> dict[str, Any]:
-        consumed = batches_done(self._trainer) if self._trainer is not None else 0
-        return self.batch_sampler.state_dict(consumed)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch_sampler.load_state_dict(state)
-
-
-def batches_done(trainer: L.Trainer) -> int:
-    """Training batches finished in the current epoch (including the one whose end hooks are running)."""
-    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-
-
 # ------------------------------------------------------------------------------------- the callback
+_ONE_RANK_DUMP = False  # set while one rank alone dumps a checkpoint (save_inspection_checkpoint)
+
+
 class ResumeState(L.Callback):
     """Saves RNG states with each checkpoint and restores them before the first resumed batch; keeps the
     CSV log in step with the checkpoints (flushed every batch, cut back to the checkpoint on resume)."""
 
-    def __init__(self, resuming_loggers: Any = ()) -> None:
+    def __init__(self, resuming_loggers: Any = (), model_cfg: Any = None) -> None:
+        # The resolved model config goes into every checkpoint, so a resume or an eval with another model
+        # is refused before that model is built (check_checkpoint).
+        self._model = model_fingerprint(model_cfg) if model_cfg is not None else None
         self._pending_rng: dict[str, Any] | None = None
+        self._pending_loaders: list[dict[str, Any]] = []
+        self._val_due = False
         # Read now: Lightning creates the CSV writer (which deletes metrics.csv) before restoring a checkpoint.
         self._csv_rows = {
             str(lg.log_dir): read_csv_rows(lg) for lg in resuming_loggers if type(lg).__name__ == "CSVLogger"
@@ -214,16 +198,33 @@ class ResumeState(L.Callback):
         return {"rng": capture_rng()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_rng = state_dict.get("rng")
+        # Rank 0's states; on_load_checkpoint (called first) may have set this rank's own.
+        if self._pending_rng is None:
+            self._pending_rng = state_dict.get("rng")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # The best val accuracy so far, as a float: a persistent torchmetrics state would be deep-copied by
         # state_dict(), which fails on FSDP's lazily loaded tensors.
+        if self._model is not None:
+            checkpoint["rmlab_model"] = self._model
+        # Every rank's RNG states (the callback state holds rank 0's only: only rank 0 writes the file), so each
+        # rank draws its own dropout masks again on resume. A collective: every rank dumps the checkpoint, except
+        # for the NaN guard's one-rank inspection checkpoint, which skips it.
+        if trainer.world_size > 1 and not _ONE_RANK_DUMP and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, capture_rng())
+            checkpoint["rmlab_rng_by_rank"] = states
         best = getattr(pl_module, "val_acc_best", None)
         if best is not None and best.update_called:
             checkpoint["rmlab_val_acc_best"] = float(best.max_value)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        by_rank = checkpoint.get("rmlab_rng_by_rank")
+        if by_rank and len(by_rank) == trainer.world_size:
+            self._pending_rng = by_rank[trainer.global_rank]
+        fit_state = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict") or {}
+        self._pending_loaders = list(fit_state.get("combined_loader") or [])
+        self._val_due = saved_at_an_epochs_last_batch(checkpoint)
         best = getattr(pl_module, "val_acc_best", None)
         if best is not None and "rmlab_val_acc_best" in checkpoint:
             best.update(torch.tensor(checkpoint["rmlab_val_acc_best"]))
@@ -232,9 +233,29 @@ class ResumeState(L.Callback):
         step = int(checkpoint.get("global_step", 0))
         for lg in trainer.loggers:
             if type(lg).__name__ == "CSVLogger" and self._csv_rows.get(str(lg.log_dir)):
-                n = restore_csv_log(lg, self._csv_rows.pop(str(lg.log_dir)), step)
+                # The epoch's validation is run again on resume (rerun_skipped_validation): its rows go too.
+                redo = step - 1 if self._val_due else None
+                n = restore_csv_log(lg, self._csv_rows.pop(str(lg.log_dir)), step, redo_val_step=redo)
                 if n:
                     log.info("resume: dropped %d CSV rows logged after step %d (they are logged again)", n, step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The training loader's position. Lightning hands it back only when it builds the loader after the
+        # restore; with a finite max_epochs the LR schedule's `estimated_stepping_batches` builds it before, and
+        # the resumed epoch would start over from its first batch. Applying it here (again, when Lightning did)
+        # is harmless: the sampler reads it when the epoch's iteration begins, after this hook.
+        states, self._pending_loaders = self._pending_loaders, []
+        if states:
+            restore_loader_states(trainer, states)
+        if start_next_epoch_properly(trainer):
+            # Resumed from an epoch's last batch. A run that never stopped validates next (the val loader's
+            # iterator draws a seed from torch's RNG), then builds the next epoch's iterator (another draw, which
+            # Lightning makes here too), then trains: so the checkpoint's RNG states go back now, before both.
+            if self._pending_rng is not None:
+                restore_rng(self._pending_rng)
+                self._pending_rng = None
+            if self._val_due:
+                rerun_skipped_validation(trainer)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -249,6 +270,81 @@ class ResumeState(L.Callback):
                 lg.save()
 
 
+def restore_loader_states(trainer: L.Trainer, states: list[dict[str, Any]]) -> None:
+    """Load a checkpoint's ``combined_loader`` states into the trainer's stateful training loaders, in order."""
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    loaders = trainer.fit_loop._combined_loader
+    flat = loaders.flattened if isinstance(loaders, CombinedLoader) else [trainer.train_dataloader]
+    stateful = [dl for dl in flat if callable(getattr(dl, "state_dict", None)) and callable(getattr(dl, "load_state_dict", None))]
+    if len(stateful) != len(states):
+        raise RuntimeError(
+            f"the checkpoint holds the position of {len(states)} training loader(s), this run has {len(stateful)}: "
+            "resume with the same data config"
+        )
+    for dl, state in zip(stateful, states):
+        dl.load_state_dict(state)
+    trainer.fit_loop._combined_loader_states_to_load = []  # never a second time (e.g. on a loader reload)
+
+
+def saved_at_an_epochs_last_batch(checkpoint: dict[str, Any]) -> bool:
+    """True for a checkpoint written at the end of an epoch's last training batch (``every_n_train_steps``
+    landing on it): before that epoch's validation and epoch-end hooks ran."""
+    loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    batches, epochs = loops.get("epoch_loop.batch_progress") or {}, loops.get("epoch_progress") or {}
+    try:
+        total, ep = batches["total"], epochs["current"]
+        return bool(
+            batches.get("is_last_batch")
+            and total["completed"] == total["processed"] - 1
+            and ep["processed"] == ep["started"] - 1
+        )
+    except (KeyError, TypeError):
+        return False
+
+
+def rerun_skipped_validation(trainer: L.Trainer) -> None:
+    """Lightning resumes a checkpoint written at an epoch's last batch past that epoch's validation (it counts
+    it as done), though a run that never stopped validates there, and a kill in that validation loses it. Run
+    it here, before the next epoch, when the trainer validates at each epoch's end (the default:
+    ``val_check_interval=1.0``, ``check_val_every_n_epoch`` set): same weights, same val rows, same best val
+    accuracy. The epoch-end training aggregates (``train/*_epoch``) are not rebuilt: they live in memory only."""
+    closed = trainer.current_epoch - 1
+    every = trainer.check_val_every_n_epoch
+    if not trainer.enable_validation or every is None or (closed + 1) % every:
+        return
+    n, check = trainer.num_training_batches, trainer.val_check_batch
+    if check is None or check == float("inf") or n == float("inf") or n % int(check):
+        return
+    val = trainer.fit_loop.epoch_loop.val_loop
+    val.restarting = False  # a fresh validation, not the continuation of one
+    trainer.validating = True
+    try:
+        val.run()
+    finally:
+        trainer.training = True
+
+
+def start_next_epoch_properly(trainer: L.Trainer) -> bool:
+    """Resumed from a checkpoint written at an epoch's last training batch (``every_n_train_steps`` landing on
+    it), Lightning 2.6 closes that epoch (processed, completed) but then goes on into the next one as if it had
+    restarted in the middle of it: the next epoch is never counted as started, so a checkpoint written in it
+    resumes one epoch short and the run trains an extra epoch; its ``on_train_epoch_start`` hooks are skipped
+    too. Here that restart is turned into the plain start of the next epoch, as in a run that never stopped."""
+    from lightning.pytorch.loops.fit_loop import RestartStage
+
+    fit = trainer.fit_loop
+    epoch = fit.epoch_loop
+    if (
+        fit._restart_stage == RestartStage.RESTARTED_MID_EPOCH
+        and epoch.restarted_on_train_batch_end
+        and epoch.batch_progress.is_last_batch
+    ):
+        fit.reset_restart_stage()
+        return True
+    return False
+
+
 def read_csv_rows(logger: Any) -> list[list[str]]:
     path = Path(logger.log_dir) / "metrics.csv"
     if not path.is_file():
@@ -257,7 +353,7 @@ def read_csv_rows(logger: Any) -> list[list[str]]:
         return list(csv.reader(f))
 
 
-def restore_csv_log(logger: Any, rows: list[list[str]], step: int) -> int:
+def restore_csv_log(logger: Any, rows: list[list[str]], step: int, redo_val_step: int | None = None) -> int:
     """Keep a resumed run's CSV log whole: rows up to the checkpoint stay, rows a killed run logged after
     it (``step >= step``: Lightning logs optimizer step s+1's metrics at ``step=s``) go, since the resumed
     run logs them again. Lightning's CSV writer deletes an existing metrics.csv when it is created, so the
@@ -266,7 +362,16 @@ def restore_csv_log(logger: Any, rows: list[list[str]], step: int) -> int:
     if not rows or "step" not in rows[0]:
         return 0
     header, i = rows[0], rows[0].index("step")
-    keep = [r for r in rows[1:] if not (len(r) > i and r[i] != "" and int(float(r[i])) >= step)]
+    val = [j for j, name in enumerate(header) if name.startswith("val/")]
+
+    def redone(r: list[str]) -> bool:
+        at = int(float(r[i])) if len(r) > i and r[i] != "" else None
+        if at is None:
+            return False
+        # A validation logged at `redo_val_step` is run again on resume: its rows are logged again too.
+        return at >= step or (at == redo_val_step and any(j < len(r) and r[j] != "" for j in val))
+
+    keep = [r for r in rows[1:] if not redone(r)]
     writer = logger.experiment  # created here (it deletes metrics.csv), then told the old header
     writer.metrics_keys = list(header)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -277,9 +382,103 @@ def restore_csv_log(logger: Any, rows: list[list[str]], step: int) -> int:
 
 
 # --------------------------------------------------------------------------------- resume helpers
+class CheckpointError(RuntimeError):
+    """A checkpoint or export that cannot be used: the message names the file, what is wrong and what to do."""
+
+
+# Checkpoints in <run dir>/checkpoints that a resume never falls back to: the NaN guard's post-mortem state.
+NOT_A_RESUME_POINT = ("nonfinite-",)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with a ``CheckpointError`` naming the file (and an intact one
+    beside it) when it is missing, empty, truncated or not a torch checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist. {_next_step(p)}")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise CheckpointError(unreadable_message(p, _why(e, p))) from e
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"{p} is not a Lightning checkpoint (no state_dict in it). {_next_step(p)}")
+    return state
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a usable checkpoint ("empty", "truncated ...", ...), or None when it loads.
+
+    Cheap: the load is memory-mapped, so it reads the metadata, not the tensors. A directory (a sharded
+    FSDP/DeepSpeed checkpoint) is taken as it is."""
+    p = Path(path)
+    if p.is_dir():
+        return None
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return _why(e, p)
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return "not a Lightning checkpoint (no state_dict)"
+    return None
+
+
+def _why(e: Exception, p: Path) -> str:
+    try:
+        size = p.stat().st_size
+    except OSError:
+        return f"cannot be read ({e})"
+    if size == 0:
+        return "empty (0 bytes): its write never happened"
+    text = (str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0]  # torch adds a paragraph
+    if "central directory" in text or isinstance(e, EOFError) or "zip archive" in text:
+        return f"truncated or torn ({size} bytes; torch: {text})"
+    return f"not loadable ({type(e).__name__}: {text[:300]})"
+
+
+def unreadable_message(p: Path, why: str) -> str:
+    return f"checkpoint {p} is {why}. {_next_step(p)}"
+
+
+def _next_step(p: Path) -> str:
+    """What to do instead of a broken checkpoint: the newest intact one beside it, or a fresh start."""
+    good = intact_checkpoints(p.parent, exclude=p)
+    if good:
+        return (
+            f"Resume from the newest intact checkpoint beside it: ckpt_path={good[0]} "
+            "(ckpt_path=last picks it on its own)."
+        )
+    return (
+        f"There is no intact checkpoint in {p.parent}: move that folder aside and start fresh, or pass "
+        "ckpt_path=<a checkpoint from another run dir>."
+    )
+
+
+def _ckpt_order(p: Path) -> tuple[float, int]:
+    digits = "".join(c if c.isdigit() else " " for c in p.stem).split()
+    return (p.stat().st_mtime, int(digits[-1]) if digits else -1)
+
+
+def intact_checkpoints(folder: str | os.PathLike, exclude: Path | None = None) -> list[Path]:
+    """The loadable checkpoints in ``folder`` (``*.ckpt`` but the NaN guard's), newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [
+        p
+        for p in folder.glob("*.ckpt")
+        if not p.name.startswith(NOT_A_RESUME_POINT) and (exclude is None or p.resolve() != exclude.resolve())
+    ]
+    found.sort(key=_ckpt_order, reverse=True)
+    return [p for p in found if checkpoint_problem(p) is None]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
     """``last`` -> the newest of ``<run dir>/checkpoints/last.ckpt`` and ``<run dir>/hpc_ckpt_*.ckpt``
     (written by Lightning when SLURM preempts), or None (start fresh) when the run dir has neither.
+
+    When that newest file is unreadable (empty, truncated), the newest intact checkpoint of the run dir is
+    used instead, and the fallback is logged and printed; when none is intact, a ``CheckpointError`` says so
+    (training again from scratch over them would be a silent loss).
 
     Unset, it is ``$RMLAB_DEFAULT_CKPT_PATH`` when that says ``last``: ``hydra/launcher=slurm`` sets it, so a job
     submitit requeued resumes from its own run dir instead of training again over its checkpoints."""
@@ -288,13 +487,171 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
     if ckpt_path != "last":
         return ckpt_path
     out = Path(output_dir)
-    found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    # last-v1.ckpt: Lightning's name for `last` when a last.ckpt it did not write is in the way.
+    lasts = [out / "checkpoints" / "last.ckpt", *(out / "checkpoints").glob("last-v*.ckpt")]
+    found = [p for p in [*lasts, *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     if not found:
         log.info("ckpt_path=last: no checkpoint in %s yet, starting fresh", out)
         return None
     best = max(found, key=lambda p: p.stat().st_mtime)
-    log.info("ckpt_path=last: resuming from %s", best)
-    return str(best)
+    why = checkpoint_problem(best)
+    if why is None:
+        log.info("ckpt_path=last: resuming from %s", best)
+        return str(best)
+    candidates = [p for p in found if p != best and checkpoint_problem(p) is None]
+    candidates += intact_checkpoints(out / "checkpoints", exclude=best)
+    if not candidates:
+        raise CheckpointError(
+            f"ckpt_path=last: {best} is {why}, and no other checkpoint in {out / 'checkpoints'} is intact. Move "
+            f"{out / 'checkpoints'} aside to start this run fresh, or pass ckpt_path=<a checkpoint>."
+        )
+    good = max(candidates, key=_ckpt_order)
+    msg = f"ckpt_path=last: {best} is {why}; resuming from the newest intact checkpoint, {good}, instead"
+    log.warning(msg)
+    print(f"rmlab: {msg}", flush=True)
+    return str(good)
+
+
+# ----------------------------------------------------------------------- the architecture fingerprint
+# Model config keys that change how a model runs, not which weights it has: they may differ on resume.
+RUNTIME_KEYS = {
+    "compile",
+    "attn_implementation",
+    "forward_mode",
+    "row_tokens",
+    "gradient_checkpointing",
+    "trust_remote_code",
+}
+
+
+def model_fingerprint(model_cfg: Any) -> dict[str, Any]:
+    """The resolved model config as plain types (what a checkpoint stores under ``rmlab_model``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(model_cfg, DictConfig):
+        return OmegaConf.to_container(model_cfg, resolve=True)
+    return dict(model_cfg)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _architectural(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf not in RUNTIME_KEYS and "dropout" not in leaf
+
+
+def architecture_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``model.<key>: checkpoint <a>, this config <b>`` for every weight-deciding key that differs."""
+    a, b = _flat(saved), _flat(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if _architectural(key) and a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append(f"model.{key}: checkpoint {a.get(key, '<unset>')!r}, this config {b.get(key, '<unset>')!r}")
+    return out
+
+
+def check_checkpoint(path: str | os.PathLike, model_cfg: Any) -> dict[str, Any] | None:
+    """Check a checkpoint before any model is built: it loads (else ``CheckpointError`` naming the file and an
+    intact one beside it), and it was trained with the architecture ``model_cfg`` describes (else
+    ``CheckpointError`` listing the model config keys that differ). Returns the checkpoint's stored model
+    config, or None for a sharded (directory) checkpoint or one written before rmlab stored it.
+
+    Memory-mapped: the tensors are not read. Call it for ``ckpt_path`` in training (``resume_checkpoint``)
+    and in eval before instantiating the model."""
+    p = Path(path)
+    if p.is_dir():
+        log.info("%s is a sharded checkpoint: its architecture is not checked before loading", p)
+        return None
+    state = read_checkpoint(p, mmap=True)
+    saved = state.get("rmlab_model")
+    if saved is None:
+        log.info("%s records no model config (written before rmlab stored one): architecture not checked", p)
+        return None
+    if model_cfg is not None:
+        diff = architecture_diff(saved, model_fingerprint(model_cfg))
+        if diff:
+            shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+            raise CheckpointError(
+                f"checkpoint {p} was trained with another model: {shown}. Use the model config it was trained "
+                f"with (the run's config.yaml beside checkpoints/ has it), or start a new run dir for this model."
+            )
+    return saved
+
+
+def resume_checkpoint(ckpt_path: str | None, output_dir: str | os.PathLike, model_cfg: Any) -> str | None:
+    """``resolve_ckpt_path`` then ``check_checkpoint``: the checkpoint a run resumes from, checked before the
+    model is built. Call it before instantiating the model."""
+    path = resolve_ckpt_path(ckpt_path, output_dir)
+    if path is not None:
+        check_checkpoint(path, model_cfg)
+    return path
+
+
+# ------------------------------------------------------------------------------------- export dirs
+def check_export_dir(path: str | os.PathLike) -> None:
+    """Check a Hugging Face export dir before loading it: ``config.json`` parses and every ``*.safetensors``
+    file is complete (its header reads, and the file is as long as the header's offsets say). Raises
+    ``CheckpointError`` naming the file. A sharded export is checked shard by shard through its index."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"export dir {d} does not exist (or is not a directory)")
+    redo = "Copy the export again, or export again from the run's checkpoint (a train.py run with export=true writes it)."
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{cfg} is missing: {d} is not a complete export. {redo}")
+    try:
+        json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg} is not valid JSON ({e}): the export is incomplete or damaged. {redo}") from None
+    index = d / "model.safetensors.index.json"
+    files: set[Path] = set(d.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}). {redo}") from None
+        files |= {d / name for name in set(weight_map.values())}
+    elif not (d / "model.safetensors").exists() and not any(d.glob("*.bin")):
+        raise CheckpointError(f"{d / 'model.safetensors'} is missing: {d} holds no weights. {redo}")
+    for f in sorted(files):
+        problem = safetensors_problem(f)
+        if problem:
+            raise CheckpointError(f"{f} is {problem}. {redo}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is incomplete (None when whole): the 8-byte header length, the JSON header, and
+    the file size against the largest end offset the header gives."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size < 8:
+        return f"truncated ({size} bytes, not even the header length)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return f"truncated ({size} bytes; its header alone says {8 + n})"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"not a safetensors file (its header does not parse: {e})"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "not a safetensors file (a tensor without data_offsets)"
+    expected = 8 + n + end
+    if size < expected:
+        return f"incomplete: {size} bytes of the {expected} its header describes (a write or copy that stopped midway)"
+    if size > expected:
+        return f"damaged: {size} bytes, {size - expected} more than its header describes"
+    return None
 
 
 def wandb_run_id(output_dir: str | os.PathLike) -> str:
@@ -320,7 +677,12 @@ def save_inspection_checkpoint(trainer: L.Trainer, name: str, info: dict[str, An
     ckpt_dir = ckpt_dir or Path(trainer.default_root_dir) / "checkpoints"
     path = ckpt_dir / name
     try:
-        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        global _ONE_RANK_DUMP
+        _ONE_RANK_DUMP = True  # no collective in the callbacks' save hooks: the other ranks are not here
+        try:
+            state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        finally:
+            _ONE_RANK_DUMP = False
         state["nonfinite"] = info
         atomic_torch_save(state, path)
         return path

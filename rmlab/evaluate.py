@@ -25,6 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rmlab.checkpoint import check_checkpoint, check_export_dir, read_checkpoint
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
 from rmlab.module import model_state
@@ -70,13 +71,16 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
         arch = run_cfg.model if run_cfg is not None and "model" in run_cfg else model_cfg
         if arch is None:
             raise ValueError(f"no model config for {ckpt_path}: pass model=<the one it was trained with>")
+        check_checkpoint(ckpt_path, arch)  # readable and of this architecture, before the model builds
         model = instantiate(arch, _convert_="all")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]  # tensors and plain types only
+        state = read_checkpoint(ckpt_path)["state_dict"]  # weights_only: tensors and plain types only
         model.load_state_dict(model_state(state), strict=True)
     else:
         if model_cfg is None:
             raise ValueError("set ckpt_path=<checkpoint> or model.name_or_path=<export dir>")
         path = model_cfg.get("name_or_path")
+        if path and Path(path).is_dir():
+            check_export_dir(path)  # a half-written safetensors or a cut config.json: named, before loading
         if path and read_export_meta(path).get("head") not in (None, "scalar"):
             # An rmlab export of another head (verifier, judge, attributes) rebuilds itself from its config.json.
             model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))

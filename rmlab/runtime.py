@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rmlab.checkpoint import wandb_run_id
+from rmlab.rundir import claim_run_dir
 
 log = logging.getLogger("rmlab")
 
@@ -28,6 +29,7 @@ def start_run(cfg: DictConfig, resolve: bool = True) -> tuple[Path, float]:
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out)  # one live run per dir: another one's dir stops this run with RunDirBusy
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=resolve))

@@ -280,19 +280,25 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
+    from rmlab.checkpoint import CheckpointError, check_export_dir  # likewise
     from rmlab.evaluate import find_run_config, load_reward_model  # torch, lightning: after the arguments parse
     from rmlab.models import load_export, read_export_meta  # likewise
 
     transformers.logging.set_verbosity_error()
     if a.threads:
         torch.set_num_threads(a.threads)
-    run_cfg = find_run_config(a.ckpt or a.model)
-    if a.ckpt:
-        model = load_reward_model(a.ckpt, None, run_cfg)
-        meta = read_export_meta(str(Path(a.ckpt).resolve().parent.parent / "export"))
-    else:
-        model = load_export(a.model)  # the export's config.json says which head it is
-        meta = read_export_meta(a.model)
+    try:  # a broken or foreign checkpoint or export: the file and what to do, without a traceback
+        run_cfg = find_run_config(a.ckpt or a.model)
+        if a.ckpt:
+            model = load_reward_model(a.ckpt, None, run_cfg)
+            meta = read_export_meta(str(Path(a.ckpt).resolve().parent.parent / "export"))
+        else:
+            if Path(a.model).is_dir():
+                check_export_dir(a.model)
+            model = load_export(a.model)  # the export's config.json says which head it is
+            meta = read_export_meta(a.model)
+    except CheckpointError as e:
+        raise SystemExit(f"rmlab.score: {e}") from None
     data_cfg = run_cfg.get("data", {}) if run_cfg is not None else {}
     # Training's truncation by default, so a row scores as it was trained on.
     a.max_length = a.max_length or data_cfg.get("max_length") or 512

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from rmlab import strategies
 from rmlab.callbacks import GradNormMonitor, NonFiniteGuard, final_val_rewards
-from rmlab.checkpoint import ResumeState, checkpoint_plugins, resolve_ckpt_path
+from rmlab.checkpoint import ResumeState, checkpoint_plugins, resume_checkpoint
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
 from rmlab.models.scoring import score_batches
 from rmlab.runtime import Loggers, start_run
@@ -29,9 +29,10 @@ log = logging.getLogger("rmlab")
 def build_trainer(cfg: DictConfig, loggers: list, resuming: bool) -> L.Trainer:
     """The Lightning Trainer with the config's callbacks, exact-resume state and atomic checkpoint files."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
-    # Always on: the non-finite guard, the gradient norm, and RNG states + CSV rows kept in step with
-    # checkpoints (exact resume).
-    callbacks += [NonFiniteGuard(), GradNormMonitor(), ResumeState(resuming_loggers=loggers if resuming else ())]
+    # Always on: RNG states + CSV rows + the model config kept in step with checkpoints (exact resume; first, so
+    # the RNG is restored before any other callback draws from it), the non-finite guard, the gradient norm.
+    resume = ResumeState(resuming_loggers=loggers if resuming else (), model_cfg=cfg.model)
+    callbacks = [resume, *callbacks, NonFiniteGuard(), GradNormMonitor()]
     plugins = checkpoint_plugins(cfg.trainer)
     return instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
@@ -45,6 +46,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     out, t0 = start_run(cfg)
+    # `ckpt_path=last` = this run dir's newest intact checkpoint, or a fresh start (one command for launch and
+    # requeue); a checkpoint of another architecture is refused here, before any model loads.
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.model)
 
     # 2. The model, its loss, the data (tokenized with the model's tokenizer and, for generative heads, its
     #    template), and the LightningModule that trains the model with the loss.
@@ -54,9 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                      _convert_="all")
     module = instantiate(cfg.module, model=model, loss=loss, _convert_="all")
 
-    # 3. Fit; `ckpt_path=last` = this run dir's newest checkpoint, or a fresh start (one command for launch
-    #    and requeue). Wandb is finished whatever fails from here on.
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+    # 3. Fit. Wandb is finished whatever fails from here on.
     with Loggers(cfg) as loggers:
         trainer = build_trainer(cfg, loggers, resuming=ckpt_path is not None)
         dm.setup("fit")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import rmlab  # noqa: F401  registers ${rmlab.unique:} (conf/*.yaml's run dirs) for configs composed with Hydra's
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

@@ -62,3 +62,39 @@ class PoisonValOnRank(L.Callback):
         if trainer.global_rank == self.rank and batch_idx == self.batch:
             with torch.no_grad():
                 pl_module.model.head.weight.fill_(float("nan"))
+
+
+class KillInValidation(L.Callback):
+    """SIGKILL this process in the validation that follows optimizer step ``step`` (at its first batch): after
+    the epoch's last training batch and its checkpoint, before the next epoch starts."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.training is False and trainer.state.fn == "fit" and trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WaitForFile(L.Callback):
+    """Hold the run at its first training batch until ``path`` exists (at most ``timeout`` seconds), so a test
+    can act while the run is alive and owns its run dir."""
+
+    def __init__(self, path: str, timeout: float = 300):
+        self.path, self.timeout = path, timeout
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        t0 = time.time()
+        while not Path(self.path).exists() and time.time() - t0 < self.timeout:
+            time.sleep(0.2)
+
+
+class RankSkewedRng(L.Callback):
+    """Each rank draws ``rank + 1`` extra numbers from torch's RNG before each training batch, so the ranks'
+    RNG streams differ (as on GPUs, where each device has its own): a resume that gave every rank rank 0's
+    states would draw other dropout masks on rank 1."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.rand(trainer.global_rank + 1)

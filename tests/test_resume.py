@@ -174,9 +174,9 @@ def test_ckpt_path_last_resolves_in_the_run_dir(tmp_path):
     assert resolve_ckpt_path("/x/y.ckpt", tmp_path) == "/x/y.ckpt"
     (tmp_path / "checkpoints").mkdir()
     last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_3.ckpt"
-    last.write_bytes(b"a")
+    torch.save({"state_dict": {}}, last)  # `last` takes only a loadable checkpoint (tests/test_broken_files.py)
     assert resolve_ckpt_path("last", tmp_path) == str(last)
-    hpc.write_bytes(b"b")
+    torch.save({"state_dict": {}}, hpc)
     os.utime(hpc, (time.time() + 5, time.time() + 5))  # SLURM's pre-emption checkpoint is newer
     assert resolve_ckpt_path("last", tmp_path) == str(hpc)
 

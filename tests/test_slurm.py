@@ -138,11 +138,13 @@ def test_lightning_leaves_submitits_signal_alone(monkeypatch):
 
 
 def test_resume_defaults_from_the_launcher_environment(tmp_path, monkeypatch):
+    import torch
+
     from rmlab.checkpoint import resolve_ckpt_path
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    last.write_bytes(b"x")
+    torch.save({"state_dict": {}}, last)  # `last` takes only a loadable checkpoint
     monkeypatch.delenv("RMLAB_DEFAULT_CKPT_PATH", raising=False)
     assert resolve_ckpt_path(None, tmp_path) is None  # outside the SLURM launcher: a fresh start unless asked
     monkeypatch.setenv("RMLAB_DEFAULT_CKPT_PATH", "last")

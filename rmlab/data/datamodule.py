@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from rmlab.checkpoint import ResumableLoader
 from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
+from rmlab.data.loader import ResumableLoader
 from rmlab.data.sampler import GroupBatchSampler
 from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.data.sources import DataError, read_records, resolve_paths

@@ -1,0 +1,189 @@
+"""Broken checkpoints and exports get a clear message (the file, what is wrong, what to do) and, for
+``ckpt_path=last``, a fallback to the newest intact checkpoint; a checkpoint of another architecture is
+refused before any model is built."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, compose
+
+RUN = [
+    "model=tiny_llama",
+    "data.simulator.num_prompts=40",
+    "trainer.max_steps=4",
+    "trainer.max_epochs=-1",
+    "trainer.log_every_n_steps=1",
+    "~callbacks.progress_bar",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.eval_metrics=null",
+    "export=false",
+    "threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 4-step run: checkpoints/step2.ckpt, step4.ckpt, last.ckpt (step 4)."""
+    from rmlab.train import run
+
+    out = tmp_path_factory.mktemp("trained")
+    run(compose(RUN, out))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step2.ckpt", "step4.ckpt"]
+    return out
+
+
+def _copy(trained: Path, dest: Path) -> Path:
+    shutil.copytree(trained / "checkpoints", dest / "checkpoints")
+    return dest
+
+
+def test_checkpoints_record_the_model_config(trained):
+    saved = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["rmlab_model"]
+    assert saved["config"]["hidden_size"] == 64 and saved["tokenizer"] == "byt5"
+
+
+def test_empty_last_ckpt_alone_is_a_clear_error_not_eoferror(tmp_path):
+    from rmlab.checkpoint import CheckpointError, check_checkpoint, resolve_ckpt_path
+
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        resolve_ckpt_path("last", tmp_path)
+    msg = str(err.value)
+    assert str(last) in msg and "empty" in msg and "start this run fresh" in msg, msg
+    with pytest.raises(CheckpointError, match="empty") as err:  # given explicitly
+        check_checkpoint(last, None)
+    assert str(last) in str(err.value) and "no intact checkpoint" in str(err.value)
+
+
+def test_empty_explicit_ckpt_names_the_intact_one_beside_it(trained, tmp_path):
+    from rmlab.checkpoint import CheckpointError, check_checkpoint
+
+    run_dir = _copy(trained, tmp_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        check_checkpoint(last, compose(RUN, tmp_path).model)
+    msg = str(err.value)
+    assert f"checkpoint {last} is empty" in msg and f"ckpt_path={run_dir / 'checkpoints' / 'step4.ckpt'}" in msg, msg
+
+
+def test_lightning_load_of_a_torn_file_is_a_checkpoint_error(trained, tmp_path):
+    from rmlab.checkpoint import AtomicCheckpointIO, CheckpointError
+
+    torn = _copy(trained, tmp_path) / "checkpoints" / "last.ckpt"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        AtomicCheckpointIO().load_checkpoint(torn)
+
+
+@pytest.mark.slow
+def test_truncated_last_ckpt_falls_back_to_the_intact_step_checkpoint_and_says_so(tmp_path, capsys):
+    from rmlab.train import run
+
+    run_dir = tmp_path
+    run(compose(RUN, run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy or disk that stopped midway
+    summary = run(compose([*RUN, "trainer.max_steps=6", "ckpt_path=last"], run_dir))
+    out = capsys.readouterr().out
+    assert f"{last} is truncated" in out and f"resuming from the newest intact checkpoint, {run_dir / 'checkpoints' / 'step4.ckpt'}" in out, out
+    assert summary["train_steps"] == 6
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # and last.ckpt is whole again
+
+
+def test_another_architecture_is_refused_before_the_model_is_built(trained, tmp_path, monkeypatch):
+    import rmlab.model
+
+    from rmlab.checkpoint import CheckpointError
+    from rmlab.train import run
+
+    built = []
+
+    def no_build(*a, **kw):  # a model build that would take long (or fail) must never start
+        built.append(kw)
+        raise AssertionError("the model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(rmlab.model, "build_model", no_build)
+    run_dir = _copy(trained, tmp_path)
+    cfg = compose([*RUN, "model.config.hidden_size=32", "model.config.num_hidden_layers=3", "ckpt_path=last"], run_dir)
+    with pytest.raises(CheckpointError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert "model.config.hidden_size: checkpoint 64, this config 32" in msg, msg
+    assert "model.config.num_hidden_layers: checkpoint 2, this config 3" in msg and str(run_dir) in msg, msg
+    assert built == []
+    # Knobs that do not decide the weights may differ.
+    from rmlab.checkpoint import check_checkpoint
+
+    same = compose([*RUN, "model.dropout=0.1", "model.forward_mode=padded"], run_dir).model
+    assert check_checkpoint(run_dir / "checkpoints" / "last.ckpt", same)["config"]["hidden_size"] == 64
+
+
+def _export(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "rmlab": {"pooling": "last"}}))
+    save_file({"a": torch.randn(64, 8), "b": torch.randn(3)}, str(d / "model.safetensors"))
+    return d
+
+
+def test_export_dir_checks(tmp_path):
+    from rmlab.checkpoint import CheckpointError, check_export_dir
+
+    d = _export(tmp_path)
+    check_export_dir(d)  # whole
+
+    weights = d / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) - 100])  # half-written
+    with pytest.raises(CheckpointError) as err:
+        check_export_dir(d)
+    assert f"{weights} is incomplete" in str(err.value), err.value
+    weights.write_bytes(whole[:5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        check_export_dir(d)
+    weights.write_bytes(whole)
+
+    cfg = d / "config.json"
+    text = cfg.read_text()
+    cfg.write_text(text[: len(text) // 2])  # truncated config.json
+    with pytest.raises(CheckpointError) as err:
+        check_export_dir(d)
+    assert f"{cfg} is not valid JSON" in str(err.value), err.value
+    cfg.unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        check_export_dir(d)
+
+
+def test_a_real_export_passes_and_a_half_written_one_is_named(tmp_path, tiny_llama):
+    from rmlab.checkpoint import CheckpointError, check_export_dir
+
+    out = tiny_llama.save_pretrained(tmp_path / "export")
+    check_export_dir(out)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is incomplete"):
+        check_export_dir(out)
+
+
+@pytest.mark.slow
+def test_train_py_with_a_broken_checkpoint_exits_with_the_message(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    bad = tmp_path / "checkpoints" / "x.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    cmd = [sys.executable, "train.py", *RUN, f"hydra.run.dir={tmp_path}", f"ckpt_path={bad}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"rmlab: checkpoint {bad} is" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -1,0 +1,116 @@
+"""One run per directory: default run dirs are unique per process, an explicit dir is locked while its run
+lives, and a dead run's lock never blocks the resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _steps(metrics: Path) -> list[int]:
+    with open(metrics, newline="") as f:
+        return sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step"))
+
+
+@pytest.mark.parametrize("conf", ["train", "eval"])
+def test_default_run_dir_gets_a_per_process_suffix(conf):
+    """The same clock second in two processes still gives two names; one process always gets the same one."""
+    code = (
+        "import rmlab; from omegaconf import OmegaConf;"
+        "OmegaConf.register_new_resolver('now', lambda p: 'SAME-SECOND');"
+        f"c = OmegaConf.load('conf/{conf}.yaml');"
+        "d = OmegaConf.create({'task_name': c.task_name, 'hydra': {'run': c.hydra.run}});"
+        "print(d.hydra.run.dir, d.hydra.run.dir)"
+    )
+    names = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            check=True).stdout.split() for _ in range(2)]
+    assert names[0][0] == names[0][1] and names[1][0] == names[1][1], names  # stable within a process
+    assert names[0][0] != names[1][0], names  # distinct across processes
+    assert names[0][0].startswith(f"outputs/{conf}/runs/SAME-SECOND_SAME-SECOND_"), names
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_get_two_complete_run_dirs(tmp_path):
+    # Run from tmp_path, so the default dirs (outputs/train/runs/<time>_<suffix>) land there, not in the repo.
+    cmd = [sys.executable, str(ROOT / "train.py"), "debug=fast", "threads=1", "~callbacks.progress_bar"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    dirs = sorted((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(dirs) == 2, dirs
+    for d in dirs:
+        assert {"config.yaml", "metrics.json", "data_report.json"} <= {p.name for p in d.iterdir()}, d
+        assert _steps(d / "csv" / "metrics.csv") == list(range(10)), d
+
+
+def _claim_in_subprocess(path: Path) -> subprocess.CompletedProcess:
+    code = f"from rmlab.rundir import claim_run_dir; claim_run_dir({str(path)!r}); print('claimed')"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+def test_claim_is_exclusive_between_processes_and_reentrant_within_one(tmp_path):
+    from rmlab.rundir import LOCK_NAME, claim_run_dir
+
+    lock = claim_run_dir(tmp_path)
+    assert claim_run_dir(tmp_path) is lock  # the same process may claim its own dir again (in-process reruns)
+    p = _claim_in_subprocess(tmp_path)
+    assert p.returncode == 1 and "RunDirBusy" in p.stderr, p.stderr
+    assert f"run dir {tmp_path.resolve()} is in use by another run: pid {os.getpid()}" in p.stderr, p.stderr
+    assert "hydra.run.dir=<new dir>" in p.stderr and "ckpt_path=last" in p.stderr
+    lock.release()
+    assert _claim_in_subprocess(tmp_path).stdout.strip() == "claimed"
+    assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_dead_processes_lock_does_not_block(tmp_path):
+    from rmlab.rundir import LOCK_NAME, claim_run_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "started": 0}}\n')
+    with claim_run_dir(tmp_path) as lock:  # a SIGKILLed run leaves its file; the kernel dropped its flock
+        assert lock.held and f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()
+
+
+def test_other_ranks_share_rank_zeros_dir(tmp_path, monkeypatch):
+    from rmlab.rundir import claim_run_dir
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not claim_run_dir(tmp_path).held  # rank 1 of a DDP launch: rank 0 holds the dir
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_live_runs_dir_stops_with_the_owner_and_what_to_do(tmp_path):
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    base = [sys.executable, "train.py", "debug=fast", "threads=1", "~callbacks.progress_bar", f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(
+        [*base, "+callbacks.hold._target_=tests.faults.WaitForFile", f"+callbacks.hold.path={release}"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        t0 = time.time()
+        while not (run_dir / "config.yaml").exists() and time.time() - t0 < 300:  # the first run owns the dir
+            time.sleep(0.5)
+        second = subprocess.run(base, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        release.touch()
+        out, _ = first.communicate(timeout=300)
+    finally:
+        release.touch()
+        first.kill()
+    assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+    msg = second.stderr
+    assert f"rmlab: run dir {run_dir} is in use by another run: pid {first.pid}" in msg, msg[-2000:]
+    assert "Traceback" not in msg and "hydra.run.dir=<new dir>" in msg
+    assert first.returncode == 0, out[-3000:]
+    assert _steps(run_dir / "csv" / "metrics.csv") == list(range(10))  # the first run's log, whole
