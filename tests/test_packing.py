@@ -196,3 +196,23 @@ def test_segment_attention_per_part_and_joint(monkeypatch, cost):
     batch = collate(groups, model.tokenizer.pad_token_id, "left")
     with torch.no_grad():
         torch.testing.assert_close(model.score_batch(batch), _singles(model, groups), atol=1e-4, rtol=0)
+
+
+def test_attention_dropout_acts_in_the_prefix_shared_path_and_not_in_eval():
+    """model.dropout must mean the same in every forward mode: attention by segments applies the attention
+    dropout in training (it used to drop it silently) and none in eval."""
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared", dropout=0.5)
+    assert model.forward_mode == "prefix_shared"
+    batch = collate(_groups(model.tokenizer, k=3), model.tokenizer.pad_token_id)
+    model.train()
+    torch.manual_seed(1)
+    a = model.score_batch(batch)
+    torch.manual_seed(2)
+    b = model.score_batch(batch)
+    assert not torch.allclose(a, b)  # dropout drew different masks
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_batch(batch), model.score_batch(batch), atol=0, rtol=0)

@@ -29,6 +29,7 @@ to build; tests/test_packing.py checks its mask uncompiled).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -270,7 +271,8 @@ def segment_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    # Attention dropout as the padded path applies it (the caller passes 0.0 in eval mode).
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, dropout_p=dropout)
     gqa = query.shape[1] != key.shape[1]
     rows: dict[int, list[torch.Tensor]] = {}
     for r, col, p, parts in rmlab_spans:
