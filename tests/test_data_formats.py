@@ -344,3 +344,41 @@ def test_prometheus_grade_as_a_single_attribute(tmp_path):
     assert b.attributes.shape == (b.input_ids.shape[0], 1)
     assert torch.equal(b.attributes[:, 0], b.score.to(b.attributes.dtype))  # the same mean grade, 1..5
     assert 1.0 <= float(b.attributes.min()) and float(b.attributes.max()) <= 5.0
+
+
+def test_label_swap_carries_the_side_scores_with_their_responses(tmp_path):
+    """Scores belong to the responses: side 2 winning with the higher score is consistent (kept, margin
+    +5); side 2 winning with the lower score contradicts the label (dropped). The label swaps the sides
+    and the score gap with them."""
+    rows = [
+        {"prompt": "consistent", "chosen": "x", "rejected": "y", "label": "2", "cs": 3, "rs": 8},
+        {"prompt": "contradicting", "chosen": "x", "rejected": "y", "label": "2", "cs": 8, "rs": 3},
+        {"prompt": "first side", "chosen": "x", "rejected": "y", "label": "1", "cs": 8, "rs": 3},
+        {"prompt": "first side wrong", "chosen": "x", "rejected": "y", "label": "1", "cs": 3, "rs": 8},
+    ]
+    groups, report = groups_of(
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        "pairs",
+        {"label": "label", "chosen_score": "cs", "rejected_score": "rs"},
+    )
+    assert [(g.prompt, *cmp_tuples(g)[0][:3]) for g in groups] == [
+        ("consistent", "y", "x", 5.0),
+        ("first side", "x", "y", 5.0),
+    ]
+    assert dict(report.dropped) == {"scores_contradict_label": 2}
+
+
+@pytest.mark.parametrize("blank", ["\u200b", "\u200c\u200d", " \u2060 ", "\ufeff\n", "\u200b \u200b\t"])
+def test_a_response_of_invisible_characters_is_empty(tmp_path, blank):
+    """Zero width space, joiners, word joiner, BOM (alone or with whitespace) are no content: the
+    record is dropped as empty_response and counted, in the pairs and the ratings/rankings adapters."""
+    pairs = [{"prompt": "p", "chosen": blank, "rejected": "y"}, {"prompt": "q", "chosen": "x", "rejected": "y"}]
+    groups, report = groups_of(write_jsonl(tmp_path / "p.jsonl", pairs), "pairs")
+    assert [g.prompt for g in groups] == ["q"] and dict(report.dropped) == {"empty_response": 1}
+    ranked = [{"prompt": "p", "responses": ["a", blank, "c"]}, {"prompt": "q", "responses": ["a", "b"]}]
+    groups, report = groups_of(write_jsonl(tmp_path / "r.jsonl", ranked), "rankings")
+    assert [g.prompt for g in groups] == ["q"] and dict(report.dropped) == {"empty_response": 1}
+    rated = [{"prompt": "p", "response": blank, "score": 1}, {"prompt": "p", "response": "b", "score": 2}]
+    rated.append({"prompt": "p", "response": "c", "score": 3})
+    groups, report = groups_of(write_jsonl(tmp_path / "s.jsonl", rated), "ratings")
+    assert [g.responses for g in groups] == [["b", "c"]] and report.dropped["empty_response"] == 1

@@ -379,9 +379,20 @@ def _label(f: Field) -> tuple[bool, bool, int | None, float | None]:
     return True, side == 1, strength, margin
 
 
+# Format characters that render as nothing: a response made only of these (and whitespace) has no
+# content, though ``str.strip`` keeps them (they are not whitespace).
+INVISIBLE = "\u00ad\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff"
+_NO_INVISIBLE = str.maketrans("", "", INVISIBLE)
+
+
+def is_blank(text: str) -> bool:
+    """True for a text of whitespace and invisible characters only (zero width space, joiners, BOM...)."""
+    return not text.translate(_NO_INVISIBLE).strip()
+
+
 def _drop_reason(a: str, b: str, margin: float | str | None) -> str | None:
     """Why a well-formed pair is dropped, or None. ``margin`` may already be a reason (a non-finite number)."""
-    if not a.strip() or not b.strip():
+    if is_blank(a) or is_blank(b):
         return "empty_response"
     if a == b:
         return "identical_chosen_rejected"
@@ -409,13 +420,23 @@ def _score_margin(f: Field) -> float | str | None:
     return _margin(f)
 
 
+def _side_scores(f: Field) -> bool:
+    """Whether the margin is chosen_score - rejected_score: scores that belong to the two sides."""
+    return bool(f.name("chosen_score") and f.name("rejected_score"))
+
+
 def _pair_group(
     f: Field, prompt: str, a: str, b: str, margin: float | str | None, strength: float | None = None
 ) -> PreferenceGroup | str:
+    """One pair; a label saying the second side won swaps the sides. Scores of the sides
+    (chosen_score/rejected_score) travel with their responses, so the margin is negated with them; a
+    margin field is the winner's margin and is kept."""
     labelled, swap, votes_strength, votes_margin = _label(f)
     tie = labelled and votes_margin == 0.0
     if swap:
         a, b = b, a
+        if isinstance(margin, float) and _side_scores(f):
+            margin = -margin
     if labelled and margin is None:
         margin = votes_margin if votes_strength is not None else None
         strength = votes_strength if strength is None else strength
@@ -559,7 +580,7 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
                 "unset data.fields.responses, or drop data.fields.attributes",
             )
         attributes = [f.attribute_ratings()]
-    if any(not r.strip() for r in responses):
+    if any(is_blank(r) for r in responses):
         return "empty_response"
     if not all(in_range(s) for s in scores):
         return "nonfinite_score"
@@ -593,7 +614,7 @@ def adapt_rankings(f: Field) -> PreferenceGroup | str:
         ranks = [float(i) for i in range(len(responses))]
     if len(responses) < 2:
         return "single_response_prompt"
-    if any(not r.strip() for r in responses):
+    if any(is_blank(r) for r in responses):
         return "empty_response"
     if len(set(responses)) < len(responses):
         return "identical_responses_in_record"
