@@ -14,9 +14,13 @@ Conventions, so every number means one thing:
 - **calibration** reads ``p = sigmoid(r_w - r_l)`` as the probability that the labelled winner wins.
   Each non-tie comparison is counted in both orientations, ``(p, 1)`` and ``(1 - p, 0)``, so the
   reliability diagram spans [0, 1] and does not depend on which side a file happened to list first.
-  ECE = sum_b n_b / N * |mean p_b - mean y_b| over equal-width bins; Brier = mean (p - 1)^2.
+  ECE = sum_b n_b / N * |mean p_b - mean y_b| over equal-width bins; Brier = mean (p - 1)^2. The bins
+  are mirror images: p and 1 - p always land in mirrored bins (``calibration_bins``), also on a bin
+  edge, so the ECE is the same whichever side of each comparison is taken as the winner.
 - **rank correlations** (Kendall tau-b, Spearman rho) are computed within each group of K >= 3
-  responses and averaged over groups; across prompts rewards need not be comparable.
+  responses and averaged over groups; across prompts rewards need not be comparable. A group whose
+  labels are constant is skipped (no ranking to compare); a group the model scores constant counts
+  as correlation 0 (a constant model ranks nothing, it is not absent).
 """
 
 from __future__ import annotations
@@ -230,19 +234,34 @@ def quantile_buckets(x: np.ndarray, n: int = 4) -> tuple[np.ndarray, list[float]
 
 
 # --------------------------------------------------------------------------- calibration
-def calibration(gap: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
-    """ECE, Brier and reliability bins of ``p = sigmoid(gap)``, gap = r_w - r_l on non-tie comparisons.
+def calibration_bins(probs: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """The bin of each probability among ``n_bins`` equal-width bins of [0, 1], mirror-symmetric.
 
-    Symmetrized: each comparison is the point (p, 1) and the point (1 - p, 0). A bin holds p in
-    [i/n, (i+1)/n) (the last bin includes 1).
+    Below 1/2 a bin holds [i/n, (i+1)/n), above 1/2 it holds (i/n, (i+1)/n]: an edge belongs to the bin
+    nearer 1/2, so p and 1 - p land in bins b and n - 1 - b even when p is on an edge (p = 0.8 and
+    0.2 with 10 bins: bins 7 and 2). 1/2 itself is in bin n // 2. p * n within 1e-9 of an integer
+    counts as on the edge, so that 1 - (1 - p) != p in floating point does not move a point.
     """
-    gap = np.asarray(gap, float)
-    if gap.size == 0:
-        return {"ece": NAN, "brier": NAN, "bins": []}
-    p = 1.0 / (1.0 + np.exp(-gap))
-    probs = np.concatenate([p, 1.0 - p])
-    ys = np.concatenate([np.ones_like(p), np.zeros_like(p)])
-    idx = np.clip(np.floor(probs * n_bins).astype(int), 0, n_bins - 1)
+    probs = np.asarray(probs, float)
+
+    def scaled(q: np.ndarray) -> np.ndarray:
+        x = q * n_bins
+        r = np.round(x)
+        return np.where(np.abs(x - r) <= 1e-9, r, x)
+
+    lo, hi = scaled(probs), scaled(1.0 - probs)
+    low_half = lo < n_bins / 2
+    high_half = hi < n_bins / 2
+    idx = np.full(probs.shape, n_bins // 2, dtype=int)
+    idx[low_half] = np.floor(lo[low_half]).astype(int)
+    idx[high_half & ~low_half] = n_bins - 1 - np.floor(hi[high_half & ~low_half]).astype(int)
+    return np.clip(idx, 0, n_bins - 1)
+
+
+def expected_calibration_error(probs: np.ndarray, ys: np.ndarray, n_bins: int = 10) -> tuple[float, list[dict]]:
+    """ECE = sum_b n_b / N * |mean p_b - mean y_b| over ``calibration_bins``, and the bins."""
+    probs, ys = np.asarray(probs, float), np.asarray(ys, float)
+    idx = calibration_bins(probs, n_bins)
     bins, ece = [], 0.0
     for b in range(n_bins):
         sel = idx == b
@@ -252,7 +271,25 @@ def calibration(gap: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
         if cnt:
             ece += cnt / probs.size * abs(conf - acc)
         bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "confidence": conf, "accuracy": acc, "count": cnt})
-    return {"ece": float(ece), "brier": float(np.mean((p - 1.0) ** 2)), "bins": bins}
+    return float(ece), bins
+
+
+def calibration(gap: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
+    """ECE, Brier and reliability bins of ``p = sigmoid(gap)``, gap = r_w - r_l on non-tie comparisons.
+
+    Symmetrized: each comparison is the point (p, 1) and the point (1 - p, 0). The bins are
+    ``calibration_bins``: mirror images of each other, so the two points land in mirrored bins, also
+    for p on a bin edge, and the result is the same for the comparison taken the other way round
+    (sigmoid(-gap), 0). A calibrated set on an edge (p = 0.8, 80% won) has ECE 0.
+    """
+    gap = np.asarray(gap, float)
+    if gap.size == 0:
+        return {"ece": NAN, "brier": NAN, "bins": []}
+    p = 1.0 / (1.0 + np.exp(-gap))
+    probs = np.concatenate([p, 1.0 - p])
+    ys = np.concatenate([np.ones_like(p), np.zeros_like(p)])
+    ece, bins = expected_calibration_error(probs, ys, n_bins)
+    return {"ece": ece, "brier": float(np.mean((p - 1.0) ** 2)), "bins": bins}
 
 
 # --------------------------------------------------------------------------- correlations
@@ -296,7 +333,9 @@ def group_rank_correlation(
     """Mean Kendall tau-b and Spearman rho between score and target within each group.
 
     Groups with fewer than ``min_k`` scored responses, or a constant target, have no ranking to
-    compare and are skipped (``n_groups`` says how many counted). Higher target = better.
+    compare and are skipped (``n_groups`` says how many counted). A group where the *score* is
+    constant is counted with tau = rho = 0: a constant model is maximally uninformative, and leaving
+    it out would average only over the groups it does rank. Higher target = better.
     """
     score, target, group = np.asarray(score, float), np.asarray(target, float), np.asarray(group)
     ok = np.isfinite(target)
@@ -308,11 +347,11 @@ def group_rank_correlation(
         for a, b in zip(starts, np.r_[starts[1:], g.size]):
             if b - a < min_k or np.all(t[a:b] == t[a]):
                 continue
+            # The target varies, so NaN means a constant score: it ranks nothing, correlation 0.
             tau = kendall_tau_b(s[a:b], t[a:b])
-            if not math.isnan(tau):
-                taus.append(tau)
-                rho = spearman_rho(s[a:b], t[a:b])
-                rhos.append(0.0 if math.isnan(rho) else rho)  # a constant score ranks nothing: rho 0
+            rho = spearman_rho(s[a:b], t[a:b])
+            taus.append(0.0 if math.isnan(tau) else tau)
+            rhos.append(0.0 if math.isnan(rho) else rho)
     return {
         "kendall_tau": float(np.mean(taus)) if taus else NAN,
         "spearman_rho": float(np.mean(rhos)) if rhos else NAN,

@@ -12,7 +12,9 @@ from rmlab.metrics import (
     Predictions,
     accuracy_by,
     calibration,
+    calibration_bins,
     compute_all,
+    expected_calibration_error,
     group_rank_correlation,
     kendall_tau_b,
     quantile_buckets,
@@ -47,6 +49,58 @@ def test_ece_is_zero_when_calibrated_and_large_when_overconfident():
     # Always p = .99 but right only half the time: ECE = |.99 - .5| = .49.
     gap = np.array([logit(0.99)] * 5 + [-logit(0.99)] * 5)
     assert calibration(gap, n_bins=10)["ece"] == pytest.approx(0.49, abs=1e-9)
+
+
+def test_ece_is_zero_for_a_calibrated_set_on_a_bin_edge():
+    # 100 comparisons at p = 0.8 (an edge of the 10 bins), 80 won: perfectly calibrated. The points
+    # (0.8, 1) x 80, (0.2, 1) x 20 and their mirrors (0.2, 0) x 80, (0.8, 0) x 20 must share two bins.
+    for gap in (
+        np.array([logit(0.8)] * 80 + [-logit(0.8)] * 20),
+        np.array([math.log(4.0)] * 80 + [-math.log(4.0)] * 20),
+    ):
+        cal = calibration(gap, n_bins=10)
+        assert cal["ece"] == pytest.approx(0.0, abs=1e-9)
+        assert [b["count"] for b in cal["bins"]] == [0, 0, 100, 0, 0, 0, 0, 100, 0, 0]
+    # The same on every edge of 5 and 10 bins, and at 0 and 1.
+    for n in (5, 10):
+        for i in range(0, n + 1):
+            p = i / n
+            probs = np.array([p] * 4 + [1 - p] * 4)
+            ys = np.array([1, 1, 1, 0, 0, 0, 0, 1], float) if p != 0.5 else np.array([1, 0] * 4, float)
+            ece, bins = expected_calibration_error(probs, ys, n)
+            counts = [b["count"] for b in bins]
+            assert counts == counts[::-1] or p == 0.5, (n, p, counts)
+
+
+def _both_ways(p, y, n):
+    """ECE as ``calibration`` defines it: every point (p, y) also counted as (1 - p, 1 - y)."""
+    return expected_calibration_error(np.concatenate([p, 1 - p]), np.concatenate([y, 1 - y]), n)
+
+
+def test_calibration_bins_mirror_and_ece_is_orientation_free():
+    """Property: p and 1 - p land in bins b and n - 1 - b (edges included), so the both-orientations ECE
+    of points (p, y) is the same when any of them is given the other way round, (1 - p, 1 - y), although
+    1 - (1 - p) != p in floating point; and ``calibration(gap)`` is that ECE of (sigmoid(gap), 1)."""
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 10, 15):
+        edges = np.arange(n + 1) / n
+        p = np.concatenate([rng.uniform(size=200), edges, 1 - edges, np.round(rng.uniform(size=50), 1)])
+        y = (rng.uniform(size=p.size) < 0.7).astype(float)
+        b, mirror = calibration_bins(p, n), calibration_bins(1 - p, n)
+        half = p == 0.5  # 1/2 is its own mirror: one bin, n // 2
+        assert np.array_equal(b[~half], n - 1 - mirror[~half]) and (b[half] == n // 2).all()
+        ece, bins = _both_ways(p, y, n)
+        for flip in (np.ones(p.size, bool), rng.uniform(size=p.size) < 0.5):
+            q, z = np.where(flip, 1 - p, p), np.where(flip, 1 - y, y)
+            ece2, bins2 = _both_ways(q, z, n)
+            assert ece2 == pytest.approx(ece, abs=1e-12)
+            assert [x["count"] for x in bins2] == [x["count"] for x in bins]
+        # calibration(gap): the comparisons as (sigmoid(gap), 1), or the other way round (sigmoid(-gap), 0).
+        gap = np.concatenate([rng.normal(size=100) * 2, [logit(e) for e in edges[1:-1]]])
+        ps = 1 / (1 + np.exp(-gap))
+        want = _both_ways(ps, np.ones_like(ps), n)[0]
+        assert calibration(gap, n)["ece"] == pytest.approx(want, abs=1e-12)
+        assert _both_ways(1 / (1 + np.exp(gap)), np.zeros_like(ps), n)[0] == pytest.approx(want, abs=1e-12)
 
 
 def test_strict_accuracy_keeps_ties_apart():
@@ -89,15 +143,27 @@ def test_kendall_tau_and_spearman_by_hand():
     assert kendall_tau_b(x, y) == pytest.approx(kendalltau(x, y).statistic)
 
 
-def test_group_rank_correlation_skips_small_and_constant_groups():
+def test_group_rank_correlation_skips_small_and_constant_target_groups_and_zeroes_constant_scores():
     score = np.array([1, 2, 3, 4, 0.0, 1.0, 5, 5, 5, 9, 8, 7])
     target = np.array([1, 3, 2, 4, 1.0, 0.0, 1, 2, 3, 1, 1, 1])
     group = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3])
     g = group_rank_correlation(score, target, group)
-    # group 0: tau 2/3, rho .8; group 1 has K = 2 (skipped); group 2: constant score, tau NaN -> skipped;
+    # group 0: tau 2/3, rho .8; group 1 has K = 2 (skipped); group 2: constant score -> counted as
+    # tau = rho = 0 (it used to be skipped, which averaged over the groups the model does rank);
     # group 3: constant target, no ranking -> skipped
-    assert g["n_groups"] == 1
-    assert g["kendall_tau"] == pytest.approx(2 / 3) and g["spearman_rho"] == pytest.approx(0.8)
+    assert g["n_groups"] == 2
+    assert g["kendall_tau"] == pytest.approx(1 / 3) and g["spearman_rho"] == pytest.approx(0.4)
+
+
+def test_group_rank_correlation_a_constant_model_is_not_absent():
+    # Three groups ranked 3 > 2 > 1; the model ranks the first one right and scores the other two flat.
+    score = np.array([3.0, 2.0, 1.0, 7.0, 7.0, 7.0, 0.0, 0.0, 0.0])
+    target = np.array([3.0, 2.0, 1.0] * 3)
+    group = np.repeat([0, 1, 2], 3)
+    g = group_rank_correlation(score, target, group)
+    assert g == {"kendall_tau": pytest.approx(1 / 3), "spearman_rho": pytest.approx(1 / 3), "n_groups": 3.0}
+    flat = group_rank_correlation(np.zeros(9), target, group)
+    assert flat == {"kendall_tau": 0.0, "spearman_rho": 0.0, "n_groups": 3.0}
 
 
 def test_buckets_and_accuracy_by():
