@@ -382,3 +382,27 @@ def test_a_response_of_invisible_characters_is_empty(tmp_path, blank):
     rated.append({"prompt": "p", "response": "c", "score": 3})
     groups, report = groups_of(write_jsonl(tmp_path / "s.jsonl", rated), "ratings")
     assert [g.responses for g in groups] == [["b", "c"]] and report.dropped["empty_response"] == 1
+
+
+def test_group_by_prompt_keeps_each_comparison_in_its_own_subset(tmp_path):
+    """A hard comparison sharing a prompt with an easy one stays hard: records of different subsets are
+    separate groups with the same prompt text (a group has one subset, read for all its comparisons)."""
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "subset": "easy"},
+        {"prompt": "p", "chosen": "a", "rejected": "c", "subset": "hard"},
+        {"prompt": "p", "chosen": "b", "rejected": "c", "subset": "easy"},
+        {"prompt": "q", "chosen": "x", "rejected": "y", "subset": "hard"},
+    ]
+    groups, report = groups_of(
+        write_jsonl(tmp_path / "d.jsonl", rows), "pairs", {"subset": "subset"}, group_by_prompt=True
+    )
+    got = [(g.prompt, g.subset, g.responses, [c[:2] for c in cmp_tuples(g)], g.n_records) for g in groups]
+    assert got == [
+        ("p", "easy", ["a", "b", "c"], [("a", "b"), ("b", "c")], 2),
+        ("p", "hard", ["a", "c"], [("a", "c")], 1),
+        ("q", "hard", ["x", "y"], [("x", "y")], 1),
+    ]
+    assert report.kept == 4 and not report.dropped
+    # Per comparison, as the metrics read it (each comparison takes its group's subset).
+    per_comparison = sorted((g.subset, g.responses[c.winner], g.responses[c.loser]) for g in groups for c in g.comparisons)
+    assert per_comparison == [("easy", "a", "b"), ("easy", "b", "c"), ("hard", "a", "c"), ("hard", "x", "y")]

@@ -1,8 +1,9 @@
 """From scored or ranked responses to comparisons, and from many records to one group per prompt.
 
 Ratings data (AlpacaEval, HelpSteer2, Prometheus) has one score per response and often one record per
-response, so the groups are built after all records are read: records are merged by prompt text, the
-responses of a prompt are capped at ``max_k`` (the dropped responses' records are counted), and the
+response, so the groups are built after all records are read: records are merged by prompt text (and
+subset: a group has one), the responses of a prompt are capped at ``max_k`` (the dropped responses'
+records are counted), and the
 comparisons come from the scores (``all`` pairs, ``best_vs_rest`` or ``adjacent`` in score order) with
 the score gap as the margin and equal scores as ties.
 """
@@ -67,17 +68,21 @@ def pick_k(scores: list[float], max_k: int, strategy: str, key: str) -> list[int
 
 
 def merge_by_prompt(groups: list[PreferenceGroup], report: DataReport) -> list[PreferenceGroup]:
-    """Fold groups that share a prompt into one group, in order of first appearance.
+    """Fold groups that share a prompt and a subset into one group, in order of first appearance.
 
     Responses are matched by exact text, so a response compared in several records is forwarded
     once. A ratings record whose (prompt, response) was already seen is a duplicate: it is dropped and
     counted, since two scores for one response cannot both stand.
+
+    The subset is part of the key because a group has one subset and per-subset accuracy reads it
+    for every comparison of the group: records of the same prompt in different subsets stay separate
+    groups with the same prompt text (the train/val split is by prompt text, so they stay together).
     """
-    merged: dict[str, PreferenceGroup] = {}
+    merged: dict[tuple[str, str | None], PreferenceGroup] = {}
     for g in groups:
-        m = merged.get(g.prompt)
+        m = merged.get((g.prompt, g.subset))
         if m is None:
-            m = merged[g.prompt] = PreferenceGroup(
+            m = merged[(g.prompt, g.subset)] = PreferenceGroup(
                 prompt=g.prompt,
                 responses=[],
                 comparisons=[],
