@@ -519,6 +519,47 @@ def test_bad_options_raise():
             bad()
 
 
+@pytest.mark.parametrize("learn", [False, True])
+def test_tie_models_in_float64_after_double(learn):
+    """After module.double() the tie parameter is float64 and exactly the configured value (it was built
+    in float32: nu = 0.7 became 0.7000000032), the loss on float64 rewards is float64 and matches the
+    closed form to 1e-12, and gradcheck passes in float64 for the rewards and the tie parameter."""
+    b = group3(tie=torch.tensor([False, False, True]))
+    dav = DavidsonLoss(tie_param=0.7, learn_tie_param=learn).double()
+    rk = RaoKupperLoss(tie_param=1.8, learn_tie_param=learn).double()
+    for loss, value in ((dav, 0.7), (rk, 1.8)):
+        assert loss.log_tie.dtype == F64 and loss.tie_param.dtype == F64
+        assert loss.tie_param.item() == pytest.approx(value, abs=1e-15)
+    out = dav(t(R3), b).loss
+    assert out.dtype == F64
+    log_nu = math.log(0.7)
+    dav_z = lambda d: lse(d / 2, -d / 2, log_nu)  # noqa: E731
+    want = (dav_z(2) - 1 + dav_z(3) - 1.5 + dav_z(1) - log_nu) / 3
+    assert out.item() == pytest.approx(want, abs=1e-12)
+    a = math.log(1.8)
+    rk_tie = -math.log(1.8**2 - 1) + softplus(-(1 - a)) + softplus(1 + a)
+    want = (softplus(-(2 - a)) + softplus(-(3 - a)) + rk_tie) / 3
+    out = rk(t(R3), b).loss
+    assert out.dtype == F64 and out.item() == pytest.approx(want, abs=1e-12)
+    r = t([0.3, -1.2, 0.8]).requires_grad_()
+    for loss in (dav, rk):
+        assert torch.autograd.gradcheck(lambda x, loss=loss: loss(x, b).loss, (r,), eps=1e-6, atol=1e-9)
+        p = loss.log_tie.detach().clone().requires_grad_()
+
+        def f(x, lt, loss=loss):
+            return torch.func.functional_call(loss, {"log_tie": lt}, (x, b)).loss
+
+        assert torch.autograd.gradcheck(f, (r, p), eps=1e-6, atol=1e-9)
+
+
+def test_a_trained_tie_param_is_only_cast_by_double():
+    loss = DavidsonLoss(tie_param=0.7, learn_tie_param=True)
+    with torch.no_grad():
+        loss.log_tie.fill_(0.25)  # moved by training (or loaded from a checkpoint)
+    assert loss.double().log_tie.item() == 0.25 and loss.log_tie.dtype == F64
+    assert loss.float().double().tie_param.item() == pytest.approx(math.exp(0.25), abs=1e-15)
+
+
 def test_learned_tie_param_is_trainable():
     loss = DavidsonLoss(tie_param=1.0, learn_tie_param=True)
     assert [n for n, _ in loss.named_parameters()] == ["log_tie"]

@@ -28,11 +28,30 @@ class TieModelLoss(PairwiseLoss):
             raise ValueError(f"{type(self).__name__} needs tie_param > {minimum}, got {tie_param}")
         self.minimum = minimum
         # Learned as log(tie_param - minimum) so that gradient steps cannot leave the valid range.
-        value = torch.tensor(math.log(tie_param - minimum))
+        self._log_tie0 = math.log(tie_param - minimum)  # exact, for a later cast to float64 (_apply)
+        value = torch.tensor(self._log_tie0)
         if learn_tie_param:
             self.log_tie = nn.Parameter(value)
         else:
             self.register_buffer("log_tie", value)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.double()`` (any cast to float64) converts the tie parameter like every other tensor, and
+        also restores its configured value exactly while it is still the initial one: the float32
+        rounding of log(tie_param - minimum) would otherwise stay (0.7 -> 0.7000000032), a 1e-9 error
+        in every float64 loss. A value moved by training or loaded from a checkpoint is only cast."""
+        before = self.log_tie
+        dtype = before.dtype
+        initial = (
+            dtype != torch.float64
+            and before.device.type != "meta"
+            and before.detach().cpu().item() == torch.tensor(self._log_tie0, dtype=dtype).item()
+        )
+        out = super()._apply(fn, *args, **kwargs)
+        if initial and self.log_tie.dtype == torch.float64:
+            with torch.no_grad():
+                self.log_tie.fill_(self._log_tie0)
+        return out
 
     @property
     def tie_param(self) -> torch.Tensor:
