@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, compose, needs_shared_data
@@ -64,7 +66,13 @@ def test_own_field_names_through_field_mapping_alone(tiny_llama, tmp_path):
     acc = [rw > rl for rw, rl in r]
     assert m["acc"] == pytest.approx(sum(acc) / 12)
     assert m["subset/a"] == pytest.approx(sum(acc[0::2]) / 6) and m["subset/b"] == pytest.approx(sum(acc[1::2]) / 6)
-    assert m["bucket_confidence/q1"] is not None  # no margin/strength in the file: buckets by |r_w - r_l|
+    # No margin/strength in the file: buckets by quartiles of |r_w - r_l|. q1 (below the first quartile
+    # of the 12 gaps, i.e. the 3 least confident comparisons) recomputed from the direct scores.
+    gaps = [abs(rw - rl) for rw, rl in r]
+    low = [i for i, x in enumerate(gaps) if x < float(np.quantile(gaps, 0.25))]
+    assert len(low) == 3
+    q1 = m["bucket_confidence/q1"]
+    assert isinstance(q1, float) and math.isfinite(q1) and q1 == pytest.approx(sum(acc[i] for i in low) / 3)
 
 
 @pytest.fixture(scope="module")

@@ -304,4 +304,10 @@ def test_pairwise_judge_trains_with_cross_entropy_and_beats_chance(tmp_path):
     print("judge report:", rep)
     assert rep["acc"] > 0.55, rep  # order-averaged: position bias cannot inflate it
     assert 0.0 <= rep["position_bias_rate"] <= 1.0 and rep["comparisons"] > 50
+    # A share of the comparisons (sign r1 == sign r2), at least the gap between the two single-order
+    # accuracies (P(both > 0) + P(both <= 0) >= |P(r1 > 0) - P(r2 <= 0)|), and acc a multiple of 1/2n.
+    k = rep["comparisons"]
+    assert rep["position_bias_rate"] * k == pytest.approx(round(rep["position_bias_rate"] * k), abs=1e-6)
+    assert rep["position_bias_rate"] >= abs(rep["acc_chosen_first"] - rep["acc_chosen_second"]) - 1e-9
+    assert 2 * rep["acc"] * k == pytest.approx(round(2 * rep["acc"] * k), abs=1e-3)  # acc went through float32
     assert s["val_acc"] == pytest.approx(rep["acc"], abs=0.05)  # the shared metric is the order-averaged verdict

@@ -144,10 +144,20 @@ def test_eval_report_for_each_head_from_its_export(name, head_key, tmp_path):
     )
     res = run(cfg)
     blob = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert 0.0 <= blob["metrics"]["acc"] <= 1.0 and blob["metrics"]["n_comparisons"] > 10
+    acc, n = blob["metrics"]["acc"], blob["metrics"]["n_comparisons"]
+    assert 0.0 <= acc <= 1.0 and n > 10 and n == int(n)
+    # A share of n comparisons (a judge's order-averaged tie scores 1/2): a multiple of 1/(2n).
+    assert 2 * acc * n == pytest.approx(round(2 * acc * n), abs=1e-6)
     assert {"reliability.png", "reward_hist.png", "length_bias.png"} <= {p.name for p in (tmp_path / "ev").glob("*.png")}
     if head_key:
-        assert 0.0 <= abs(res["metrics"][head_key]) <= 1.0
+        v = res["metrics"][head_key]
+        assert isinstance(v, float) and math.isfinite(v) and 0.0 <= abs(v) <= 1.0
         assert head_key in (tmp_path / "ev" / "report.md").read_text()
     if name == "pairwise_judge":  # the shared accuracy is the order-averaged verdict
+        h = res["metrics"]
+        k = h["head/comparisons"]
+        # position bias = P(sign r1 == sign r2) = P(both > 0) + P(both <= 0) >= |P(r1 > 0) - P(r2 <= 0)|, a
+        # share of the comparisons; a flip rate or a per-order accuracy in its place fails one of these.
+        assert h["head/position_bias_rate"] * k == pytest.approx(round(h["head/position_bias_rate"] * k), abs=1e-6)
+        assert h["head/position_bias_rate"] >= abs(h["head/acc_chosen_first"] - h["head/acc_chosen_second"]) - 1e-9
         assert res["metrics"]["acc"] == pytest.approx(res["metrics"]["head/acc"], abs=1e-6)
