@@ -71,8 +71,9 @@ def test_alpaca_eval_folds_to_805_prompts_of_56_to_58_responses():
     )
     assert report.loaded == 46680 and report.balanced and len(groups) == 805
     # 840 outputs repeat another model's text for the same prompt: counted, so K is 56-58 less those.
-    assert dict(report.dropped) == {"duplicate": 840, "empty_response": 24}
-    assert report.kept == sum(g.n_records for g in groups) == 46680 - 864
+    # 32 empty outputs: 24 blank, 8 a lone zero width space (U+200B; kept as content before, see formats.is_blank).
+    assert dict(report.dropped) == {"duplicate": 840, "empty_response": 32}
+    assert report.kept == sum(g.n_records for g in groups) == 46680 - 872
     ks = [len(g.responses) for g in groups]
     assert max(ks) == 58 and sum(ks) / len(ks) > 56  # a few prompts get many identical short answers
     assert report.extra["source_k_per_prompt"] == {"min": min(ks), "max": 58, "prompts": 805}
@@ -84,7 +85,7 @@ def test_alpaca_eval_folds_to_805_prompts_of_56_to_58_responses():
 # the config's max_k, is the rest; the books must balance either way).
 WHOLE = {
     "hh_harmless": (2312, {"empty_response": 4}),
-    "alpaca_eval2": (46680, {"duplicate": 840, "empty_response": 24}),
+    "alpaca_eval2": (46680, {"duplicate": 840, "empty_response": 32}),  # 8 of them a lone U+200B
     "pandalm": (
         999,
         {
