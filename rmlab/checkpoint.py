@@ -40,6 +40,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("rmlab")
 
@@ -526,8 +527,6 @@ RUNTIME_KEYS = {
 
 def model_fingerprint(model_cfg: Any) -> dict[str, Any]:
     """The resolved model config as plain types (what a checkpoint stores under ``rmlab_model``)."""
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(model_cfg, DictConfig):
         return OmegaConf.to_container(model_cfg, resolve=True)
     return dict(model_cfg)

@@ -23,6 +23,8 @@ import socket
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 LOCK_NAME = ".rmlab-run.lock"
 
 _unique: str | None = None
@@ -39,8 +41,6 @@ def unique_suffix() -> str:
 
 def register_resolvers() -> None:
     """``${rmlab.unique:}`` for the run-dir names in conf/*.yaml. Safe to call more than once."""
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("rmlab.unique"):
         OmegaConf.register_new_resolver("rmlab.unique", unique_suffix)
 

@@ -102,7 +102,7 @@ def test_truncated_last_ckpt_falls_back_to_the_intact_step_checkpoint_and_says_s
 
 
 def test_another_architecture_is_refused_before_the_model_is_built(trained, tmp_path, monkeypatch):
-    import rmlab.model
+    import rmlab.models
 
     from rmlab.checkpoint import CheckpointError
     from rmlab.train import run
@@ -113,7 +113,7 @@ def test_another_architecture_is_refused_before_the_model_is_built(trained, tmp_
         built.append(kw)
         raise AssertionError("the model was built before the checkpoint was checked")
 
-    monkeypatch.setattr(rmlab.model, "build_model", no_build)
+    monkeypatch.setattr(rmlab.models, "build_model", no_build)  # what conf/model/*.yaml _target_ locates
     run_dir = _copy(trained, tmp_path)
     cfg = compose([*RUN, "model.config.hidden_size=32", "model.config.num_hidden_layers=3", "ckpt_path=last"], run_dir)
     with pytest.raises(CheckpointError) as err:
