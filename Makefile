@@ -4,14 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rmlab-installed
 ARGS ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: train test lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# CPU machines: the CPU wheel first (no multi-GB CUDA download). GPU machines: pip's default CUDA build.
+	# GPU machines: pip's default CUDA build. CPU machines: PyTorch's CPU index beside PyPI, where torch 2.13.0+cpu
+	# outranks PyPI's CUDA build (no multi-GB download); where that index is unreachable, a local CPU wheel (pip's
+	# find-links) or, failing both, PyPI's default build.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install "torch>=2.4"; \
-	else $(BIN)/pip install torch==2.13.0 || $(BIN)/pip install torch --index-url https://download.pytorch.org/whl/cpu; fi
+	else $(BIN)/pip install "torch==2.13.0" --extra-index-url $(TORCH_CPU_INDEX) || $(BIN)/pip install "torch==2.13.0"; fi
 	$(BIN)/pip install -e ".[dev,all]"
 	touch $(STAMP)
 
