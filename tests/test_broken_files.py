@@ -103,7 +103,6 @@ def test_truncated_last_ckpt_falls_back_to_the_intact_step_checkpoint_and_says_s
 
 def test_another_architecture_is_refused_before_the_model_is_built(trained, tmp_path, monkeypatch):
     import rmlab.models
-
     from rmlab.checkpoint import CheckpointError
     from rmlab.train import run
 

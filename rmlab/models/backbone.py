@@ -67,10 +67,30 @@ def build_tokenizer(spec: str | None, name_or_path: str | None, trust_remote_cod
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(spec or resolve_path(name_or_path), trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:
-        # Pooling is by attention mask, so pad == eos is safe here.
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    ensure_distinct_pad(tok)
     return tok
+
+
+PAD_TOKEN = "<|rmlab_pad|>"
+
+
+def ensure_distinct_pad(tok) -> None:
+    """Give the tokenizer a pad token that is not its eos.
+
+    rmlab pools by the attention mask, so pad == eos is harmless inside rmlab; but plain transformers
+    (``*ForSequenceClassification``, the pipeline, TRL, RewardBench) pool at the last token that is not
+    ``pad_token_id``, and rmlab's rows end with eos: with pad == eos they read the token before it and score
+    another position than rmlab trained on. So a tokenizer with no pad, or pad == eos, gets its unk token as
+    pad when it has a distinct one, else a new ``<|rmlab_pad|>`` special token (the backbone's embeddings are
+    resized to the tokenizer by ``load_backbone``). A padded position is never attended to, so rewards do
+    not change; only the export's ``pad_token_id`` does."""
+    eos = tok.eos_token_id
+    if tok.pad_token_id is not None and tok.pad_token_id != eos:
+        return
+    if tok.unk_token_id is not None and tok.unk_token_id != eos:
+        tok.pad_token = tok.unk_token
+    else:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
 
 
 def load_backbone(
@@ -116,6 +136,9 @@ def load_backbone(
         hf = auto.from_pretrained(path, config=hf_cfg, trust_remote_code=trust_remote_code, **kw)
     else:
         raise ValueError("set model.name_or_path (hub name or local dir) or model.config (build from a config)")
+    if hf.get_input_embeddings().num_embeddings < len(tok):  # a pad token was added (ensure_distinct_pad)
+        hf.resize_token_embeddings(len(tok))
+    hf.config.pad_token_id = tok.pad_token_id  # what plain transformers pools by: never the rows' eos
     set_dropout(hf, hf.config, dropout)
     # from_pretrained returns eval mode and Lightning keeps a module's mode: without this, `dropout: true`
     # would silently train without dropout.

@@ -106,7 +106,7 @@ class RewardModel(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.hf.config
-        if self.tokenizer is not None and getattr(cfg, "pad_token_id", None) is None:
+        if self.tokenizer is not None:  # rmlab's pad, never the rows' eos (rmlab.models.backbone.ensure_distinct_pad)
             cfg.pad_token_id = self.tokenizer.pad_token_id
         cfg.rmlab = {**self.export_meta(), **(extra or {})}
         if {"reward_mean", "reward_std"} <= cfg.rmlab.keys():  # OpenRLHF's --normalize_reward reads config.mean / config.std
