@@ -8,7 +8,6 @@ sampler's position back: a resumed epoch started over from its first batch."""
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, compose
+from tests.test_resume import _csv_by_step as _csv
 
 # 10 batches an epoch of a tiny Llama with dropout on, a checkpoint every 5 steps. forward_mode=padded: the
 # default prefix-shared forward of a causal LM draws no dropout masks, and the RNG state must matter here.
@@ -50,15 +50,6 @@ def _finish(proc: subprocess.Popen, killed: bool, timeout: int = 400) -> str:
     finally:
         proc.kill()
     assert proc.returncode == (-9 if killed else 0), out[-4000:]
-    return out
-
-
-def _csv(path: Path, key: str) -> dict[int, list[float]]:
-    out: dict[int, list[float]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get(key):
-                out.setdefault(int(row["step"]), []).append(float(row[key]))
     return out
 
 
