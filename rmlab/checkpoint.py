@@ -391,18 +391,26 @@ class CheckpointError(RuntimeError):
 NOT_A_RESUME_POINT = ("nonfinite-",)
 
 
+def load_lightning_checkpoint(p: Path, map_location: Any = "cpu", mmap: bool = False) -> tuple[dict | None, str | None]:
+    """(the checkpoint, None) when ``p`` loads as a Lightning checkpoint (``weights_only=True``), else (None, why)."""
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        return None, _why(e, p)
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return None, "not a Lightning checkpoint (no state_dict in it)"
+    return state, None
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``, with a ``CheckpointError`` naming the file (and an intact one
     beside it) when it is missing, empty, truncated or not a torch checkpoint."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist. {_next_step(p)}")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise CheckpointError(unreadable_message(p, _why(e, p))) from e
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise CheckpointError(f"{p} is not a Lightning checkpoint (no state_dict in it). {_next_step(p)}")
+    state, why = load_lightning_checkpoint(p, map_location, mmap)
+    if why is not None:
+        raise CheckpointError(unreadable_message(p, why))
     return state
 
 
@@ -412,15 +420,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     Cheap: the load is memory-mapped, so it reads the metadata, not the tensors. A directory (a sharded
     FSDP/DeepSpeed checkpoint) is taken as it is."""
     p = Path(path)
-    if p.is_dir():
-        return None
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        return _why(e, p)
-    if not isinstance(state, dict) or "state_dict" not in state:
-        return "not a Lightning checkpoint (no state_dict)"
-    return None
+    return None if p.is_dir() else load_lightning_checkpoint(p, mmap=True)[1]
 
 
 def _why(e: Exception, p: Path) -> str:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rmlab.data.formats import ADAPTERS
-from rmlab.models.builder import HEADS
+from rmlab.models.builder import BUILDERS, find_head
 from rmlab.models.packing import MODES
 
 log = logging.getLogger("rmlab")
@@ -320,13 +320,24 @@ def _no_model(c: _Checker) -> bool:
     return (missing or model.name_or_path in (None, "")) and OmegaConf.select(model, "config", default=None) is None
 
 
+def _registered_head(head: Any) -> bool:
+    """Known to the builder's registry, so a head added as rmlab/models/<name>.py passes too."""
+    try:
+        return isinstance(head, str) and find_head(head) is not None
+    except ValueError:
+        return False
+
+
 def _check_model(c: _Checker) -> None:
     if not isinstance(c.cfg.get("model"), DictConfig):
         return
     if _no_model(c):
         c.fail("model.name_or_path", None, "no model to build: set model.name_or_path=<hub name or local dir> "
                "(or model.config=<a transformers config> for random weights)")
-    c.choice("model.head", HEADS)
+    head = c.get("model.head")
+    if head is not _ABSENT and not _registered_head(head):
+        c.fail("model.head", head, f"must be one of {' | '.join(sorted(BUILDERS))} or a head registered in "
+               "rmlab/models/<name>.py (docs/heads.md)")
     c.choice("model.forward_mode", ("auto", *MODES))
     c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
 

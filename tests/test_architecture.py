@@ -218,3 +218,13 @@ def test_a_new_head_type_exports_and_loads_back(tmp_path):
     assert type(again).__name__ == "MeanPoolRewardModel"
     with torch.no_grad():
         torch.testing.assert_close(again.score_batch(batch), model.score_batch(batch), atol=1e-6, rtol=0)
+
+
+def test_config_validation_accepts_a_registered_head_and_refuses_an_unknown_one(tmp_path):
+    import tests.example_head  # noqa: F401
+    from rmlab.validate import ConfigError, check_config
+    from tests.conftest import compose
+
+    check_config(compose(["model=tiny_llama", "model.head=mean_pool"], tmp_path))  # no ConfigError
+    with pytest.raises(ConfigError, match="model.head=mean_poll"):
+        check_config(compose(["model=tiny_llama", "model.head=mean_poll"], tmp_path))
