@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = load_reward_model(ckpt, cfg.model, run_cfg)
     # Generative heads re-template each group into their own rows, exactly as in training.
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
-                     _convert_="all")
+                     layout=model.batch_layout, _convert_="all")
     dm.setup("validate")
     split = pick_split(cfg.split, cfg.data, run_cfg)
     groups = dm.val_groups if split == "val" else dm.train_groups + dm.val_groups

@@ -14,13 +14,36 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, Metric
 
 from rmlab.losses.base import LossOutput, RewardLoss
 from rmlab.models.base import RewardModel
 
 STAGES = ("train", "val", "test")
 METRICS = ("loss", "acc", "tie_rate", "reward_chosen", "reward_rejected", "reward_gap")
+
+
+class MeanOnDevice(Metric):
+    """A weighted mean whose update reads nothing back from the device (torchmetrics' MeanMetric checks for
+    NaN with ``if nans.any()``, a host sync every step). NaN values are left out, as MeanMetric's default
+    does, by zeroing their weight on the device. The value reaches the host when Lightning logs it."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: torch.Tensor | float = 1.0) -> None:
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.total.device).reshape(-1)
+        weight = torch.broadcast_to(torch.as_tensor(weight, dtype=torch.float32, device=self.total.device), value.shape)
+        keep = ~torch.isnan(value)
+        self.total += torch.where(keep, value * weight, 0.0).sum()
+        self.weight += torch.where(keep, weight, 0.0).sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
 
 
 def pairwise_stats(rewards: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -71,7 +94,7 @@ class RewardModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "loss"])
         self.model, self.loss_fn = model, loss
         # ModuleDict keys cannot shadow nn.Module attributes (`train`), hence the suffix.
-        self.metrics = nn.ModuleDict({f"{s}_": nn.ModuleDict({m: MeanMetric() for m in METRICS}) for s in STAGES})
+        self.metrics = nn.ModuleDict({f"{s}_": nn.ModuleDict({m: MeanOnDevice() for m in METRICS}) for s in STAGES})
         self.val_acc_best = MaxMetric()
         self.last_step: StepOutput | None = None  # the last step's loss, rewards and batch (for the callbacks)
         self.last_val_step = -1  # the global step of the last full validation (rmlab.train validates again if stale)
@@ -99,8 +122,10 @@ class RewardModule(L.LightningModule):
         for name, v in out.parts.items():  # add-ons such as the centering penalty, logged apart
             self.log(f"{stage}/{name}", v, on_step=on_step, on_epoch=True, batch_size=n)
         if batch.num_comparisons:
+            # Counted on the host (collate): a step never waits for the device to say whether a weight is nonzero.
+            n_ties = getattr(batch, "n_ties", None)
             for name, (v, w) in pairwise_stats(rewards, batch).items():
-                if w.sum() > 0:
+                if name == "tie_rate" or (n_ties < batch.num_comparisons if n_ties is not None else w.sum() > 0):
                     m[name](v, w)
                 self.log(f"{stage}/{name}", m[name], on_step=on_step and name == "acc", on_epoch=True,
                          prog_bar=name == "acc", batch_size=n)

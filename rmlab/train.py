@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
-                     _convert_="all")
+                     layout=model.batch_layout, _convert_="all")
     module = instantiate(cfg.module, model=model, loss=loss, _convert_="all")
 
     # 3. Fit. Wandb is finished whatever fails from here on.

@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rmlab.data.formats import ADAPTERS
 from rmlab.models.builder import BUILDERS, find_head
+from rmlab.data.layout import KERNELS
 from rmlab.models.packing import MODES
 
 log = logging.getLogger("rmlab")
@@ -339,6 +340,7 @@ def _check_model(c: _Checker) -> None:
         c.fail("model.head", head, f"must be one of {' | '.join(sorted(BUILDERS))} or a head registered in "
                "rmlab/models/<name>.py (docs/heads.md)")
     c.choice("model.forward_mode", ("auto", *MODES))
+    c.choice("model.attention", ("auto", *KERNELS))
     c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
 
 

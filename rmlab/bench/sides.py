@@ -170,6 +170,8 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
         sort_by_length=spec.get("sort_by_length", True),
         seed=spec["seed"],
         cache=False,
+        layout=model.batch_layout,
+        num_workers=spec.get("num_workers", 0),
     )
     dm.train_groups, dm.val_groups = groups, []  # setup() is skipped: the workload is already tokenized
     module = RewardModule(model, BTLoss(), lr=spec["lr"], weight_decay=0.0, warmup_ratio=0.0, scheduler="constant")

@@ -23,11 +23,16 @@ from dataclasses import field
 
 import torch
 
+from rmlab.data.layout import LayoutSpec, PackedLayout, build_layout
 from rmlab.data.tokenize import TokenizedGroup
 from rmlab.data.types import COMPARISON_FIELDS, RESPONSE_FIELDS
 
 
 class _RewardBatchMethods:
+    # winner/loser were built by collate from each group's own indices: a loss need not read them back
+    # from the device to check them (rmlab.losses.base.check_rewards).
+    indices_checked = True
+
     @property
     def num_groups(self) -> int:
         return len(self.group_ids)
@@ -39,14 +44,25 @@ class _RewardBatchMethods:
     def __len__(self) -> int:  # Lightning reads a batch size from here when none is given
         return self.num_comparisons
 
-    def to(self, device, non_blocking: bool = False):
-        """The same batch with every tensor on ``device`` (Lightning's batch transfer calls this too)."""
+    def _map(self, fn):
         moved = {
-            f.name: v.to(device, non_blocking=non_blocking)
+            f.name: fn(v)
             for f in dataclasses.fields(self)
-            if isinstance(v := getattr(self, f.name), torch.Tensor)
+            if isinstance(v := getattr(self, f.name), (torch.Tensor, PackedLayout))
         }
         return dataclasses.replace(self, **moved)
+
+    def to(self, device, non_blocking: bool | None = None):
+        """The same batch with every tensor on ``device`` (Lightning's batch transfer calls this too).
+        Copies to a GPU are ``non_blocking`` by default: from pinned memory (``pin_memory``) the host
+        goes on while they run."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):
+        """Page-locked copies (the DataLoader's ``pin_memory=True`` calls this in its pinning thread)."""
+        return self._map(lambda v: v.pin_memory())
 
 
 # One row per unique response, the comparisons among them, and one tensor per declared field (rmlab.data.types):
@@ -68,6 +84,9 @@ RewardBatch = dataclasses.make_dataclass(
         ("group_ids", list, field(default_factory=list)),
         ("subsets", list, field(default_factory=list)),  # per group
         ("prompt_len", torch.Tensor | None, field(default=None)),  # [N] tokens of the shared prefix in each row
+        ("last_token", torch.Tensor | None, field(default=None)),  # [N] column of each row's last real token
+        ("n_ties", int, field(default=0)),  # tie comparisons, counted on the host (a step never reads it back)
+        ("packed", PackedLayout | None, field(default=None)),  # the packed layout (rmlab.data.layout), when asked
     ],
     bases=(_RewardBatchMethods,),
 )
@@ -75,7 +94,10 @@ RewardBatch.__module__ = __name__  # picklable (DataLoader workers) under its mo
 DTYPES = {"float": torch.float32, "long": torch.long, "bool": torch.bool}
 
 
-def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "right") -> RewardBatch:
+def collate(
+    groups: list[TokenizedGroup], pad_id: int, padding_side: str = "right", layout: LayoutSpec | None = None
+) -> RewardBatch:
+    """``layout``: also build the packed layout the model's packed forward reads (rmlab.data.layout)."""
     rows, gidx, rlen, plen = [], [], [], []
     win, los, cg, attrs = [], [], [], []
     per_cmp: dict[str, list] = {f.name: [] for f in COMPARISON_FIELDS}
@@ -99,6 +121,8 @@ def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "righ
         nan_row = [float("nan")] * n_attr
         attrs += list(g.attributes) if g.attributes else [nan_row] * g.k
     n, longest = len(rows), max(len(r) for r in rows)
+    if min(len(r) for r in rows) == 0:
+        raise ValueError("collate: a row has no token at all (an empty prompt and an empty response)")
     ids = torch.full((n, longest), pad_id, dtype=torch.long)
     mask = torch.zeros((n, longest), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -124,14 +148,19 @@ def collate(groups: list[TokenizedGroup], pad_id: int, padding_side: str = "righ
         group_ids=[g.group_id for g in groups],
         subsets=[g.subset for g in groups],
         prompt_len=torch.tensor(plen),
+        last_token=torch.tensor([longest - 1 if padding_side == "left" else len(r) - 1 for r in rows]),
+        n_ties=sum(bool(t) for t in per_cmp["tie"]),
+        packed=None
+        if layout is None
+        else build_layout([r[:p] for r, p in zip(rows, plen)], [r[p:] for r, p in zip(rows, plen)], gidx, layout, pad_id),
     )
 
 
 class Collator:
     """Picklable collate function for DataLoader workers."""
 
-    def __init__(self, pad_id: int, padding_side: str = "right"):
-        self.pad_id, self.padding_side = pad_id, padding_side
+    def __init__(self, pad_id: int, padding_side: str = "right", layout: LayoutSpec | None = None):
+        self.pad_id, self.padding_side, self.layout = pad_id, padding_side, layout
 
     def __call__(self, groups: list[TokenizedGroup]) -> RewardBatch:
-        return collate(groups, self.pad_id, self.padding_side)
+        return collate(groups, self.pad_id, self.padding_side, self.layout)

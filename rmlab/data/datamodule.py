@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
+from rmlab.data.layout import LayoutSpec
 from rmlab.data.loader import ResumableLoader
 from rmlab.data.sampler import GroupBatchSampler
 from rmlab.data.simulator import SimulatorConfig, generate
@@ -58,6 +60,13 @@ def data_code_version() -> str:
     for path in sorted(Path(__file__).parent.glob("*.py")):
         h.update(path.name.encode() + b"\x00" + path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def packed_tokens(g: TokenizedGroup, mode: str) -> int:
+    """Tokens a group puts in a packed row: its prompt once (prefix_shared, and auto, which picks packed
+    only where that is cheaper) or once per response (packed)."""
+    p = len(g.prompt_ids)
+    return sum(len(r) for r in g.response_ids) + (p * g.k if mode == "packed" else p)
 
 
 def in_val(prompt: str, fraction: float, seed: int) -> bool:
@@ -126,12 +135,13 @@ class RowsConfig:
 class BatchesConfig:
     """How tokenized groups are batched (max_tokens and max_responses also split groups too big for a batch)."""
 
-    max_tokens: int = 8192  # padded tokens per batch (rows x longest row)
+    max_tokens: int = 8192  # tokens the backbone processes per batch: rows x longest row (padded), or packed tokens
     max_responses: int = 64  # rows per batch at most
     max_groups: int | None = None  # prompts per batch at most
     sort_by_length: bool = True  # batch similar lengths together
     padding_side: str = "right"  # right | left; rewards do not depend on it
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int = 0  # DataLoader workers (they also build the packed layout)
+    pin_memory: bool | None = None  # page-locked batches for non_blocking copies; None = when CUDA is available
     global_batch_comparisons: int | None = None  # comparisons per optimizer step over all ranks (a cap)
 
 
@@ -141,7 +151,12 @@ BATCH_KEYS_IN_CACHE = ("max_tokens", "max_responses")
 
 
 def build_datamodule(
-    tokenizer: Any = None, template: Any = None, output_dir: str | None = None, cache: bool = True, **options: Any
+    tokenizer: Any = None,
+    template: Any = None,
+    output_dir: str | None = None,
+    cache: bool = True,
+    layout: LayoutSpec | None = None,
+    **options: Any,
 ) -> RewardDataModule:
     """The ``_target_`` of conf/data/*.yaml: the flat ``data.*`` keys sorted into the three configs. A key that
     none of them has is an error that lists the valid ones."""
@@ -163,6 +178,7 @@ def build_datamodule(
         template=template,
         output_dir=output_dir,
         cache=cache,
+        layout=layout,
     )
 
 
@@ -176,6 +192,7 @@ class RewardDataModule(L.LightningDataModule):
         template: Any = None,
         output_dir: str | None = None,
         cache: bool = True,
+        layout: LayoutSpec | None = None,
     ):
         """``template``: a generative model's row builder (rmlab.data.templates.GroupTemplate), applied after the
         split. ``cache``: keep tokenized groups in $RMLAB_CACHE (~/.cache/rmlab), keyed by ``_cache_key``."""
@@ -183,6 +200,9 @@ class RewardDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.records, self.rows, self.batches = records or RecordsConfig(), rows or RowsConfig(), batches or BatchesConfig()
         self.template, self.output_dir, self.cache = template, output_dir, cache
+        # The model's packed layout (RewardModel.batch_layout): the collator builds it, and the token budget
+        # counts the tokens that layout forwards instead of padded rows.
+        self.layout = layout
         self.train_groups: list[TokenizedGroup] | None = None
         self.val_groups: list[TokenizedGroup] = []
         self.report: dict[str, Any] = {}
@@ -364,6 +384,7 @@ class RewardDataModule(L.LightningDataModule):
             even=train,
             comparisons=[len(g.winner) for g in groups],
             max_comparisons=self.batches.global_batch_comparisons if single else self.per_rank_comparisons(),
+            tokens=None if self.layout is None else [packed_tokens(g, self.layout.mode) for g in groups],
         )
 
     def _loader(self, groups: list[TokenizedGroup], train: bool, single: bool = False) -> DataLoader:
@@ -373,8 +394,9 @@ class RewardDataModule(L.LightningDataModule):
         return cls(
             groups,
             batch_sampler=self.make_sampler(groups, train, single),
-            collate_fn=Collator(pad, self.batches.padding_side),
+            collate_fn=Collator(pad, self.batches.padding_side, self.layout),
             num_workers=self.batches.num_workers,
+            pin_memory=torch.cuda.is_available() if self.batches.pin_memory is None else self.batches.pin_memory,
             persistent_workers=self.batches.num_workers > 0,
             **extra,
         )

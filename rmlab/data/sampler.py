@@ -1,8 +1,9 @@
 """Grouped-prompt, length-aware, rank-sharded batch sampler.
 
 - A batch is a list of whole groups, so all comparisons of a prompt share a batch (eq 6).
-- Batches are filled by a budget, not a fixed count: at most ``max_tokens`` padded tokens
-  (rows x longest row), ``max_responses`` rows and ``max_groups`` groups.
+- Batches are filled by a budget, not a fixed count: at most ``max_tokens`` tokens the backbone
+  processes (padded: rows x longest row; with ``tokens`` given, the packed layouts' count: the sum of
+  each group's ``tokens``), ``max_responses`` rows and ``max_groups`` groups.
 - Groups are shuffled, cut into pools of ``pool_size`` batches' worth, and sorted by length inside a
   pool, so a batch holds similar lengths (little padding) while the order stays random.
 - It shards itself across DDP ranks: batch b goes to rank ``b % world_size``. Ranks see disjoint
@@ -46,6 +47,7 @@ class GroupBatchSampler:
         even: bool = True,
         comparisons: Sequence[int] | None = None,
         max_comparisons: int | None = None,
+        tokens: Sequence[int] | None = None,
     ):
         if len(rows) != len(row_len):
             raise ValueError("rows and row_len must have one entry per group")
@@ -55,6 +57,8 @@ class GroupBatchSampler:
         self.seed, self.num_replicas, self.rank, self.even = seed, num_replicas, rank, even
         self.comparisons = list(comparisons) if comparisons is not None else [0] * len(self.rows)
         self.max_comparisons = max_comparisons
+        # Packed forwards (rmlab.data.layout): a group costs its own tokens, with no padding to the longest row.
+        self.tokens = list(tokens) if tokens is not None else None
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches consumed), set by load_state_dict
         if max_comparisons is not None:
@@ -66,7 +70,7 @@ class GroupBatchSampler:
                     "a group is never cut, so raise data.global_batch_comparisons"
                 )
         for i, (k, n) in enumerate(zip(self.rows, self.row_len)):
-            if k > max_responses or k * n > max_tokens:
+            if k > max_responses or (k * n if self.tokens is None else self.tokens[i]) > max_tokens:
                 raise ValueError(
                     f"group {i} has {k} responses of up to {n} tokens, more than one batch holds "
                     f"(max_responses={max_responses}, max_tokens={max_tokens}); split it first "
@@ -76,12 +80,13 @@ class GroupBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _fits(self, n_rows: int, longest: int, n_groups: int, n_cmp: int = 0) -> bool:
+    def _fits(self, n_rows: int, longest: int, n_groups: int, n_cmp: int = 0, n_tok: int = 0) -> bool:
         if self.max_groups is not None and n_groups > self.max_groups:
             return False
         if self.max_comparisons is not None and n_cmp > self.max_comparisons:
             return False
-        return n_rows <= self.max_responses and n_rows * longest <= self.max_tokens
+        cost = n_rows * longest if self.tokens is None else n_tok
+        return n_rows <= self.max_responses and cost <= self.max_tokens
 
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 100003 + self.epoch)
@@ -96,14 +101,16 @@ class GroupBatchSampler:
                 for s in range(0, len(order), pool)
                 for i in sorted(order[s : s + pool], key=lambda j: self.row_len[j])
             ]
-        batches, cur, n_rows, longest, n_cmp = [], [], 0, 0, 0
+        toks = self.tokens or [0] * len(self.rows)
+        batches, cur, n_rows, longest, n_cmp, n_tok = [], [], 0, 0, 0, 0
         for i in order:
             nr, nl, nc = n_rows + self.rows[i], max(longest, self.row_len[i]), n_cmp + self.comparisons[i]
-            if cur and not self._fits(nr, nl, len(cur) + 1, nc):
+            nt = n_tok + toks[i]
+            if cur and not self._fits(nr, nl, len(cur) + 1, nc, nt):
                 batches.append(cur)
-                cur, nr, nl, nc = [], self.rows[i], self.row_len[i], self.comparisons[i]
+                cur, nr, nl, nc, nt = [], self.rows[i], self.row_len[i], self.comparisons[i], toks[i]
             cur.append(i)
-            n_rows, longest, n_cmp = nr, nl, nc
+            n_rows, longest, n_cmp, n_tok = nr, nl, nc, nt
         if cur:
             batches.append(cur)
         if self.shuffle:
@@ -111,7 +118,9 @@ class GroupBatchSampler:
         return batches
 
     def _cost(self, batch: list[int]) -> int:
-        """Padded tokens of a batch: rows x longest row."""
+        """Tokens of a batch: rows x longest row, or the packed count."""
+        if self.tokens is not None:
+            return sum(self.tokens[i] for i in batch)
         return sum(self.rows[i] for i in batch) * max(self.row_len[i] for i in batch)
 
     def _halve(self, batch: list[int]) -> tuple[list[int], list[int]]:

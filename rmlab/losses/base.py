@@ -87,7 +87,9 @@ def check_rewards(rewards: torch.Tensor, batch) -> None:
     w, lo = batch.winner, batch.loser
     if w.shape != lo.shape or w.dim() != 1:
         raise ValueError(f"winner and loser must be 1-D and equal in shape, got {tuple(w.shape)} and {tuple(lo.shape)}")
-    if w.numel() and int(max(w.max(), lo.max())) >= rewards.numel():
+    # A collated RewardBatch built its indices from each group's own (``indices_checked``): reading them back
+    # here would make every training step wait for the device.
+    if w.numel() and not getattr(batch, "indices_checked", False) and int(max(w.max(), lo.max())) >= rewards.numel():
         raise ValueError(
             f"a comparison indexes response {int(max(w.max(), lo.max()))} but there are {rewards.numel()} rewards"
         )
@@ -99,6 +101,13 @@ def check_rewards(rewards: torch.Tensor, batch) -> None:
             t = getattr(batch, name, None)
             if t is not None and tuple(t.shape) != (n,):
                 raise ValueError(f"batch.{name} must have shape [{axis}] = ({n},), got {tuple(t.shape)}")
+
+
+def has_ties(batch) -> bool:
+    """Whether any comparison is a tie: a RewardBatch counted them on the host (``n_ties``), so a training
+    step does not read the flags back from the device; other batches are asked."""
+    n = getattr(batch, "n_ties", None)
+    return bool(batch.tie.any()) if n is None else n > 0
 
 
 def tie_term(d: torch.Tensor) -> torch.Tensor:
@@ -197,7 +206,7 @@ class PairwiseLoss(RewardLoss):
     def objective(self, rewards: torch.Tensor, batch) -> LossOutput:
         d = rewards[batch.winner] - rewards[batch.loser]
         terms = self.pair_term(d, batch)
-        if batch.tie.any():
+        if has_ties(batch):
             terms = torch.where(batch.tie, self.tie_term(d, batch), terms)
         if terms.shape != d.shape:
             raise ValueError(f"per-comparison terms have shape {tuple(terms.shape)}, expected {tuple(d.shape)}")

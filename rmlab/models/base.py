@@ -9,6 +9,8 @@ LightningModule, ``eval.py``, ``rmlab.score``, the export) talks to a model thro
   tokenization (generative models read a judge template, rmlab.data.templates);
 - ``extra_outputs``: names of the per-row outputs ``score_heads`` returns beside the rewards (the
   attribute head: ``attributes`` and ``weights``); empty for a model with one output;
+- ``batch_layout``: None, or the packed layout the collator builds for the model's forward
+  (rmlab.data.layout.LayoutSpec; the data module passes it to its collator);
 - ``output_names``: names of the per-row outputs a scored file reports (the attribute names);
 - ``score_batch(batch) -> [N]`` and ``score_heads(batch) -> ([N], {name: [N, ...]})``;
 - ``head_report(scored) -> {name: float}``: the model's own diagnostics (judge position bias, attribute
@@ -69,6 +71,9 @@ class RewardModel(nn.Module):
     group_template: Any = None
     extra_outputs: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    # What the collator prepares for this model's forward (rmlab.data.layout.LayoutSpec), or None: the
+    # packed layout is then built in the DataLoader workers, not in the training step.
+    batch_layout: Any = None
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any):
         super().__init__()

@@ -104,7 +104,7 @@ def build_model(
     return BUILDERS[head](head, tok, backbone, options)
 
 
-SEQUENCE_HEAD_OPTIONS = ("pooling", "lora", "forward_mode", "row_tokens", "compile", "head_options")
+SEQUENCE_HEAD_OPTIONS = ("pooling", "lora", "forward_mode", "row_tokens", "compile", "attention", "head_options")
 
 
 @register_head("scalar", SEQUENCE_HEAD_OPTIONS)
@@ -131,6 +131,7 @@ def build_sequence_head(head: str, tok: Any, backbone: dict[str, Any], options: 
         options.get("forward_mode") or "padded",
         options.get("row_tokens"),
         bool(options.get("compile") or False),
+        options.get("attention") or "auto",
     )
 
 

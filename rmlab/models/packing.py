@@ -17,23 +17,30 @@ shared prefix or in its own part. Rewards are read at the last token of each par
 An encoder (bidirectional attention) cannot share a prefix exactly: the prompt's states would depend
 on every response. ``ScalarRewardModel.score_batch`` keeps encoders on the padded path.
 
-On CPU the mask is a 4D boolean tensor that transformers passes to SDPA as is (``masking_utils``
-returns a 4D mask unchanged). It costs full T x T attention per row, masked blocks included, so a
-shared-prefix segment is capped (``row_tokens``, default twice the batch's longest row; a longer group
-goes on in a second segment with its own prompt copy) and segments are laid first-fit-decreasing into
-rows as wide as the widest segment. On GPU, ``attn_implementation=flex_attention`` skips the masked
-blocks instead. It is opt-in, never picked automatically: it has not been measured or tested on a GPU
-here, and transformers compiles it per shape (on CPU with torch 2.13 the dynamic-shape recompile fails
-to build; tests/test_packing.py checks its mask uncompiled).
+With SDPA (the default), ``build_model`` switches the backbone to rmlab's own attention
+(``packed_attention``, registered as ``rmlab_packed``) and asks the collator for the batch's layout
+(``model.batch_layout``; rmlab.data.layout builds it in the DataLoader workers): all tokens in one
+row, each once, and the attention *sequences* over it. The forward reads no device value back. The
+layout's kernel (``model.attention``):
+
+- ``sdpa`` (CPU): sequences stacked into a few padded SDPA calls per layer, masks precomputed;
+- ``varlen`` (CUDA): flash-attn's ``flash_attn_varlen_func`` when installed, else torch's
+  ``varlen_attn``: the prompt's keys and values gathered beside each response, one call per layer;
+- ``flex``: one FlexAttention BlockMask per batch (compiled on CUDA).
+
+Other attention implementations (``eager``, transformers' ``flex_attention``, ``flash_attention_2``)
+keep the older path below: rows packed on the fly from the batch (a host read-back), with a 4D mask,
+a BlockMask or restarted position ids. The dense mask costs T x T per row, so a shared-prefix segment
+is capped there (``row_tokens``, default twice the batch's longest row).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from rmlab.data.layout import KERNELS, LayoutSpec, build_layout
 from rmlab.models.base import ENCODER_TYPES
 
 MODES = ("padded", "packed", "prefix_shared")
@@ -233,8 +240,10 @@ def unique_tokens(batch) -> int:
 
 def resolve_forward_mode(model, mode: str) -> str:
     """The mode a model really runs: encoders and first-token pooling stay padded (bidirectional
-    attention makes a shared prefix depend on its responses), flash attention cannot take a custom
-    mask, so it packs (varlen, from restarted position ids) instead of sharing prefixes."""
+    attention makes a shared prefix depend on its responses); flash attention through transformers
+    cannot take a custom mask, so it packs (varlen, from restarted position ids) instead of sharing
+    prefixes. ``auto`` stays ``auto`` where the collator can choose per batch (rmlab's attention);
+    elsewhere it is prefix_shared."""
     if mode not in (*MODES, "auto"):
         raise ValueError(f"model.forward_mode must be one of {(*MODES, 'auto')}, got {mode!r}")
     causal = (
@@ -243,114 +252,192 @@ def resolve_forward_mode(model, mode: str) -> str:
     if not causal:
         return "padded"
     attn = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    if mode == "auto":
+    if mode == "auto" and attn not in ("sdpa", PACKED_ATTN):
         mode = "prefix_shared"
-    if mode == "prefix_shared" and attn.startswith("flash_attention"):
+    if mode in ("prefix_shared", "auto") and attn.startswith("flash_attention"):
         return "packed"
     return mode
 
 
-SEGMENTS_ATTN = "rmlab_sdpa_segments"
-# What one extra SDPA call costs (forward + backward, CPU), in (query, key) pairs of attention work:
-# about 1 ms of overhead against about 0.25 us a pair for a 128-wide model (measured on 2 cores).
-CALL_COST_PAIRS = 4096
+PACKED_ATTN = "rmlab_packed"
+# flash-attn's varlen kernel when installed (the optional extra), else torch's own, else neither.
+VARLEN_BACKENDS = ("flash_attn", "torch")
 
 
-def segment_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, rmlab_spans=None, **kwargs
+def varlen_backend() -> str | None:
+    """The varlen kernel this install has: flash-attn, torch's ``varlen_attn``, or None. Both need CUDA."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attn"
+    if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+        return "torch"
+    return None
+
+
+def flex_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def default_kernel(device: str | None = None) -> str:
+    """``model.attention=auto``: on a GPU a varlen kernel (flash-attn or torch's), else FlexAttention,
+    else SDPA; on CPU SDPA in a few padded calls (the only one that is fast there)."""
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if not cuda:
+        return "sdpa"
+    if varlen_backend() is not None:
+        return "varlen"
+    return "flex" if flex_available() else "sdpa"
+
+
+def _sdpa(query, key, value, mask, dropout, scaling, gqa):
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+    )
+
+
+def bucket_attention(q, k, v, layout, dropout, scaling):
+    """The CPU path: the layout's sequences stacked into a few padded SDPA calls, each with its
+    precomputed mask; q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]."""
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for b in layout.buckets:
+        qb = q[b.q_index].transpose(1, 2)  # [B, H, Lq, D]
+        kb, vb = k[b.k_index].transpose(1, 2), v[b.k_index].transpose(1, 2)
+        o = _sdpa(qb, kb, vb, b.mask, dropout, scaling, gqa)  # [B, H, Lq, D]
+        outs.append(o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
+    outs.append(q.new_zeros(1, q.shape[1], v.shape[2]))  # what padding tokens read
+    return torch.cat(outs)[layout.out_index]
+
+
+def varlen_reference(q, k, v, cu_q: list[int], cu_k: list[int], dropout, scaling):
+    """What the varlen kernels compute, one SDPA call per sequence: queries aligned to the end of their
+    keys (bottom-right causal, as flash-attn with separate query and key lengths). For tests and CPU."""
+    gqa = q.shape[1] != k.shape[1]
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs, ks = q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]]
+        nq, nk = qs.shape[0], ks.shape[0]
+        allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        o = _sdpa(qs.transpose(0, 1), ks.transpose(0, 1), v[cu_k[i] : cu_k[i + 1]].transpose(0, 1), allowed, dropout, scaling, gqa)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+def varlen_attention(q, k, v, layout, dropout, scaling):
+    """Prefix sharing and packing as one varlen call: the prompt's keys and values gathered beside each
+    response (``layout.k_index``), separate query and key lengths, causal aligned bottom-right."""
+    kg, vg = k[layout.k_index], v[layout.k_index]
+    backend = varlen_backend() if q.is_cuda else None
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q, kg, vg, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, dropout_p=dropout,
+            softmax_scale=scaling, causal=True,
+        )
+    if backend == "torch" and dropout == 0.0:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(
+            q, kg, vg, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scale=scaling, window_size=(-1, 0),
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+    # No kernel here (CPU, or attention dropout that torch's varlen cannot apply): the same sums per sequence.
+    return varlen_reference(q, kg, vg, layout.cu_q_host, layout.cu_k_host, dropout, scaling)
+
+
+_FLEX = {}
+
+
+def flex_block_mask(layout, device):
+    """One BlockMask per batch (built on the device the first time a layer asks): a token sees earlier
+    tokens of its own segment that are in the shared prompt or in its own part; padding sees itself."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc, part = layout.doc, layout.part
+
+    def allowed(b, h, q, kv):
+        same = (doc[q] == doc[kv]) & (kv <= q) & ((part[kv] == 0) | (part[kv] == part[q])) & (doc[q] >= 0)
+        return same | (q == kv)
+
+    t = doc.shape[0]
+    return create_block_mask(allowed, 1, None, t, t, device=device, _compile=device.type == "cuda")
+
+
+def flex_attention_fn(device):
+    """FlexAttention: compiled on CUDA (its fast form), eager elsewhere (correct, slow: tests only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["compiled"]
+
+
+def packed_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, rmlab_layout=None, **kwargs
 ):
-    """Attention by segments: exact, no mask over the whole row, no masked-out work.
-
-    For each segment, the prefix attends causally to itself, and each part attends to the whole
-    prefix plus itself causally: one SDPA call per prefix and per part, on exactly the blocks a
-    token may see. Without ``rmlab_spans`` (the padded path) it is plain SDPA.
-    """
+    """rmlab's attention implementation (registered as ``rmlab_packed``): plain SDPA without a layout
+    (padded forwards, exports), else the layout's kernel over the one packed row."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if rmlab_spans is None:
+    if rmlab_layout is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    # Attention dropout as the padded path applies it (the caller passes 0.0 in eval mode).
-    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, dropout_p=dropout)
-    gqa = query.shape[1] != key.shape[1]
-    rows: dict[int, list[torch.Tensor]] = {}
-    for r, col, p, parts in rmlab_spans:
-        out = rows.setdefault(r, [])
-        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
-        if p:
-            sl = slice(col, col + p)
-            out.append(sdpa(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True, scale=scaling, enable_gqa=gqa))
-        start = col + p
-        total = sum(parts)
-        extra = total * (p + total) - sum(n * (p + n) for n in parts)
-        if len(parts) > 1 and extra < CALL_COST_PAIRS * (len(parts) - 1):
-            # Short parts: one masked call for all of them beats one call each (the masked-out
-            # cross-part blocks cost less than the calls they save).
-            sl = slice(start, start + total)
-            owner = torch.repeat_interleave(
-                torch.arange(len(parts), device=query.device), torch.tensor(parts, device=query.device)
-            )
-            idx = torch.arange(total, device=query.device)
-            own = (owner[:, None] == owner[None, :]) & (idx[None, :] <= idx[:, None])
-            allowed = torch.cat([own.new_ones(total, p), own], dim=1)
-            out.append(
-                sdpa(
-                    q[:, :, sl],
-                    k[:, :, col : col + p + total],
-                    v[:, :, col : col + p + total],
-                    attn_mask=allowed,
-                    scale=scaling,
-                    enable_gqa=gqa,
-                )
-            )
-            continue
-        for n in parts:
-            sl = slice(start, start + n)
-            if p:
-                keys = torch.cat([k[:, :, col : col + p], k[:, :, sl]], dim=2)
-                vals = torch.cat([v[:, :, col : col + p], v[:, :, sl]], dim=2)
-                # The whole prefix, then causal within the part (SDPA's is_causal aligns top-left: wrong here).
-                allowed = torch.ones(n, p + n, dtype=torch.bool, device=query.device)
-                allowed[:, p:] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-                out.append(sdpa(q[:, :, sl], keys, vals, attn_mask=allowed, scale=scaling, enable_gqa=gqa))
-            else:
-                out.append(sdpa(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True, scale=scaling, enable_gqa=gqa))
-            start += n
-    t = query.shape[2]
-    full = []
-    for r in range(query.shape[0]):
-        pieces = rows.get(r, [])
-        used = sum(x.shape[2] for x in pieces)
-        if used < t:  # row padding: its outputs are never read
-            pieces = pieces + [query.new_zeros(1, query.shape[1], t - used, value.shape[-1])]
-        full.append(torch.cat(pieces, dim=2))
-    return torch.cat(full, dim=0).transpose(1, 2).contiguous(), None
+    layout = rmlab_layout
+    if layout.kernel == "flex":
+        if layout.block_mask is None:
+            layout.block_mask = flex_block_mask(layout, query.device)
+        gqa = query.shape[1] != key.shape[1]
+        out = flex_attention_fn(query.device)(query, key, value, block_mask=layout.block_mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    # [1, H, T, D] -> [T, H, D]: varlen kernels' token-major layout.
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+    if layout.kernel == "varlen":
+        out = varlen_attention(q, k, v, layout, dropout, scaling)
+    else:
+        out = bucket_attention(q, k, v, layout, dropout, scaling)
+    return out[None], None
 
 
-def _register_segments_attention() -> None:
+def _register_packed_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(SEGMENTS_ATTN, segment_attention)
-    AttentionMaskInterface.register(SEGMENTS_ATTN, sdpa_mask)  # the padded path still builds SDPA's mask
+    AttentionInterface.register(PACKED_ATTN, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTN, sdpa_mask)  # a padded forward without rmlab's mask still gets SDPA's
 
 
-def configure_speed(model, forward_mode: str = "padded", row_tokens: int | None = None, compile: bool = False):
-    """Set the forward mode (resolved for this backbone) and optionally compile the backbone.
+def configure_speed(
+    model, forward_mode: str = "padded", row_tokens: int | None = None, compile: bool = False, attention: str = "auto"
+):
+    """Set the forward mode (resolved for this backbone), the attention kernel, and optionally compile.
 
-    With SDPA, a packed mode switches the backbone to attention by segments (``segment_attention``),
-    which is plain SDPA whenever no segments are given, so padded forwards and exports are unchanged.
+    With SDPA, a packed mode switches the backbone to rmlab's attention (``packed_attention``), which is
+    plain SDPA whenever no layout is given, so padded forwards and exports are unchanged, and asks the
+    collator for the layout it reads (``model.batch_layout``, rmlab.data.layout).
     """
     model.forward_mode = resolve_forward_mode(model, forward_mode)
     model.row_tokens = row_tokens
-    if model.forward_mode != "padded" and model.config._attn_implementation == "sdpa":
-        _register_segments_attention()
-        model.config._attn_implementation = SEGMENTS_ATTN
+    model.batch_layout = None
+    if attention not in ("auto", *KERNELS):
+        raise ValueError(f"model.attention must be auto or one of {KERNELS}, got {attention!r}")
+    if model.forward_mode != "padded" and model.config._attn_implementation in ("sdpa", PACKED_ATTN):
+        _register_packed_attention()
+        model.config._attn_implementation = PACKED_ATTN
+        kernel = default_kernel() if attention == "auto" else attention
+        # torch.compile sees one shape per bucket of 256 tokens instead of one per batch.
+        model.batch_layout = LayoutSpec(mode=model.forward_mode, kernel=kernel, pad_to=256 if compile else 1)
     if compile:
-        # dynamic=True: every batch has another shape, and recompiling per shape would cost more than it saves.
+        # Bucketed lengths (pad_to) keep the packed row's shapes few; dynamic=None lets dynamo mark a
+        # dimension dynamic once it has seen two sizes instead of recompiling for each.
         base = model.hf.base_model
-        base.forward = torch.compile(base.forward, dynamic=True)
+        base.forward = torch.compile(base.forward, dynamic=None)
     return model
 
 
@@ -361,7 +448,7 @@ def backbone_mask(packed: PackedRows, attn: str, dtype: torch.dtype):
     whose empty blocks are skipped (the GPU path). flash_attention_*: None, and transformers reads the
     restarted position ids as varlen sequence boundaries (``packed`` only).
     """
-    if attn in ("sdpa", SEGMENTS_ATTN):
+    if attn in ("sdpa", PACKED_ATTN):
         return packed.attention_mask(torch.bool)
     if attn.startswith("flash_attention"):
         if bool((packed.part > 1).any()):
@@ -381,23 +468,51 @@ def backbone_mask(packed: PackedRows, attn: str, dtype: torch.dtype):
     return packed.attention_mask(dtype)
 
 
+def host_layout(batch, spec: LayoutSpec, pad_id: int):
+    """The layout of a batch collated without one (eval helpers, tests): built here from the batch's
+    tensors, which reads them back to the host. Training batches come with theirs (``batch.packed``)."""
+    ids = batch.input_ids.detach().cpu()
+    mask = batch.attention_mask.detach().cpu().bool()
+    n = ids.shape[0]
+    plen = batch.prompt_len.tolist() if getattr(batch, "prompt_len", None) is not None else [0] * n
+    group = batch.group_index.tolist() if getattr(batch, "group_index", None) is not None else list(range(n))
+    rows = [ids[i][mask[i]].tolist() for i in range(n)]
+    return build_layout([r[: plen[i]] for i, r in enumerate(rows)], [r[plen[i] :] for i, r in enumerate(rows)], group, spec, pad_id)
+
+
 def packed_hidden(model, batch) -> torch.Tensor:
     """Hidden states [N, H] at each response's last token, from the packed layout of ``batch``."""
     attn = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    # On CPU, attention by segments wins (no masked-out work, and an SDPA call costs microseconds).
-    # On a GPU, hundreds of small calls per layer cost more in launches than one masked call wastes.
-    by_segments = attn == SEGMENTS_ATTN and batch.input_ids.device.type == "cpu"
     pad = getattr(model.tokenizer, "pad_token_id", None) or 0
-    packed = pack_batch(batch, model.forward_mode, pad, model.row_tokens, one_row=by_segments)
-    packed = packed.to(batch.input_ids.device)
-    kw = {}
-    if by_segments:
-        # A 4D placeholder: transformers passes a 4D mask through untouched, and segment_attention
-        # reads the spans instead, so no [T, T] mask is ever built.
-        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=packed.input_ids.device)
-        kw["rmlab_spans"] = packed.spans
-    else:
-        mask = backbone_mask(packed, attn, next(model.parameters()).dtype)
-    out = model.hf.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, **kw)
+    spec = model.batch_layout
+    if attn == PACKED_ATTN and spec is not None:
+        layout = getattr(batch, "packed", None)
+        if layout is None or layout.kernel != spec.kernel or spec.mode not in ("auto", layout.mode):
+            layout = host_layout(batch, spec, pad).to(batch.input_ids.device)
+        # A 4D placeholder: transformers passes a 4D mask through untouched, and packed_attention reads
+        # the layout instead, so no [T, T] mask is ever built.
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=layout.input_ids.device)
+        out = model.hf.base_model(
+            input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids, rmlab_layout=layout
+        )
+        h = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return h[0][layout.read_index]
+    # Other attention implementations (eager, transformers' flex_attention, flash_attention_2): rows
+    # packed on the fly with a mask of their kind.
+    mode = "prefix_shared" if model.forward_mode == "auto" else model.forward_mode
+    packed = pack_batch(batch, mode, pad, model.row_tokens).to(batch.input_ids.device)
+    mask = backbone_mask(packed, attn, next(model.parameters()).dtype)
+    out = model.hf.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
     h = out[0] if isinstance(out, tuple) else out.last_hidden_state
     return h.reshape(-1, h.shape[-1])[packed.read_index]
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, 1, L, L] bool for a padded causal forward, built on the device with no read-back (transformers'
+    own builder asks ``padding_mask.all()`` to skip the mask: a host sync). A padding query sees itself
+    only, so no softmax row is empty; real queries see exactly what transformers' mask shows them."""
+    n, length = attention_mask.shape
+    idx = torch.arange(length, device=attention_mask.device)
+    causal = idx[:, None] >= idx[None, :]
+    allowed = attention_mask.bool()[:, None, None, :] & causal
+    return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rmlab.models.base import ENCODER_TYPES, RewardModel, backbone_states, pool_index, rows_at
-from rmlab.models.packing import packed_hidden
+from rmlab.models.packing import PACKED_ATTN, packed_hidden, padded_causal_mask
 
 
 class ScalarRewardModel(RewardModel):
@@ -107,6 +107,12 @@ class ScalarRewardModel(RewardModel):
         unique token once instead of padding every row to the longest (see rmlab/models/packing.py).
         """
         if self.forward_mode == "padded":
+            attn = getattr(self.config, "_attn_implementation", None)
+            if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
+                # Collated read positions and a mask built on the device: nothing is read back.
+                mask = padded_causal_mask(batch.attention_mask)
+                h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids)
+                return self.reward_from_hidden(rows_at(h, batch.last_token))
             return self(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self.reward_from_hidden(packed_hidden(self, batch))
 
