@@ -103,7 +103,7 @@ def test_rewards_equal_separate_forwards(llama, side, k, mode):
 def test_gradients_equal_padded(mode):
     torch.manual_seed(1)
     model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode=mode)
-    assert model.config._attn_implementation == "rmlab_sdpa_segments"
+    assert model.config._attn_implementation == "rmlab_packed"
     groups = _groups(model.tokenizer, 3, n=2)
     batch = collate(groups, model.tokenizer.pad_token_id, "left")
     w = torch.randn(batch.input_ids.shape[0])
@@ -177,25 +177,96 @@ def test_encoders_and_flash_fall_back():
     )
     assert bert.forward_mode == "padded"  # bidirectional: a shared prompt would see its responses
     llama = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="auto")
-    assert llama.forward_mode == "prefix_shared"
+    assert llama.forward_mode == "auto" and llama.batch_layout.mode == "auto"  # chosen per batch by the collator
+    eager = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="auto", attn_implementation="eager")
+    assert eager.forward_mode == "prefix_shared" and eager.batch_layout is None  # no collator layout to choose from
     llama.config._attn_implementation = "flash_attention_2"
     assert resolve_forward_mode(llama, "prefix_shared") == "packed"
     with pytest.raises(ValueError, match="forward_mode"):
         resolve_forward_mode(llama, "sideways")
 
 
-@pytest.mark.parametrize("cost", [0, 10**9])
-def test_segment_attention_per_part_and_joint(monkeypatch, cost):
-    # cost 0: one SDPA call per response (long responses); 10**9: one masked call for all of a group's.
-    import rmlab.models.packing as packing
+@pytest.mark.parametrize(
+    "kernel,call_pairs",
+    [("sdpa", 0), ("sdpa", 10**9), ("varlen", None), ("flex", None)],
+    ids=["sdpa-one-call-per-shape", "sdpa-one-call", "varlen-reference", "flex-eager"],
+)
+@pytest.mark.parametrize("mode", ["packed", "prefix_shared", "auto"])
+def test_every_kernel_equals_padded(kernel, call_pairs, mode):
+    """Each attention path of the collated layout gives the padded forward's rewards in fp32 on CPU:
+    SDPA in padded buckets (call_pairs 0: a call per sequence shape; 10**9: one call for everything),
+    the varlen layout (gathered prompt keys, bottom-right causal) through the reference kernel that
+    stands in for flash-attn / torch's varlen_attn on CPU, and FlexAttention's BlockMask (eager: CPU)."""
+    from rmlab.data.layout import LayoutSpec
 
-    monkeypatch.setattr(packing, "CALL_COST_PAIRS", cost)
     torch.manual_seed(3)
-    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared").eval()
-    groups = _groups(model.tokenizer, 5, n=2)
-    batch = collate(groups, model.tokenizer.pad_token_id, "left")
-    with torch.no_grad():
-        torch.testing.assert_close(model.score_batch(batch), _singles(model, groups), atol=1e-4, rtol=0)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode=mode, attention=kernel).eval()
+    spec = LayoutSpec(mode=mode, kernel=kernel, pad_to=16, **({"call_pairs": call_pairs} if call_pairs is not None else {}))
+    model.batch_layout = spec
+    groups = _groups(model.tokenizer, 5, n=3)
+    for side in ("right", "left"):
+        batch = collate(groups, model.tokenizer.pad_token_id, side, layout=spec)
+        assert batch.packed is not None and batch.packed.processed_tokens % 16 == 0
+        if call_pairs == 10**9:
+            assert len(batch.packed.buckets) == 1
+        with torch.no_grad():
+            got = model.score_batch(batch)
+            model.forward_mode = "padded"
+            ref = model.score_batch(batch)
+            model.forward_mode = mode
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ref, _singles(model, groups), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen"])
+def test_collated_layout_gradients_equal_padded(kernel):
+    """Training through the collated layout (what the DataLoader gives a step) has the padded gradients.
+    (FlexAttention has no backward on CPU.)"""
+    from rmlab.data.layout import LayoutSpec
+
+    torch.manual_seed(4)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared", attention=kernel)
+    groups = _groups(model.tokenizer, 4, n=3)
+    batch = collate(groups, model.tokenizer.pad_token_id, "left", layout=LayoutSpec("prefix_shared", kernel))
+    w = torch.randn(batch.input_ids.shape[0])
+
+    def grads(m: str) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.forward_mode = m
+        (w * model.score_batch(batch)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, got = grads("padded"), grads("prefix_shared")
+    assert ref.keys() == got.keys() and len(ref) > 5
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_layout_by_hand():
+    """Two groups: prompts [1, 2, 3] and [7, 8] with responses [4, 5], [6] and [9], [10, 11]."""
+    from rmlab.data.layout import LayoutSpec, build_layout, plan_buckets
+
+    prompts, responses, group = [[1, 2, 3], [1, 2, 3], [7, 8], [7, 8]], [[4, 5], [6], [9], [10, 11]], [0, 0, 1, 1]
+    v = build_layout(prompts, responses, group, LayoutSpec("prefix_shared", "varlen"), pad_id=0)
+    assert v.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    assert v.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 2, 3]]  # responses restart after their prompt
+    assert v.read_index.tolist() == [4, 5, 8, 10]
+    # sequences: prompt 1, resp 1.1, resp 1.2, prompt 2, resp 2.1, resp 2.2
+    assert v.cu_q.tolist() == [0, 3, 5, 6, 8, 9, 11]
+    assert v.cu_k.tolist() == [0, 3, 8, 12, 14, 17, 21]  # a response's keys: its prompt's, then its own
+    assert v.k_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 6, 7, 8, 6, 7, 9, 10]
+    assert (v.max_q, v.max_k) == (3, 5)
+    p = build_layout(prompts, responses, group, LayoutSpec("packed", "sdpa"), pad_id=0)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 1, 2, 3, 6, 7, 8, 9, 7, 8, 10, 11]]  # a prompt per response
+    auto = build_layout(prompts, responses, group, LayoutSpec("auto", "sdpa"), pad_id=0)
+    assert auto.mode == "prefix_shared"  # fewer tokens and fewer pairs
+    # Buckets: shapes (q, k); one call costs 10 pairs here. (2, 2) and (2, 3) together cost 2*2*3 = 12 + 10,
+    # apart 4 + 10 + 6 + 10 = 30; the (9, 9) one alone.
+    assert plan_buckets([(2, 2), (9, 9), (2, 3)], call_pairs=10) == [[0, 2], [1]]
+    assert plan_buckets([(2, 2), (9, 9), (2, 3)], call_pairs=10**6) == [[0, 2, 1]]
+    flex = build_layout(prompts, responses, group, LayoutSpec("prefix_shared", "flex", pad_to=4), pad_id=0)
+    assert flex.doc.tolist() == [0] * 6 + [1] * 5 + [-1]
+    assert flex.part.tolist() == [0, 0, 0, 1, 1, 2, 0, 0, 1, 2, 2, 0]
 
 
 def test_attention_dropout_acts_in_the_prefix_shared_path_and_not_in_eval():

@@ -36,6 +36,7 @@ is capped there (``row_tokens``, default twice the batch's longest row).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -486,6 +487,8 @@ def packed_hidden(model, batch) -> torch.Tensor:
     pad = getattr(model.tokenizer, "pad_token_id", None) or 0
     spec = model.batch_layout
     if attn == PACKED_ATTN and spec is not None:
+        if spec.mode != model.forward_mode:  # the mode was switched after the build (tests, eval helpers)
+            spec = dataclasses.replace(spec, mode=model.forward_mode)
         layout = getattr(batch, "packed", None)
         if layout is None or layout.kernel != spec.kernel or spec.mode not in ("auto", layout.mode):
             layout = host_layout(batch, spec, pad).to(batch.input_ids.device)
