@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return json.loads(Path(args.render).read_text())
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
+    out.mkdir(parents=True, exist_ok=True)  # also when --work is elsewhere (bench.json goes here)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prep = prepare(args, work)

@@ -64,10 +64,10 @@ class LayoutSpec:
 
 @dataclass
 class Bucket:
-    """Sequences of similar shape, stacked for one padded SDPA call."""
+    """Sequences of similar shape, stacked for one padded SDPA call. Their query and key slots are runs of
+    the layout's ``bucket_q``/``bucket_k`` (one gather per layer for all buckets, then a split)."""
 
-    q_index: torch.Tensor  # [B, Lq] token of each query slot (padding slots repeat a real token)
-    k_index: torch.Tensor  # [B, Lk] token of each key slot
+    shape: tuple[int, int, int]  # (sequences B, query slots Lq, key slots Lk)
     mask: torch.Tensor  # [B, 1, Lq, Lk] bool: may this query see this key (a padding query sees one key)
 
 
@@ -89,6 +89,8 @@ class PackedLayout:
     cu_q_host: list[int] = field(default_factory=list)  # the same offsets on the host, for the reference kernel
     cu_k_host: list[int] = field(default_factory=list)
     buckets: list[Bucket] = field(default_factory=list)
+    bucket_q: torch.Tensor | None = None  # [sum B x Lq] token of each query slot (padding slots repeat one)
+    bucket_k: torch.Tensor | None = None  # [sum B x Lk] token of each key slot
     out_index: torch.Tensor | None = None  # [T] row of each token in the buckets' stacked outputs
     doc: torch.Tensor | None = None  # [T] sequence group (segment) of each token, -1 = padding
     part: torch.Tensor | None = None  # [T] 0 = shared prompt, i >= 1 = response i of the segment
@@ -106,7 +108,7 @@ class PackedLayout:
             if isinstance(v, torch.Tensor):
                 v = fn(v)
             elif f.name == "buckets":
-                v = [Bucket(fn(b.q_index), fn(b.k_index), fn(b.mask)) for b in v]
+                v = [Bucket(b.shape, fn(b.mask)) for b in v]
             elif f.name == "block_mask":
                 v = None
             out[f.name] = v
@@ -245,7 +247,7 @@ def build_layout(prompts, responses, group_of, spec: LayoutSpec, pad_id: int) ->
         out.doc = torch.tensor(doc, dtype=torch.long)
         out.part = torch.tensor(part, dtype=torch.long)
     else:
-        out.buckets, out.out_index = _buckets(seqs, width, real, spec.call_pairs)
+        out.buckets, out.bucket_q, out.bucket_k, out.out_index = _buckets(seqs, width, real, spec.call_pairs)
     return out
 
 
@@ -257,9 +259,9 @@ def _cumsum(xs: list[int]) -> list[int]:
     return out
 
 
-def _buckets(seqs, width: int, real: int, call_pairs: int) -> tuple[list[Bucket], torch.Tensor]:
+def _buckets(seqs, width: int, real: int, call_pairs: int):
     shapes = [(n, n + p) for _, n, _, p in seqs]
-    buckets = []
+    buckets, qs, ks = [], [], []
     out_index = torch.zeros(width, dtype=torch.long)
     offset = 0
     for run in plan_buckets(shapes, call_pairs):
@@ -280,8 +282,10 @@ def _buckets(seqs, width: int, real: int, call_pairs: int) -> tuple[list[Bucket]
             mask[row, 0, :n, p : p + n] = torch.ones(n, n, dtype=torch.bool).tril()
             mask[row, 0, n:, 0] = True  # a padding query sees one key: no empty softmax row
             out_index[q0 : q0 + n] = offset + row * lq + torch.arange(n)
-        buckets.append(Bucket(q_index, k_index, mask))
+        buckets.append(Bucket((b, lq, lk), mask))
+        qs.append(q_index.reshape(-1))
+        ks.append(k_index.reshape(-1))
         offset += b * lq
     if width > real:  # padding tokens read a zero row appended after the buckets
         out_index[real:] = offset
-    return buckets, out_index
+    return buckets, torch.cat(qs), torch.cat(ks), out_index

@@ -301,15 +301,27 @@ def _sdpa(query, key, value, mask, dropout, scaling, gqa):
 
 def bucket_attention(q, k, v, layout, dropout, scaling):
     """The CPU path: the layout's sequences stacked into a few padded SDPA calls, each with its
-    precomputed mask; q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]."""
+    precomputed mask; q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]. One gather per tensor for all
+    buckets and a split (views): backward then scatters once, not once per bucket."""
     gqa = q.shape[1] != k.shape[1]
+    h, d = q.shape[1], q.shape[2]
+    qs = q[layout.bucket_q].split([b * lq for (b, lq, _) in (x.shape for x in layout.buckets)])
+    k_sizes = [b * lk for (b, _, lk) in (x.shape for x in layout.buckets)]
+    ks, vs = k[layout.bucket_k].split(k_sizes), v[layout.bucket_k].split(k_sizes)
     outs = []
-    for b in layout.buckets:
-        qb = q[b.q_index].transpose(1, 2)  # [B, H, Lq, D]
-        kb, vb = k[b.k_index].transpose(1, 2), v[b.k_index].transpose(1, 2)
-        o = _sdpa(qb, kb, vb, b.mask, dropout, scaling, gqa)  # [B, H, Lq, D]
-        outs.append(o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
-    outs.append(q.new_zeros(1, q.shape[1], v.shape[2]))  # what padding tokens read
+    for bucket, qb, kb, vb in zip(layout.buckets, qs, ks, vs):
+        b, lq, lk = bucket.shape
+        o = _sdpa(
+            qb.view(b, lq, h, d).transpose(1, 2),
+            kb.view(b, lk, -1, d).transpose(1, 2),
+            vb.view(b, lk, -1, v.shape[2]).transpose(1, 2),
+            bucket.mask,
+            dropout,
+            scaling,
+            gqa,
+        )  # [B, H, Lq, D]
+        outs.append(o.transpose(1, 2).reshape(b * lq, h, -1))
+    outs.append(q.new_zeros(1, h, v.shape[2]))  # what padding tokens read
     return torch.cat(outs)[layout.out_index]
 
 
