@@ -45,8 +45,48 @@ MODELS: dict[str, dict[str, Any]] = {
         vocab_size=151936,
         tie_word_embeddings=True,
     ),
+    # Qwen2-1.5B's shape (random weights): the GPU preset's larger model.
+    "qwen2-1.5b": dict(
+        model_type="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    # CI size: the smoke preset runs the whole pipeline in seconds.
+    "llama-tiny": dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
     "minilm": {},  # the bundled all-MiniLM-L6-v2 (an encoder: rmlab falls back to padded rows)
 }
+# One call each (docs/bench.md). smoke: the same code as gpu, on CPU at CI size (tests/test_bench.py).
+# gpu: from a bare GPU machine with the repo and the prepared .gpu/ folder (``--preset gpu --prepare-only``
+# here builds it: the workloads tokenized with Qwen2.5's tokenizer, and that tokenizer), in under 8 minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        models="llama-tiny", workloads="hh,alpaca", modes="prefix_shared", hh_pairs=64, alpaca_prompts=8, k=4,
+        max_length=256, seconds=1.0, warmup=1, trl_sizes="2,4", rmlab_sizes="1024,2048", measure_peak=True,
+        minilm_workloads="", timeout=300.0,
+    ),
+    "gpu": dict(
+        models="qwen2-0.5b,qwen2-1.5b", workloads="hh,alpaca", modes="prefix_shared", k=8, device="cuda", bf16=True,
+        threads=8, seconds=5.0, warmup=3, trl_sizes="8,16,32", rmlab_sizes="16384,32768,65536", mem_cap_gb=60.0,
+        measure_peak=True, minilm_workloads="", work=".gpu/work", tokenizer=".gpu/tokenizer", reuse=True,
+        out="docs/bench/gpu-preset", timeout=240.0,
+    ),
+}
+GPU_TOKENIZER = "tokenizers/qwen2_5_instruct"  # under --data-dir: the vocabulary of the Qwen2 shapes
 CAUSAL_MODES = ("prefix_shared", "packed", "padded")
 # Opt-in rmlab rows with one technique switched off, to show its share against the same forward mode.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -109,6 +149,8 @@ def prepare(args, work: Path) -> dict[str, Any]:
             "params": sum(p.numel() for p in m.parameters()),
             "non_embedding_params": non_embedding_params(m),
             "causal": m.pooling == "last",
+            "layers": m.config.num_hidden_layers,
+            "hidden": m.config.hidden_size,
         }
     return {"workloads": loads, "models": models}
 
@@ -146,17 +188,22 @@ def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]
     return res
 
 
-def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None, models: dict[str, Any]) -> None:
+def add_ratios(
+    rows: list[dict[str, Any]], peak_tflops: float | None, models: dict[str, Any], workloads: dict | None = None
+) -> None:
     """rmlab / TRL ratio of each figure, against the TRL row of the same model and workload."""
     for r in rows:
         if "error" in r:
             continue
         cps_unique = r["comparisons_per_s"] * r["unique_tokens_per_comparison"]
         if peak_tflops:
-            n = models[r["model"]]["non_embedding_params"]
-            # 6 N flops per token for forward + backward (attention scores left out: a lower bound),
-            # over the unique real tokens: model FLOPs, not the padding a side chose to compute.
-            r["mfu"] = 6 * n * cps_unique / (peak_tflops * 1e12)
+            info = models[r["model"]]
+            # 6 N flops per token for forward + backward, over the unique real tokens (model FLOPs, not the
+            # padding or prompt copies a side chose to compute), plus attention: 12 x layers x hidden per
+            # (query, key) pair a causal forward needs with each prompt once (QK^T and PV, x3 for backward).
+            pairs = ((workloads or {}).get(r["workload"]) or {}).get("attention_pairs_per_comparison", 0.0)
+            attn = 12 * info.get("layers", 0) * info.get("hidden", 0) * pairs * r["comparisons_per_s"]
+            r["mfu"] = (6 * info["non_embedding_params"] * cps_unique + attn) / (peak_tflops * 1e12)
         base = next(
             (
                 b
@@ -192,11 +239,16 @@ def markdown(result: dict[str, Any]) -> str:
         "useful vs TRL",
         "RSS vs TRL",
     ] + (["MFU"] if mfu else [])
+    gpu = any("peak_gpu_mem_gb" in r for r in result["runs"])
+    searched = any("batch" in r for r in result["runs"])
+    head += (["peak GPU GB", "compiled graphs"] if gpu else []) + (["batch"] if searched else [])
     lines = [
         f"Command: `{m['command']}`  ",
         f"Date: {m['date']}; machine: {m['machine']}; torch {m['torch']}, transformers {m['transformers']}, "
         f"trl {m['trl']}; {m['threads']} thread(s); {m['precision']}; {m['seconds']} s measured per side "
-        f"after {m['warmup']} warm-up steps.",
+        f"after {m['warmup']} warm-up steps."
+        + (f" Matmul peak: {m['peak_tflops']:.3g} TFLOP/s ({'measured' if m.get('peak_measured') else 'given'})." if m.get("peak_tflops") else "")
+        + (f" Batch sizes searched under a {m['mem_cap_gb']} GB GPU memory cap." if m.get("mem_cap_gb") else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -227,6 +279,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"{v['useful_token_fraction']:.2f}",
             f"{v['peak_rss_mb']:.2f}",
         ] + ([f"{100 * r['mfu']:.1f}%"] if mfu else [])
+        if gpu:
+            cells += [f"{r.get('peak_gpu_mem_gb', float('nan')):.1f}", str(r.get("compiled_graphs", 0))]
+        if searched:
+            cells.append(r.get("batch", ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -237,7 +293,7 @@ def render(path: str | Path) -> str:
     path = Path(path)
     text = path.read_text()
     result = json.loads(text)
-    add_ratios(result["runs"], result["meta"].get("peak_tflops"), result["models"])
+    add_ratios(result["runs"], result["meta"].get("peak_tflops"), result["models"], result.get("workloads"))
     path.write_text(json.dumps(result, indent=2) + ("\n" if text.endswith("\n") else ""))
     md = markdown(result)
     path.with_suffix(".md").write_text(md)
@@ -246,6 +302,18 @@ def render(path: str | Path) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rmlab.bench", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="smoke: the whole benchmark at CI size on CPU; gpu: Qwen2-0.5B/1.5B shapes, HH and AlpacaEval K=8, "
+        "batch sizes searched under one memory cap, measured peak, MFU (docs/bench.md). Other flags still override",
+    )
+    p.add_argument("--prepare-only", action="store_true", help="build the workloads (and --preset gpu's tokenizer) in --work, run nothing")
+    p.add_argument("--trl-sizes", default="", help="comma list of TRL batch sizes to search (pairs per step)")
+    p.add_argument("--rmlab-sizes", default="", help="comma list of rmlab token budgets to search")
+    p.add_argument("--mem-cap-gb", type=float, default=None, help="the GPU memory cap a searched size must stay under")
+    p.add_argument("--measure-peak", action="store_true", help="measure the matmul peak first and report MFU against it")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.json, bench.md and the work files")
     p.add_argument("--data-dir", default=os.environ.get("RMLAB_DATA_DIR", "../shared/data"))
     p.add_argument("--work", default=None, help="folder for workloads, weights and per-side files (default OUT/work)")
@@ -298,11 +366,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attn", default="sdpa", help="attention implementation for both sides")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak, to report MFU")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a side is killed")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset in PRESETS:
+        p.set_defaults(**PRESETS[preset])
     a = p.parse_args(argv)
     if a.ablation_modes is None:
         a.ablation_modes = a.modes
     for k in ("models", "workloads", "modes", "minilm_workloads", "ablations", "ablation_modes"):
         setattr(a, k, [x for x in getattr(a, k).split(",") if x])
+    for k in ("trl_sizes", "rmlab_sizes"):
+        setattr(a, k, [int(x) for x in str(getattr(a, k)).split(",") if x])
     bad = [x for x in a.ablations if x not in ABLATIONS]
     if bad:
         p.error(f"unknown ablation(s) {bad}; choose from {sorted(ABLATIONS)}")
@@ -322,6 +397,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)  # also when --work is elsewhere (bench.json goes here)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if args.tokenizer and not Path(args.tokenizer).exists() and args.preset == "gpu":
+        # The GPU preset's tokenizer: Qwen2.5's, copied next to the workloads so the GPU machine needs nothing else.
+        import shutil
+
+        shutil.copytree(Path(args.data_dir) / GPU_TOKENIZER, args.tokenizer)
+    if args.prepare_only:
+        args.models = []
+        prep = prepare(args, work)
+        print(f"prepared {sorted(prep['workloads'])} in {work} ({time.time() - t0:.0f}s); carry it to the GPU machine")
+        return prep
+    peak = args.peak_tflops
+    if args.measure_peak and not peak:
+        spec = dict(side="peak", device=args.device, bf16=args.bf16, threads=args.threads, seed=args.seed)
+        peak = run_side({**spec, "model": "", "workload_name": ""}, work, args.timeout).get("peak_tflops")
+        print(f"measured matmul peak: {peak} TFLOP/s ({'bf16' if args.bf16 else 'fp32'}, {args.device})", flush=True)
     prep = prepare(args, work)
     print(f"prepared in {time.time() - t0:.0f}s: " + json.dumps(prep["workloads"], default=str)[:600], flush=True)
     common = dict(
@@ -344,8 +434,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base = dict(
                 common, model=model, workload=prep["workloads"][wl]["path"], workload_name=wl, model_dir=info["path"]
             )
-            sides = [dict(base, side="trl", batch_size=args.trl_batch_size)]
-            rmlab = dict(base, side="rmlab", max_tokens=args.max_tokens, max_responses=64)
+            search = dict(mem_cap_gb=args.mem_cap_gb) if args.mem_cap_gb else {}
+            sides = [dict(base, side="trl", batch_size=args.trl_batch_size, sizes=args.trl_sizes, **search)]
+            rmlab = dict(base, side="rmlab", max_tokens=args.max_tokens, max_responses=64, sizes=args.rmlab_sizes, **search)
             for mode in args.modes if info["causal"] else ["padded"]:
                 sides.append(dict(rmlab, mode=mode))
             for ablation in args.ablations:
@@ -374,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ),
                     flush=True,
                 )
-    add_ratios(runs, args.peak_tflops, prep["models"])
+    add_ratios(runs, peak, prep["models"], prep["workloads"])
     import torch
     import transformers
 
@@ -396,7 +487,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision": "bf16 mixed" if args.bf16 else "fp32",
         "seconds": args.seconds,
         "warmup": args.warmup,
-        "peak_tflops": args.peak_tflops,
+        "peak_tflops": peak,
+        "peak_measured": bool(args.measure_peak and not args.peak_tflops),
+        "mem_cap_gb": args.mem_cap_gb,
+        "preset": args.preset,
         "total_s": time.time() - t0,
     }
     result = {"meta": meta, "models": prep["models"], "workloads": prep["workloads"], "runs": runs}

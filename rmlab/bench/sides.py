@@ -279,16 +279,94 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     return clock.summary()
 
 
+def recompiles() -> int:
+    """Graphs torch.compile has built so far in this process (a recompile is a graph more)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    cuda = spec["device"] == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    graphs = recompiles()
+    res = run_trl(spec) if spec["side"] == "trl" else run_rmlab(spec)
+    res["compiled_graphs"] = recompiles() - graphs
+    if cuda:
+        res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def search(spec: dict[str, Any]) -> dict[str, Any]:
+    """Each batch size of ``spec["sizes"]`` in turn (TRL: pairs per step; rmlab: the token budget), in this
+    one process; the fastest whose peak GPU memory stays under ``mem_cap_gb`` wins. A size that runs out of
+    memory ends the search (larger ones would too)."""
+    key = "batch_size" if spec["side"] == "trl" else "max_tokens"
+    import gc
+
+    tried, best = [], None
+    for size in spec["sizes"]:
+        gc.collect()
+        if spec["device"] == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            res = run_one({**spec, key: size})
+        except torch.OutOfMemoryError:
+            tried.append({key: size, "error": "out of memory"})
+            torch.cuda.empty_cache()
+            break
+        cap = spec.get("mem_cap_gb")
+        fits = cap is None or res.get("peak_gpu_mem_gb", 0.0) <= cap
+        tried.append({key: size, "comparisons_per_s": res["comparisons_per_s"], "fits": fits,
+                      "peak_gpu_mem_gb": res.get("peak_gpu_mem_gb")})
+        if fits and (best is None or res["comparisons_per_s"] > best["comparisons_per_s"]):
+            best = {**res, key: size}
+        if not fits:
+            break
+    if best is None:
+        raise RuntimeError(f"no batch size fits under {spec.get('mem_cap_gb')} GB: {tried}")
+    return {**best, "search": tried, "batch": f"{key}={best[key]}"}
+
+
+def measure_peak_tflops(device: str, bf16: bool, seconds: float = 3.0) -> float:
+    """The chip's dense matmul rate, measured: square matmuls (8192 on a GPU, 1024 on CPU) repeated for
+    ``seconds``; MFU is reported against this, not a datasheet figure."""
+    n = 8192 if device == "cuda" else 1024
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        a @ b
+    sync()
+    t0, iters = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+        if iters % 10 == 0:
+            sync()
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
 def main(argv: list[str] | None = None) -> None:
     spec_path, out_path = (argv or sys.argv[1:])[:2]
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     rss0 = peak_rss_mb()
-    res = run_trl(spec) if spec["side"] == "trl" else run_rmlab(spec)
+    if spec["side"] == "peak":
+        Path(out_path).write_text(json.dumps({"peak_tflops": measure_peak_tflops(spec["device"], spec["bf16"])}))
+        return
+    res = search(spec) if spec.get("sizes") else run_one(spec)
     res.update(peak_rss_mb=peak_rss_mb(), rss_at_start_mb=rss0, side=spec["side"], mode=spec.get("mode", ""))
-    if spec["device"] == "cuda":
-        res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     Path(out_path).write_text(json.dumps(res, indent=2))
 
 

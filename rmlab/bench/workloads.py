@@ -115,6 +115,16 @@ def unique_tokens(groups: list[TokenizedGroup]) -> int:
     return sum(len(g.prompt_ids) + sum(len(r) for r in g.response_ids) for g in groups)
 
 
+def attention_pairs(groups: list[TokenizedGroup]) -> int:
+    """(query, key) pairs causal attention needs with each prompt once: the prompt over itself, each
+    response over the prompt and itself."""
+    total = 0
+    for g in groups:
+        p = len(g.prompt_ids)
+        total += p * (p + 1) // 2 + sum(len(r) * p + len(r) * (len(r) + 1) // 2 for r in g.response_ids)
+    return total
+
+
 def describe(groups: list[TokenizedGroup]) -> dict[str, float]:
     comps = sum(len(g.winner) for g in groups)
     return {
@@ -124,4 +134,5 @@ def describe(groups: list[TokenizedGroup]) -> dict[str, float]:
         "mean_prompt_tokens": sum(len(g.prompt_ids) for g in groups) / max(1, len(groups)),
         "mean_response_tokens": sum(len(r) for g in groups for r in g.response_ids) / max(1, sum(g.k for g in groups)),
         "unique_tokens_per_comparison": unique_tokens(groups) / max(1, comps),
+        "attention_pairs_per_comparison": attention_pairs(groups) / max(1, comps),
     }
