@@ -359,6 +359,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-tokens", type=int, default=None, help="rmlab padded-token budget per batch (default 8 x max-length)"
     )
+    p.add_argument(
+        "--rmlab-workers", type=int, default=0,
+        help="DataLoader workers on the rmlab side (they collate and build the packed layout); TRL runs its default 0",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -436,7 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             search = dict(mem_cap_gb=args.mem_cap_gb) if args.mem_cap_gb else {}
             sides = [dict(base, side="trl", batch_size=args.trl_batch_size, sizes=args.trl_sizes, **search)]
-            rmlab = dict(base, side="rmlab", max_tokens=args.max_tokens, max_responses=64, sizes=args.rmlab_sizes, **search)
+            rmlab = dict(
+                base, side="rmlab", max_tokens=args.max_tokens, max_responses=64, sizes=args.rmlab_sizes,
+                num_workers=args.rmlab_workers, **search,
+            )
             for mode in args.modes if info["causal"] else ["padded"]:
                 sides.append(dict(rmlab, mode=mode))
             for ablation in args.ablations:

@@ -50,12 +50,13 @@ def pool_index(attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     raise ValueError(f"pooling must be first|last, got {pooling!r}")
 
 
-def backbone_states(hf: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+def backbone_states(hf: nn.Module, input_ids, attention_mask, position_ids=None, **kwargs) -> torch.Tensor:
     """Last hidden states [N, L, H] of a transformers model's base, positions from the mask by default
-    (so left padding does not shift them)."""
+    (so left padding does not shift them). ``kwargs`` go to the base model (``use_cache=False`` for a
+    causal LM: no KV cache is filled during a training forward)."""
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 

@@ -508,7 +508,11 @@ def packed_hidden(model, batch) -> torch.Tensor:
         # the layout instead, so no [T, T] mask is ever built.
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=layout.input_ids.device)
         out = model.hf.base_model(
-            input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids, rmlab_layout=layout
+            input_ids=layout.input_ids,
+            attention_mask=mask,
+            position_ids=layout.position_ids,
+            rmlab_layout=layout,
+            use_cache=False,  # no KV cache to fill in a training forward
         )
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return h[0][layout.read_index]

@@ -111,7 +111,7 @@ class ScalarRewardModel(RewardModel):
             if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
                 # Collated read positions and a mask built on the device: nothing is read back.
                 mask = padded_causal_mask(batch.attention_mask)
-                h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids)
+                h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
                 return self.reward_from_hidden(rows_at(h, batch.last_token))
             return self(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self.reward_from_hidden(packed_hidden(self, batch))
