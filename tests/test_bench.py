@@ -13,7 +13,7 @@ from rmlab.data.simulator import SimulatorConfig, generate
 from rmlab.data.tokenize import TokenizedGroup, tokenize_groups
 from rmlab.data.types import DataReport
 from rmlab.models import build_model
-from tests.conftest import TINY_LLAMA
+from tests.conftest import SHARED_DATA, TINY_LLAMA, needs_shared_data
 
 
 def _group(prompt, responses, comps):
@@ -193,3 +193,38 @@ def test_pairs_expanded_repeats_responses_but_keeps_unique_tokens():
     assert [s.group_id.rsplit("/c", 1)[0] for s in samples] == ["0", "0", "0", "1"]
     # Every response is forwarded once per comparison it is in: 2 x 4 responses instead of 5.
     assert sum(s.k for s in samples) == 8 and sum(share[s.group_id.rsplit("/c", 1)[0]] for s in samples) == 14
+
+
+@needs_shared_data
+@pytest.mark.slow
+def test_smoke_preset_runs_the_gpu_code_on_cpu(tmp_path):
+    """``--preset smoke``: the GPU preset's code path (batch-size search, measured matmul peak, MFU, JSON and
+    markdown) at CI size on CPU, TRL against rmlab on HH and AlpacaEval, every row filled."""
+    from rmlab.bench.cli import PRESETS, main
+
+    out, work = tmp_path / "new" / "out", tmp_path / "elsewhere"  # --out a new folder, --work elsewhere
+    res = main(["--preset", "smoke", "--out", str(out), "--work", str(work), "--data-dir", str(SHARED_DATA)])
+    assert (out / "bench.json").exists() and (out / "bench.md").exists()
+    meta, runs = res["meta"], res["runs"]
+    assert meta["preset"] == "smoke" and meta["peak_measured"] and meta["peak_tflops"] > 0
+    assert [(r["workload"], r["side"]) for r in runs] == [("hh", "trl"), ("hh", "rmlab"), ("alpaca", "trl"), ("alpaca", "rmlab")]
+    assert not [r for r in runs if "error" in r]
+    sizes = {"trl": PRESETS["smoke"]["trl_sizes"], "rmlab": PRESETS["smoke"]["rmlab_sizes"]}
+    for r in runs:
+        key = "batch_size" if r["side"] == "trl" else "max_tokens"
+        tried = [t[key] for t in r["search"]]
+        assert tried == [int(x) for x in sizes[r["side"]].split(",")]  # every size ran (no cap on CPU)
+        best = max(r["search"], key=lambda t: t["comparisons_per_s"])
+        assert r["batch"] == f"{key}={best[key]}" and r["comparisons_per_s"] == best["comparisons_per_s"]
+        assert 0 < r["mfu"] < 1 and r["compiled_graphs"] == 0
+        if r["side"] == "rmlab":
+            assert r["useful_token_fraction"] == pytest.approx(1.0)  # prefix sharing, one packed row
+            assert r["vs_trl"]["processed_tokens_per_comparison"] < 0.6
+    # MFU counts unique tokens (6N each) plus causal attention pairs (12 x layers x hidden each)
+    m, w = res["models"]["llama-tiny"], res["workloads"]["hh"]
+    r = runs[1]
+    flops = r["comparisons_per_s"] * (6 * m["non_embedding_params"] * r["unique_tokens_per_comparison"]
+                                      + 12 * m["layers"] * m["hidden"] * w["attention_pairs_per_comparison"])
+    assert r["mfu"] == pytest.approx(flops / (meta["peak_tflops"] * 1e12))
+    md = (out / "bench.md").read_text()
+    assert "| MFU | batch |" in md and "Matmul peak" in md
