@@ -61,6 +61,13 @@ def pairwise_stats(rewards: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor
     }
 
 
+def fused_adamw(params) -> dict[str, bool]:
+    """``fused=True`` when every parameter is on a CUDA device (one kernel for the whole update instead of
+    several per tensor); CPU runs keep PyTorch's default implementation, so CPU results stay as they were."""
+    devices = {p.device.type for p in params}
+    return {"fused": True} if devices == {"cuda"} else {}
+
+
 @dataclass
 class StepOutput:
     """What one step computed, for the callbacks that watch steps (rmlab.callbacks): nothing is recomputed."""
@@ -168,6 +175,7 @@ class RewardModule(L.LightningModule):
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
             eps=self.hparams.eps,
+            **fused_adamw(self.parameters()),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = int(self.hparams.warmup_ratio * total)

@@ -7,6 +7,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from tests.conftest import compose
 
@@ -74,3 +75,16 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path):
     assert any("norm" in n for n in nd)
     assert d and all(p.ndim >= 2 and "norm" not in names[id(p)].lower() for p in decay["params"])
     assert len(nd) + len(d) == sum(1 for p in module.parameters() if p.requires_grad)
+
+
+def test_fused_adamw_only_on_cuda():
+    """Fused AdamW where every parameter is on a GPU; on CPU PyTorch's default (the CPU figures are unchanged)."""
+    from rmlab.module import fused_adamw
+
+    cpu = [torch.nn.Parameter(torch.zeros(2))]
+    assert fused_adamw(cpu) == {}
+    meta = [torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert fused_adamw(meta) == {}
+    if torch.cuda.is_available():
+        assert fused_adamw([torch.nn.Parameter(torch.zeros(2, device="cuda"))]) == {"fused": True}
+        assert fused_adamw(cpu + [torch.nn.Parameter(torch.zeros(2, device="cuda"))]) == {}
