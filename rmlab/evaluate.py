@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from rmlab.checkpoint import check_checkpoint, check_export_dir, read_checkpoint
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
+from rmlab.models.budget import token_budget
 from rmlab.module import model_state
 from rmlab.report import write_report
 from rmlab.runtime import start_run
@@ -136,6 +137,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Generative heads re-template each group into their own rows, exactly as in training.
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      layout=model.batch_layout, _convert_="all")
+    if dm.batches.max_tokens == "auto":  # as in training (rmlab.models.budget)
+        dm.batches.max_tokens = token_budget(model, dm.rows.max_length)
     dm.setup("validate")
     split = pick_split(cfg.split, cfg.data, run_cfg)
     groups = dm.val_groups if split == "val" else dm.train_groups + dm.val_groups

@@ -18,6 +18,7 @@ from rmlab import strategies
 from rmlab.callbacks import GradNormMonitor, NonFiniteGuard, final_val_rewards
 from rmlab.checkpoint import ResumeState, checkpoint_plugins, resume_checkpoint
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
+from rmlab.models.budget import token_budget
 from rmlab.models.scoring import score_batches
 from rmlab.runtime import Loggers, start_run
 from rmlab.summary import run_summary, write_summary
@@ -56,6 +57,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loss = instantiate(cfg.loss, _convert_="all")
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      layout=model.batch_layout, _convert_="all")
+    if dm.batches.max_tokens == "auto":  # sized to the device by a short memory probe (rmlab.models.budget)
+        dm.batches.max_tokens = token_budget(model, dm.rows.max_length, bf16="bf16" in str(cfg.trainer.get("precision")))
     module = instantiate(cfg.module, model=model, loss=loss, _convert_="all")
 
     # 3. Fit. Wandb is finished whatever fails from here on.

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rmlab.data.formats import ADAPTERS
+from rmlab.data.layout import KERNELS
 from rmlab.data.tokenize import REWARD_TOKENS
 from rmlab.models.builder import BUILDERS, find_head
-from rmlab.data.layout import KERNELS
 from rmlab.models.packing import MODES
 
 log = logging.getLogger("rmlab")
@@ -257,7 +257,9 @@ def _check_data(c: _Checker, entry: str) -> None:
         c.fail("data.max_length", max_len, f"must be >= data.min_prompt_tokens ({mpt}) + {MAX_SPECIAL_TOKENS} special "
                f"tokens + 1 response token = {need}; raise it (e.g. data.max_length={max(512, need)}) or lower "
                "data.min_prompt_tokens")
-    max_tokens = c.integer("data.max_tokens", 1, hint="padded tokens per batch, e.g. 8192")
+    max_tokens = c.get("data.max_tokens")  # auto: sized to the device when the model is built (rmlab.models.budget)
+    if max_tokens != "auto":
+        max_tokens = c.integer("data.max_tokens", 1, hint="tokens per batch, e.g. 8192, or auto")
     if _is_int(max_tokens) and _is_int(max_len) and max_tokens < max_len:
         c.fail("data.max_tokens", max_tokens, f"must be >= data.max_length ({max_len}) so one row fits a batch; "
                f"e.g. data.max_tokens={max(8192, 16 * max_len)}")

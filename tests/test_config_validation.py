@@ -235,3 +235,20 @@ def test_no_training_groups_left_is_a_data_error_pointing_at_the_report(tmp_path
     assert "bad_record: missing field 'rejected'" in msg  # the drop reason
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["records"]["kept"] == 0
+
+
+def test_max_tokens_auto_is_accepted_and_sized(tmp_path):
+    """data.max_tokens=auto passes the check; on CPU it is 8 rows of data.max_length (no probe: no device memory
+    to fill), on a GPU a memory probe sizes it (rmlab.models.budget)."""
+    from rmlab.models import build_model
+    from rmlab.models.budget import CPU_ROWS, token_budget
+    from rmlab.validate import check_config
+    from tests.conftest import TINY_LLAMA, compose
+
+    cfg = compose(["model=tiny_llama", "data.max_tokens=auto"], tmp_path)
+    check_config(cfg)  # raises on a refused value
+    bad = compose(["model=tiny_llama", "data.max_tokens=lots"], tmp_path)
+    with pytest.raises(Exception, match="data.max_tokens"):
+        check_config(bad)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5")
+    assert token_budget(model, 300, device="cpu") == CPU_ROWS * 300
