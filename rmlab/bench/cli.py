@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -403,8 +404,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     if args.tokenizer and not Path(args.tokenizer).exists() and args.preset == "gpu":
         # The GPU preset's tokenizer: Qwen2.5's, copied next to the workloads so the GPU machine needs nothing else.
-        import shutil
-
         shutil.copytree(Path(args.data_dir) / GPU_TOKENIZER, args.tokenizer)
     if args.prepare_only:
         args.models = []

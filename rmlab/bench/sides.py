@@ -9,6 +9,7 @@ tokens a step processes are read from the ``input_ids`` that reach the backbone,
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import resource
 import statistics
@@ -305,8 +306,6 @@ def search(spec: dict[str, Any]) -> dict[str, Any]:
     one process; the fastest whose peak GPU memory stays under ``mem_cap_gb`` wins. A size that runs out of
     memory ends the search (larger ones would too)."""
     key = "batch_size" if spec["side"] == "trl" else "max_tokens"
-    import gc
-
     tried, best = [], None
     for size in spec["sizes"]:
         gc.collect()

@@ -37,6 +37,7 @@ is capped there (``row_tokens``, default twice the batch's longest row).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -267,8 +268,6 @@ VARLEN_BACKENDS = ("flash_attn", "torch")
 
 def varlen_backend() -> str | None:
     """The varlen kernel this install has: flash-attn, torch's ``varlen_attn``, or None. Both need CUDA."""
-    import importlib.util
-
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attn"
     if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
@@ -277,8 +276,6 @@ def varlen_backend() -> str | None:
 
 
 def flex_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
