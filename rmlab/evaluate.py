@@ -136,7 +136,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.data.reward_token = trained
     # Generative heads re-template each group into their own rows, exactly as in training.
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
-                     layout=model.batch_layout, _convert_="all")
+                     _convert_="all")
+    dm.layout = model.batch_layout  # the collator builds the model's packed layout (set here: Hydra would convert it)
     if dm.batches.max_tokens == "auto":  # as in training (rmlab.models.budget)
         dm.batches.max_tokens = token_budget(model, dm.rows.max_length)
     dm.setup("validate")

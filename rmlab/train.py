@@ -56,7 +56,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
-                     layout=model.batch_layout, _convert_="all")
+                     _convert_="all")
+    dm.layout = model.batch_layout  # the collator builds the model's packed layout (set here: Hydra would convert it)
     if dm.batches.max_tokens == "auto":  # sized to the device by a short memory probe (rmlab.models.budget)
         dm.batches.max_tokens = token_budget(model, dm.rows.max_length, bf16="bf16" in str(cfg.trainer.get("precision")))
     module = instantiate(cfg.module, model=model, loss=loss, _convert_="all")
