@@ -3,6 +3,7 @@ reward statistics all score through ``score_batches``; training scores through t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ def score_batches(
         with torch.inference_mode():
             for batch in it:
                 rewards, heads = model.score_heads(batch.to(dev))
+                if getattr(batch, "packed", None) is not None:  # callers may keep every batch: not its masks
+                    batch = dataclasses.replace(batch, packed=None)
                 yield Scored(batch, rewards.float().cpu(), {k: v.float().cpu() for k, v in heads.items()})
     finally:
         model.train(was)
