@@ -63,9 +63,13 @@ def pairwise_stats(rewards: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor
 
 def fused_adamw(params) -> dict[str, bool]:
     """``fused=True`` when every parameter is on a CUDA device (one kernel for the whole update instead of
-    several per tensor); CPU runs keep PyTorch's default implementation, so CPU results stay as they were."""
+    several per tensor). On CPU ``foreach=True``: the same arithmetic as PyTorch's CPU default (the per-tensor
+    loop), bitwise (tests/test_optim.py), a third faster on a 4.3M-parameter model; fused is not bitwise there,
+    so CPU results stay as they were."""
     devices = {p.device.type for p in params}
-    return {"fused": True} if devices == {"cuda"} else {}
+    if devices == {"cuda"}:
+        return {"fused": True}
+    return {"foreach": True} if devices == {"cpu"} else {}
 
 
 @dataclass
