@@ -260,32 +260,36 @@ def _cumsum(xs: list[int]) -> list[int]:
 
 
 def _buckets(seqs, width: int, real: int, call_pairs: int):
+    """Per bucket: the query and key slots of each sequence and the mask, built with a few vectorised ops
+    (per-sequence tensor ops cost more than the step saves in a DataLoader that shares the CPU)."""
     shapes = [(n, n + p) for _, n, _, p in seqs]
     buckets, qs, ks = [], [], []
-    out_index = torch.zeros(width, dtype=torch.long)
+    out_index = torch.full((width,), -1, dtype=torch.long)
     offset = 0
     for run in plan_buckets(shapes, call_pairs):
         b = len(run)
         lq = max(shapes[i][0] for i in run)
         lk = max(shapes[i][1] for i in run)
-        q_index = torch.zeros(b, lq, dtype=torch.long)
-        k_index = torch.zeros(b, lk, dtype=torch.long)
-        mask = torch.zeros(b, 1, lq, lk, dtype=torch.bool)
-        for row, i in enumerate(run):
-            q0, n, p0, p = seqs[i]
-            q_index[row, :n] = torch.arange(q0, q0 + n)
-            q_index[row, n:] = q0  # padding query slots: a real token, output never read
-            k_index[row, :p] = torch.arange(p0, p0 + p)
-            k_index[row, p : p + n] = torch.arange(q0, q0 + n)
-            k_index[row, p + n :] = q0
-            mask[row, 0, :n, :p] = True  # the whole prompt
-            mask[row, 0, :n, p : p + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            mask[row, 0, n:, 0] = True  # a padding query sees one key: no empty softmax row
-            out_index[q0 : q0 + n] = offset + row * lq + torch.arange(n)
+        q0 = torch.tensor([seqs[i][0] for i in run])[:, None]
+        n = torch.tensor([seqs[i][1] for i in run])[:, None]
+        p0 = torch.tensor([seqs[i][2] for i in run])[:, None]
+        p = torch.tensor([seqs[i][3] for i in run])[:, None]
+        qi, ki = torch.arange(lq)[None, :], torch.arange(lk)[None, :]  # slot numbers
+        q_real = qi < n  # [B, Lq]
+        # Query slots: the sequence's own tokens; padding slots repeat its first token (outputs never read).
+        q_index = torch.where(q_real, q0 + qi, q0)
+        # Key slots: the prompt's tokens, then the sequence's own, then padding (its first token, masked).
+        k_index = torch.where(ki < p, p0 + ki, torch.where(ki < p + n, q0 + ki - p, q0))
+        # A real query i sees the whole prompt and its own tokens 0..i; a padding query sees key 0 only
+        # (no empty softmax row).
+        own = (ki[:, None, :] >= p[:, :, None]) & (ki[:, None, :] - p[:, :, None] <= qi[:, :, None])
+        seen = (ki[:, None, :] < p[:, :, None]) | own  # [B, Lq, Lk]
+        mask = torch.where(q_real[:, :, None], seen, ki[:, None, :] == 0)[:, None]
+        slots = offset + torch.arange(b)[:, None] * lq + qi  # [B, Lq] row of each slot in the stacked outputs
+        out_index[q_index[q_real]] = slots[q_real]
         buckets.append(Bucket((b, lq, lk), mask))
         qs.append(q_index.reshape(-1))
         ks.append(k_index.reshape(-1))
         offset += b * lq
-    if width > real:  # padding tokens read a zero row appended after the buckets
-        out_index[real:] = offset
+    out_index[real:] = offset  # padding tokens read a zero row appended after the buckets
     return buckets, torch.cat(qs), torch.cat(ks), out_index
