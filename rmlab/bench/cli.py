@@ -84,7 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         models="qwen2-0.5b,qwen2-1.5b", workloads="hh,alpaca", modes="prefix_shared", k=8, device="cuda", bf16=True,
         threads=8, seconds=5.0, warmup=3, trl_sizes="8,16,32", rmlab_sizes="16384,32768,65536", mem_cap_gb=60.0,
         measure_peak=True, minilm_workloads="", work=".gpu/work", tokenizer=".gpu/tokenizer", reuse=True,
-        out="docs/bench/gpu-preset", timeout=240.0,
+        out="outputs/bench/gpu", timeout=240.0,
     ),
 }
 GPU_TOKENIZER = "tokenizers/qwen2_5_instruct"  # under --data-dir: the vocabulary of the Qwen2 shapes
