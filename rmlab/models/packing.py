@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ import torch
 from rmlab.data.layout import KERNELS, LayoutSpec, build_layout
 from rmlab.models.base import ENCODER_TYPES
 
+log = logging.getLogger(__name__)
 MODES = ("padded", "packed", "prefix_shared")
 
 
@@ -340,7 +342,13 @@ def varlen_attention(q, k, v, layout, dropout, scaling):
     """Prefix sharing and packing as one varlen call: the prompt's keys and values gathered beside each
     response (``layout.k_index``), separate query and key lengths, causal aligned bottom-right."""
     kg, vg = k[layout.k_index], v[layout.k_index]
-    backend = varlen_backend() if q.is_cuda else None
+    # The varlen kernels take fp16/bf16 only (bf16-mixed training gives them bf16): fp32 takes the reference.
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    backend = varlen_backend() if q.is_cuda and half else None
+    if q.is_cuda and not half and "fp32_varlen" not in _WARNED:
+        _WARNED.add("fp32_varlen")
+        log.warning("model.attention=varlen in fp32 on CUDA runs one SDPA call per sequence: train in bf16 "
+                    "(trainer=gpu) or set model.attention=flex")
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
@@ -360,6 +368,7 @@ def varlen_attention(q, k, v, layout, dropout, scaling):
 
 
 _FLEX = {}
+_WARNED: set[str] = set()
 
 
 def flex_block_mask(layout, device):
@@ -384,7 +393,9 @@ def flex_attention_fn(device):
     if device.type != "cuda":
         return flex_attention
     if "compiled" not in _FLEX:
-        _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+        # dynamic=None: after a second row length dynamo compiles one kernel for all lengths (the rows are
+        # padded to multiples of 128, FlexAttention's block size, so few lengths are seen anyway).
+        _FLEX["compiled"] = torch.compile(flex_attention, dynamic=None)
     return _FLEX["compiled"]
 
 
@@ -441,8 +452,10 @@ def configure_speed(
         _register_packed_attention()
         model.config._attn_implementation = PACKED_ATTN
         kernel = default_kernel() if attention == "auto" else attention
-        # torch.compile sees one shape per bucket of 256 tokens instead of one per batch.
-        model.batch_layout = LayoutSpec(mode=model.forward_mode, kernel=kernel, pad_to=256 if compile else 1)
+        # torch.compile sees one shape per bucket of 256 tokens instead of one per batch; FlexAttention works
+        # in blocks of 128 (and is compiled on CUDA).
+        pad_to = 256 if compile else 128 if kernel == "flex" else 1
+        model.batch_layout = LayoutSpec(mode=model.forward_mode, kernel=kernel, pad_to=pad_to)
     if compile:
         # Bucketed lengths (pad_to) keep the packed row's shapes few; dynamic=None lets dynamo mark a
         # dimension dynamic once it has seen two sizes instead of recompiling for each.
