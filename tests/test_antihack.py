@@ -306,14 +306,14 @@ def test_grm_logp_tied_equals_a_tied_causal_lm():
 def test_grm_refuses_encoders_and_other_heads(minilm):
     with pytest.raises(ValueError, match="causal LM"):
         minilm.require_outputs(("response_logp",))
-    cfg = compose(["loss=grm"], Path("/tmp/unused"))  # the default model is MiniLM
+    cfg = compose(["loss=grm", "model=minilm"], Path("/tmp/unused"))
     with pytest.raises(ConfigError, match="needs a causal LM"):
         check_config(cfg)
     with pytest.raises(ConfigError, match="model.head=attributes: loss=grm"):
         check_config(compose(["loss=grm", "model=attributes"], Path("/tmp/unused")))
     with pytest.raises(ConfigError, match="must be odin with loss=odin"):
         check_config(compose(["loss=odin", "model=tiny_llama"], Path("/tmp/unused")))
-    check_config(compose(["loss=grm", "model=tiny_llama"], Path("/tmp/unused")))  # fine
+    check_config(compose(["loss=grm"], Path("/tmp/unused")))  # the loss picks model=tiny_llama, a causal LM
     check_config(compose(["loss=odin"], Path("/tmp/unused")))  # the loss picks model=odin
 
 

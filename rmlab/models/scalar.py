@@ -14,9 +14,12 @@ run packed or prefix-shared (rmlab.models.packing): every unique token forwarded
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from rmlab.models.base import ENCODER_TYPES, RewardModel, backbone_states, pool_index, rows_at
@@ -215,10 +218,6 @@ def load_lm_head(name_or_path: str | None) -> torch.Tensor | None:
     checkpoint has none (a random-init backbone, a classification-only save)."""
     if not name_or_path:
         return None
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
     from transformers.utils import cached_file
 
     def find(fname: str) -> str | None:
