@@ -325,9 +325,9 @@ def _check_loss(c: _Checker) -> None:
 def _check_grm_model(c: _Checker, head: Any) -> None:
     """GRM's LM loss runs through the scalar head's causal-LM path: encoders and the other heads are refused here,
     before anything loads (a hub encoder not named here is refused when the model is built)."""
-    if head not in (_ABSENT, "scalar", "odin"):
+    if head not in (_ABSENT, "scalar"):
         c.fail("model.head", head, "loss=grm trains a language-modelling loss through the scalar head's backbone: use "
-               "model.head=scalar (or odin) on a causal LM, or another loss")
+               "model.head=scalar on a causal LM, or another loss")
     name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
     if name == "minilm" or model_type in ENCODER_TYPES:
         c.fail("model" if name == "minilm" else "model.config.model_type", name if name == "minilm" else model_type,

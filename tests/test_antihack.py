@@ -317,12 +317,15 @@ def test_grm_refuses_encoders_and_other_heads(minilm):
     check_config(compose(["loss=odin"], Path("/tmp/unused")))  # the loss picks model=odin
 
 
-def test_attribute_head_refuses_grm():
+def test_attribute_and_odin_heads_refuse_grm():
     from rmlab.models import build_model
 
-    model = build_model(head="attributes", config=TINY_LLAMA, tokenizer="byt5", head_options={"attributes": ["a", "b"]})
-    with pytest.raises(ValueError, match="response_logp"):
-        model.require_outputs(("response_logp",))
+    for model in (build_model(head="attributes", config=TINY_LLAMA, tokenizer="byt5", head_options={"attributes": ["a"]}),
+                  build_model(head="odin", config=TINY_LLAMA, tokenizer="byt5")):
+        with pytest.raises(ValueError, match="response_logp"):
+            model.require_outputs(("response_logp",))
+    with pytest.raises(ConfigError, match="model.head=odin: loss=grm"):
+        check_config(compose(["loss=grm", "model=odin"], Path("/tmp/unused")))
 
 
 def test_odin_export_is_the_quality_head_in_plain_transformers(tmp_path):

@@ -26,11 +26,11 @@ from torch import nn
 
 from rmlab.metrics import pearson
 from rmlab.models.backbone import load_backbone
-from rmlab.models.base import backbone_states, pool_index, rows_at
+from rmlab.models.base import RewardModel
 from rmlab.models.builder import SEQUENCE_HEAD_OPTIONS, register_head
 from rmlab.models.lora import apply_lora
 from rmlab.models.packing import configure_speed, packed_hidden
-from rmlab.models.scalar import ScalarRewardModel, lm_rows
+from rmlab.models.scalar import ScalarRewardModel
 
 LENGTH_HEAD_FILE = "rmlab_length_head.safetensors"
 MADE_BY = (
@@ -61,18 +61,17 @@ class OdinRewardModel(ScalarRewardModel):
         std = float(getattr(hf_model.config, "initializer_range", 0.02))
         nn.init.normal_(self.length_head.weight, std=std)
 
-    def pooled(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pooled hidden states [N, H] and, when the LM path is on (loss=grm), the full hidden states."""
-        if self.lm_source is not None:
-            h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
-            return rows_at(h, pool_index(batch.attention_mask, self.pooling)), h
+    # The scalar head's LM path (loss=grm) is not wired into the two-head forward: refuse it, named.
+    require_outputs = RewardModel.require_outputs
+
+    def pooled(self, batch) -> torch.Tensor:
+        """Pooled hidden states [N, H] in the model's forward mode."""
         if self.forward_mode == "padded":
-            return self.hidden_at_pool(batch.input_ids, batch.attention_mask, batch.position_ids), None
-        return packed_hidden(self, batch), None
+            return self.hidden_at_pool(batch.input_ids, batch.attention_mask, batch.position_ids)
+        return packed_hidden(self, batch)
 
     def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pooled, h = self.pooled(batch)
-        feats = self.head_features(pooled)
+        feats = self.head_features(self.pooled(batch))
         q = self.head(feats).reshape(-1).float()
         length = self.length_head(feats.to(self.length_head.weight.dtype)).reshape(-1).float()
         n = q.shape[0]
@@ -83,8 +82,6 @@ class OdinRewardModel(ScalarRewardModel):
             "quality_weight": w_q.float().expand(n, -1),
             "length_weight": self.length_head.weight.reshape(1, -1).float().expand(n, -1),
         }
-        if h is not None:
-            heads["response_logp"] = self.response_logp(h, batch, lm_rows(batch))
         return q, heads
 
     def head_report(self, scored: Iterable) -> dict[str, float]:
