@@ -104,7 +104,14 @@ class OdinRewardModel(ScalarRewardModel):
         }
 
     def export_meta(self) -> dict[str, Any]:
-        return {**super().export_meta(), "reward": "quality_head", "made_by": MADE_BY, "length_head_file": LENGTH_HEAD_FILE}
+        return {
+            **super().export_meta(),
+            "read_with": "AutoModelForSequenceClassification: the reward is logits[:, 0] (the quality head) of the row "
+            "config.rmlab.scoring describes; the length head is not part of it",
+            "reward": "quality_head",
+            "made_by": MADE_BY,
+            "length_head_file": LENGTH_HEAD_FILE,
+        }
 
     def save_extra(self, out: Path) -> None:
         save_file({"weight": self.length_head.weight.detach().contiguous()}, str(out / LENGTH_HEAD_FILE))
