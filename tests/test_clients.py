@@ -133,11 +133,12 @@ def train_and_export(name: str, reward_token: str, run_dir: Path) -> Path:
         "data.cache=false",
         "module.lr=3e-3",
         "trainer.max_steps=4",
+        "trainer.max_epochs=4",
         "threads=1",
         "seed=0",
     ]
     summary = run(compose(overrides, run_dir))
-    assert summary["train_steps"] >= 3, summary  # one epoch of 36 prompts in batches of at most 16
+    assert summary["train_steps"] == 4, summary
     export = run_dir / "export"
     assert (export / "config.json").is_file(), f"no export in {run_dir}"
     return export
@@ -177,11 +178,11 @@ def rmlab_score_cli(export: Path, records: list[dict], tmp: Path, *flags: str) -
 
 
 def rmlab_scorer(export: Path):
-    """``Scorer(load_export(path))``: the Python API of docs/eval.md."""
-    from rmlab.models import load_export
+    """The Python API as docs/eval.md writes it: ``Scorer(load_export(path), reward_token=<the export's>)``."""
+    from rmlab.models import load_export, read_export_meta
     from rmlab.score import Scorer
 
-    return Scorer(load_export(str(export)))
+    return Scorer(load_export(str(export)), reward_token=read_export_meta(str(export))["scoring"]["reward_token"])
 
 
 def rmlab_rewards(export: Path, convs: list[list[dict]]) -> list[float]:
@@ -317,10 +318,28 @@ def tiny_policy(name: str, tok):
     return AutoModelForCausalLM.from_config(cfg)
 
 
+def rmlab_reward_function(export_dir: str, device: str = "cpu"):
+    """docs/eval.md's TRL reward function: rmlab's own scoring of conversational completions, normalized with
+    the export's val statistics."""
+    from rmlab.models import load_export, read_export_meta
+    from rmlab.score import Scorer
+
+    meta = read_export_meta(export_dir)  # config.json's "rmlab"
+    scorer = Scorer(load_export(export_dir), reward_token=meta["scoring"]["reward_token"], device=device)
+
+    def rmlab_reward(prompts, completions, **_):  # conversational data: message lists
+        rewards = scorer.score_chat([[p + c] for p, c in zip(prompts, completions)])
+        return [(r[0] - meta["reward_mean"]) / meta["reward_std"] for r in rewards]
+
+    return rmlab_reward
+
+
 def grpo_step(export: Path, name: str, out: Path):
-    """One real GRPOTrainer step on CPU (the snippet of docs/eval.md) with a tiny policy on the same tokenizer;
-    ``log_completions`` makes TRL write every completion and the reward it computed for it to
-    ``<output_dir>/completions/completions_00001.parquet``. Returns that table."""
+    """One real GRPOTrainer step on CPU with a tiny policy on the same tokenizer and two reward functions, as
+    docs/eval.md shows them: the export's path (TRL loads it with AutoModelForSequenceClassification and scores
+    the chat template's text) and rmlab's own scoring as a function. ``log_completions`` makes TRL write every
+    completion and each reward it computed for it to ``<output_dir>/completions/completions_00001.parquet``;
+    returns that table."""
     import pandas as pd
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -333,7 +352,7 @@ def grpo_step(export: Path, name: str, out: Path):
     ]
     args = GRPOConfig(
         output_dir=str(out),
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=8,  # both prompts, 4 completions each
         num_generations=4,
         max_completion_length=8,
         max_steps=1,
@@ -348,7 +367,7 @@ def grpo_step(export: Path, name: str, out: Path):
     trainer = GRPOTrainer(
         model=tiny_policy(name, tok),
         processing_class=tok,
-        reward_funcs=str(export),  # the export's path: TRL loads it with AutoModelForSequenceClassification
+        reward_funcs=[str(export), rmlab_reward_function(str(export))],
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
     )
@@ -364,10 +383,15 @@ def messages(column) -> list[dict]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_trl_grpo_rewards_equal_rmlab_score(name, export_of, tmp_path):
+    """The rewards TRL computed in a GRPO step, with the export's path as reward_funcs, equal rmlab.score's (CLI
+    and Python) for the same conversations; the rmlab reward function gives the normalized ones."""
+    from transformers import AutoConfig
+
     export = export_of(name)
     table = grpo_step(export, name, tmp_path / "grpo")
-    assert len(table) == 4 and export.name in table.columns, table.columns
+    assert len(table) == 8 and {export.name, "rmlab_reward"} <= set(table.columns), table.columns
     prompts, completions = [messages(p) for p in table["prompt"]], [messages(c) for c in table["completion"]]
+    assert len({json.dumps(p) for p in prompts}) == 2  # both prompts, the multi-turn one with its system turn
     trl_rewards = table[export.name].tolist()
     assert max(trl_rewards) - min(trl_rewards) > SENSITIVE, f"TRL's rewards nearly constant: {trl_rewards}"
 
@@ -375,6 +399,9 @@ def test_trl_grpo_rewards_equal_rmlab_score(name, export_of, tmp_path):
     assert_close(trl_rewards, rmlab_rewards(export, convs), f"{name}: TRL GRPO vs Scorer.score_chat")
     scored = rmlab_score_cli(export, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)], tmp_path)
     assert_close(trl_rewards, [r["reward"] for r in scored], f"{name}: TRL GRPO vs python -m rmlab.score")
+    cfg = AutoConfig.from_pretrained(export)
+    normalized = [(r - cfg.mean) / cfg.std for r in trl_rewards]
+    assert_close(table["rmlab_reward"].tolist(), normalized, f"{name}: the rmlab reward function in TRL")
 
 
 # --- RewardBench ----------------------------------------------------------------------------------------------
@@ -429,8 +456,9 @@ def import_rewardbench():
 
 @contextlib.contextmanager
 def rewardbench_on_cpu(monkeypatch):
-    """RewardBenchPipeline moves its inputs with ``.to("cuda")`` unconditionally: on a machine without CUDA they
+    """RewardBench's CLI on a CPU machine, unchanged in what it computes. RewardBenchPipeline moves its inputs with ``.to("cuda")`` unconditionally: on a machine without CUDA they
     stay on the CPU, with the model. And RewardBench turns transformers' logging to INFO: restored after."""
+    import datasets
     import transformers
     from transformers import BatchEncoding
 
@@ -442,12 +470,16 @@ def rewardbench_on_cpu(monkeypatch):
         return to(self, device, *a, **k)
 
     monkeypatch.setattr(BatchEncoding, "to", to_cpu_without_cuda)
+    # Its dataset maps ask for num_proc=8: worker processes that only parallelise (same rows), and cost ~20 s
+    # of start-up on 2 shared cores for 3 records. They run in this process instead.
+    map_ = datasets.Dataset.map
+    monkeypatch.setattr(datasets.Dataset, "map", lambda self, *a, num_proc=None, **k: map_(self, *a, **k))
     level = transformers.logging.get_verbosity()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(level)
-        transformers.logging.disable_explicit_format()
+        transformers.logging.reset_format()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -584,3 +616,20 @@ def test_openrlhf_reads_another_token_than_the_default_contract_where_the_templa
         assert_close(theirs, ours, f"{name}: OpenRLHF on an export trained with reward_token=auto")
     else:
         assert min(abs(a - b) for a, b in zip(theirs, ours)) > SENSITIVE, (theirs, ours)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rmlab defect, reported to the lead: Scorer(model) reads rows with reward_token='auto' whatever the "
+    "export's config.rmlab.scoring.reward_token says (python -m rmlab.score and eval.py follow it)",
+)
+def test_python_scorer_follows_the_exports_reward_token_by_default(export_of, tmp_path):
+    """An export trained with data.reward_token=eos, scored through the Python API without naming it, must read
+    the rows it was trained on, as the CLI does (on Qwen2.5 the rows differ: the trailing "\\n" is stripped)."""
+    from rmlab.models import load_export
+    from rmlab.score import Scorer
+
+    export = export_of("qwen2_5_instruct", "eos")
+    cli = [r["reward"] for r in rmlab_score_cli(export, [{"messages": c} for c in CONVERSATIONS], tmp_path)]
+    default = [r[0] for r in Scorer(load_export(str(export))).score_chat([[c] for c in CONVERSATIONS])]
+    assert_close(default, cli, "Scorer(load_export(eos export)) vs python -m rmlab.score")
