@@ -101,7 +101,8 @@ def score(items: list[Item], rewards: list[list[float]]) -> BenchResult:
         per_item.append({"uid": it.uid, "subset": it.subset, "section": it.subset, "credit": credit,
                          "margin": min(good) - max(bad), "chosen": min(range(it.n_chosen), key=lambda i: rs[i]),
                          "rejected": it.n_chosen + max(range(len(bad)), key=lambda i: bad[i])})
-    subsets = {s: (mean(v), len(v)) for s, v in sorted(by_subset.items())}
+    order = [s for s in SUBSETS if s in by_subset] + sorted(s for s in by_subset if s not in SUBSETS)
+    subsets = {s: (mean(by_subset[s]), len(by_subset[s])) for s in order}
     scalars: dict[str, float] = {"n_examples": float(len(items))}
     sections = {s: a for s, (a, _) in subsets.items()}
     if TIES in subsets:

@@ -28,14 +28,19 @@ STYLES = ["concise", "detailed", "markdown"]
 
 
 def domain_of(rec: dict, where: str) -> str:
+    """The row's own domain (chat, code, math, safety-refuse, safety-response): its subset in the report."""
     d = rec.get("domain")
     if d is None:  # the repository's per-domain files carry no domain field: the file name says it
-        d = Path(where.split(":")[0].split("[")[0]).name
-    for name in DOMAINS:
-        if isinstance(d, str) and d.startswith(name):
-            return name
+        d = Path(where.split(":")[0].split("[")[0]).name.split("_filtered")[0].split(".")[0]
+    if isinstance(d, str) and group_of(d):
+        return d
     raise DataError(where, f"no RM-Bench domain: field 'domain' is {rec.get('domain')!r} and the file name does not "
                     f"start with one of {', '.join(DOMAINS)}", "add domain: chat|code|math|safety-refuse|safety-response")
+
+
+def group_of(domain: str) -> str:
+    """The scored domain a row's domain belongs to, by prefix as the official code groups them ('' = none)."""
+    return next((name for name in DOMAINS if domain.startswith(name)), "")
 
 
 def load(bcfg: Any) -> tuple[list[Item], list[str]]:
@@ -67,14 +72,13 @@ def difficulty(m: list[list[float]]) -> dict[str, float]:
 def score(items: list[Item], rewards: list[list[float]]) -> BenchResult:
     per_domain: dict[str, list[int]] = {}
     for n, it in enumerate(items):
-        per_domain.setdefault(it.subset, []).append(n)
+        per_domain.setdefault(group_of(it.subset), []).append(n)
     sections, subsets, scalars, mats = {}, {}, {"n_examples": float(len(items))}, {}
     for d in [d for d in DOMAINS if d in per_domain]:
         m = matrix([rewards[n] for n in per_domain[d]])
         lv = difficulty(m)
         mats[d] = m
         sections[d] = mean(lv.values())
-        subsets[d] = (sections[d], len(per_domain[d]))
         for k, v in lv.items():
             scalars[f"{d}/{k}"] = v
         scalars[f"{d}/style_gap"] = lv["normal"] - lv["hard"]
@@ -89,7 +93,12 @@ def score(items: list[Item], rewards: list[list[float]]) -> BenchResult:
         cells = [rs[i] > rs[3 + j] for i in range(3) for j in range(3)]
         worst_c = min(range(3), key=lambda i: rs[i])
         best_r = max(range(3), key=lambda j: rs[3 + j])
-        per_item.append({"uid": it.uid, "subset": it.subset, "section": it.subset, "credit": mean(cells),
+        # mean of the 9 cells = mean(hard, normal, easy): 3 cells each, so a subset's mean credit is its score
+        per_item.append({"uid": it.uid, "subset": it.subset, "section": group_of(it.subset), "credit": mean(cells),
                          "margin": rs[worst_c] - rs[3 + best_r], "chosen": worst_c, "rejected": 3 + best_r})
+    for row in per_item:
+        subsets.setdefault(row["subset"], []).append(row["credit"])
+    subsets = {k: (mean(v), len(v)) for k, v in sorted(subsets.items())}
     tables = {"matrix": mats, "styles": STYLES}
-    return BenchResult("rm_bench", total, sections, subsets, {d: d for d in sections}, scalars, tables, per_item, notes)
+    section_of = {k: group_of(k) for k in subsets}
+    return BenchResult("rm_bench", total, sections, subsets, section_of, scalars, tables, per_item, notes)

@@ -94,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = cfg.get("ckpt_path")
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
     run_cfg = find_run_config(ckpt or name_or_path)
+    torch.manual_seed(int(cfg.seed or 0))  # a head that is not in the weights (model=minilm) starts the same each time
     model = load_reward_model(ckpt, cfg.model, run_cfg)
     if model.kind == "judge":
         raise ValueError("a pairwise judge gives no per-response reward; the benchmarks score each response "
