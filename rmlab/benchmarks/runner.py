@@ -47,11 +47,7 @@ def max_length_for(model: Any, b: Any, run_cfg: DictConfig | None) -> int:
         return int(b.max_length)
     if run_cfg is not None and OmegaConf.select(run_cfg, "data.max_length") is not None:
         return int(OmegaConf.select(run_cfg, "data.max_length"))
-    limits = [4096, getattr(model.config, "max_position_embeddings", None) or 4096]
-    tml = getattr(model.tokenizer, "model_max_length", None)
-    if isinstance(tml, int) and tml < 1_000_000:
-        limits.append(tml)
-    return int(min(limits))
+    return min(4096, model.max_positions or 4096)
 
 
 def best_of_k_items(cfg: DictConfig, model: Any, run_cfg: DictConfig | None) -> tuple[list[Item], list[str], dict]:
