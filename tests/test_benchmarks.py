@@ -387,3 +387,22 @@ def test_sweep_of_two_models_then_one_leaderboard(export, tmp_path):
     assert f"{100 * scores[0]:.1f}" in out
     assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert len((sweep / "summary.csv").read_text().splitlines()) == 3
+
+
+def test_leaderboard_of_benchmark_runs_best_first(tmp_path, capsys):
+    from rmlab.summarize import main
+
+    for i, (model, score, chat) in enumerate([("a", 0.61, 0.9), ("b", 0.74, 0.5), ("c", None, 0.7)]):
+        d = tmp_path / f"{i}_model.name_or_path={model}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- benchmark=rewardbench\n- model.name_or_path={model}\n")
+        (d / "metrics.json").write_text(json.dumps({
+            "metrics": {"score": score, "section/Chat": chat, "section/Safety": 0.5, "acc": 0.1},
+            "tables": {"sections": {"Chat": chat, "Safety": 0.5}}, "info": {"benchmark": "rewardbench"}}))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("| ")]
+    assert lines[0] == "| rank | model | score | Chat | Safety |"
+    assert lines[1:] == ["| 1 | model.name_or_path=b | 74.0 | 50.0 | 50.0 |", "| 2 | model.name_or_path=a | 61.0 | 90.0 | 50.0 |",
+                         "| 3 | model.name_or_path=c | n/a | 70.0 | 50.0 |"]  # a run without a score goes last
+    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("1,model.name_or_path=b,")
