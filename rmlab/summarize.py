@@ -36,7 +36,7 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         k, _, v = str(item).partition("=")
         overrides[k.lstrip("+~")] = v
     info = blob.get("info") if isinstance(blob.get("info"), dict) else {}
-    sections = list(((blob.get("tables") or {}).get("sections") or {}))
+    sections = list((blob.get("tables") or {}).get("sections") or {})
     return {"dir": run_dir.name, "overrides": overrides, "metrics": metrics, "info": info, "sections": sections}
 
 

@@ -206,7 +206,7 @@ def write(out: Path, result: BenchResult, items: list[Item], rewards: list[list[
     md += [f"| {k} | {_pct(pair[k]) if k.startswith(('acc', 'length/acc', 'length/chosen')) else _num(pair[k])} |"
            for k in PAIRWISE_KEYS if k in pair]
     md += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
-    md += ["", f"## The worst-scored examples of each section (lowest worst-chosen minus best-rejected reward)", ""]
+    md += ["", "## The worst-scored examples of each section (lowest worst-chosen minus best-rejected reward)", ""]
     for sec, rows in worst.items():
         md += [f"### {sec}", "", "| id | subset | prompt | chosen | rejected | r chosen | r rejected |",
                "|---|---|---|---|---|---|---|"]
