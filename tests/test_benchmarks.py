@@ -406,3 +406,22 @@ def test_leaderboard_of_benchmark_runs_best_first(tmp_path, capsys):
     assert lines[1:] == ["| 1 | model.name_or_path=b | 74.0 | 50.0 | 50.0 |", "| 2 | model.name_or_path=a | 61.0 | 90.0 | 50.0 |",
                          "| 3 | model.name_or_path=c | n/a | 70.0 | 50.0 |"]  # a run without a score goes last
     assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("1,model.name_or_path=b,")
+
+
+def test_a_hub_name_goes_to_datasets_load_dataset(monkeypatch):
+    """A name that is no local path is read with datasets.load_dataset(name, split=...), as users online do."""
+    import datasets
+    from omegaconf import OmegaConf
+
+    seen = {}
+
+    def fake_load(name, split=None, **kw):
+        seen.update(name=name, split=split)
+        return datasets.Dataset.from_list([json.loads(x) for x in RB2.read_text().splitlines()])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    items, _ = rewardbench2.load(OmegaConf.create({"source": "allenai/reward-bench-2", "split": "test"}))
+    assert seen == {"name": "allenai/reward-bench-2", "split": "test"} and len(items) == 21
+    monkeypatch.undo()  # offline (HF_HUB_OFFLINE=1): the real call fails, named, with what to do
+    with pytest.raises(DataError, match=r"allenai/reward-bench-2\[test\].*could not load the RewardBench 2 data"):
+        rewardbench2.load(OmegaConf.create({"source": "allenai/reward-bench-2", "split": "test"}))
