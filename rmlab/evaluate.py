@@ -129,6 +129,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
     run_cfg = find_run_config(ckpt or name_or_path)
     model = load_reward_model(ckpt, cfg.model, run_cfg)
+    # Rows as the model was trained on them (the scoring contract): its reward_token unless this run names one.
+    trained = (read_export_meta(name_or_path).get("scoring", {}).get("reward_token")
+               or OmegaConf.select(run_cfg or OmegaConf.create(), "data.reward_token", default=None))
+    if trained and cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
+        log.info("data.reward_token=%s, as the model was trained", trained)
+        cfg.data.reward_token = trained
     # Generative heads re-template each group into their own rows, exactly as in training.
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")

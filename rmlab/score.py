@@ -4,7 +4,11 @@
     python -m rmlab.score data.jsonl --ckpt <run>/checkpoints/last.ckpt --fields prompt=question,response=answer
 
 Records are either ``{prompt, response}`` (gets ``reward``) or ``{prompt, chosen, rejected}`` (gets
-``reward_chosen``, ``reward_rejected`` and ``p_chosen = sigmoid(reward_chosen - reward_rejected)``).
+``reward_chosen``, ``reward_rejected`` and ``p_chosen = sigmoid(reward_chosen - reward_rejected)``), as text
+or as chat messages: ``{messages: [...]}`` (one conversation), ``{chosen: [...], rejected: [...]}`` (two;
+a ``prompt`` field, text or messages, goes first when they hold no user turn) or TRL's
+``{prompt: [...], completion: [...]}``. A conversation is scored as exactly
+``apply_chat_template(messages, tokenize=True)`` (docs/eval.md, the scoring contract).
 ``--fields`` maps those names to a file's own. Every input field is kept; output order = input order.
 
 It streams: at most ``--buffer`` records are held at a time. Inside the buffer the responses are
@@ -24,11 +28,17 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, check_messages, split_conversations, with_prompt
 from rmlab.data.sources import DataError, read_records
 from rmlab.data.tokenize import subgroup, tokenize_groups
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
 
 NAN = float("nan")
+# (prompt, responses) of plain text, or (prompt, responses, True) where prompt + response is a chat template's text
+Item = tuple
+
+
+NAMES = ("prompt", "response", "chosen", "rejected", "messages", "completion")
 
 
 def parse_fields(spec: str | None) -> dict[str, str]:
@@ -36,28 +46,40 @@ def parse_fields(spec: str | None) -> dict[str, str]:
     out = {}
     for part in filter(None, (spec or "").split(",")):
         k, _, v = part.partition("=")
-        if k.strip() not in ("prompt", "response", "chosen", "rejected") or not v.strip():
-            raise SystemExit(f"--fields: {part!r} must be one of prompt|response|chosen|rejected=<your field>")
+        if k.strip() not in NAMES or not v.strip():
+            raise SystemExit(f"--fields: {part!r} must be one of {'|'.join(NAMES)}=<your field>")
         out[k.strip()] = v.strip()
     return out
 
 
-def record_texts(rec: dict, where: str, fields: dict[str, str]) -> tuple[str, list[str], bool]:
-    """(prompt, responses, is_pair) of one record."""
-
-    f = {k: fields.get(k, k) for k in ("prompt", "response", "chosen", "rejected")}
+def record_item(rec: dict, where: str, fields: dict[str, str], scorer: Scorer) -> tuple[Item, bool]:
+    """(item, is_pair) of one record: plain text {prompt, response} / {prompt, chosen, rejected}, or chat
+    messages {messages} / {chosen: [..], rejected: [..]} (with an optional prompt) / {prompt: [..], completion}."""
+    f = {k: fields.get(k, k) for k in NAMES}
     if not isinstance(rec, dict):
         raise DataError(where, f"a record must be an object, got {type(rec).__name__}")
+    if isinstance(rec.get(f["messages"]), list):
+        return scorer.chat_items([[check_messages(rec[f["messages"]], where, f["messages"])]])[0], False
     is_pair = f["chosen"] in rec and f["rejected"] in rec
-    names = ["chosen", "rejected"] if is_pair else ["response"]
+    names = ["chosen", "rejected"] if is_pair else ["completion" if f["completion"] in rec else "response"]
+    if any(isinstance(rec.get(f[k]), list) for k in names) or isinstance(rec.get(f["prompt"]), list):
+        convs = []
+        for k in names:
+            v = rec.get(f[k])
+            if v is None:
+                raise DataError(where, f"missing field {f[k]!r}", f"fields present: {', '.join(map(str, rec))}")
+            tail = [{"role": "assistant", "content": v}] if isinstance(v, str) else check_messages(v, where, f[k])
+            convs.append(with_prompt(rec.get(f["prompt"]), tail, where, f["prompt"]))
+        return scorer.chat_items([convs])[0], is_pair
     missing = [f[k] for k in ["prompt", *names] if not isinstance(rec.get(f[k]), str)]
     if missing:
         raise DataError(
             where,
             f"missing or non-text field(s) {missing}",
-            f"fields present: {', '.join(map(str, rec))}; map them with --fields prompt=..,response=.. (or chosen=..,rejected=..)",
+            f"fields present: {', '.join(map(str, rec))}; map them with --fields prompt=..,response=.. (or "
+            "chosen=..,rejected=..), or give chat messages (messages=.. or chosen/rejected message lists)",
         )
-    return rec[f["prompt"]], [rec[f[k]] for k in names], is_pair
+    return (rec[f["prompt"]], [rec[f[k]] for k in names]), is_pair
 
 
 def batches_by_length(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
@@ -94,21 +116,38 @@ class Scorer:
         batch_size: int = 32,
         max_tokens: int = 16384,
         device: str = "cpu",
+        reward_token: str = "auto",
     ):
         self.model, self.tok = model.eval().to(device), model.tokenizer
-        self.max_length, self.min_prompt_tokens = max_length, min_prompt_tokens
+        self.max_length, self.min_prompt_tokens, self.reward_token = max_length, min_prompt_tokens, reward_token
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.template, self.kind = model.group_template, model.kind
         self.attribute_names = list(model.output_names)
 
-    def _groups(self, items: list[tuple[str, list[str]]]):
+    def chat_items(self, conversations: list[list[list[dict[str, str]]]]) -> list[Item]:
+        """Items of chat conversations (per item, its K conversations), rendered as training renders them: the
+        rows are then exactly ``apply_chat_template(conversation, tokenize=True)`` (docs/eval.md)."""
+        template = DEFAULT_FALLBACK_TEMPLATE  # used only when the tokenizer has no template of its own
+        out = []
+        for convs in conversations:
+            prompt, responses = split_conversations(convs, self.tok, template)
+            out.append((prompt, responses, True))
+        return out
+
+    def score_chat(self, conversations: list[list[list[dict[str, str]]]]) -> list[list[float]]:
+        """[[conversation, ...], ...] -> rewards in the same nesting; a conversation is a list of {role, content}."""
+        return self.rows(self.chat_items(conversations))[0]
+
+    def _groups(self, items: list[Item]):
 
         # Unlabelled pointwise groups (labels NaN, no comparisons): tokenize_groups keeps them as they
         # are, truncated by the training policy, instead of dropping "groups without a comparison".
         out = []
-        for p, rs in items:
-            g = PreferenceGroup(prompt=p, responses=list(rs), comparisons=[], labels=[NAN] * len(rs))
+        for p, rs, *chat in items:
+            g = PreferenceGroup(
+                prompt=p, responses=list(rs), comparisons=[], labels=[NAN] * len(rs), templated=bool(chat and chat[0])
+            )
             if self.kind == "judge":
                 # rows (A=chosen, B=rejected) and (A=rejected, B=chosen), exactly as in training
                 g = self.template(dataclasses.replace(g, comparisons=[Comparison(0, 1)]))
@@ -118,15 +157,17 @@ class Scorer:
             out.append(g)
         return out
 
-    def rows(self, items: list[tuple[str, list[str]]]) -> tuple[list[list[float]], list[list[list[float]]] | None]:
+    def rows(self, items: list[Item]) -> tuple[list[list[float]], list[list[list[float]]] | None]:
         """Each group's row outputs: rewards [group][row] and, for the attribute head, attributes
         [group][row][attribute] (else None). A judge's rows are its two orders of a (chosen, rejected) item."""
         from rmlab.data.collate import collate  # torch: loaded once scoring starts, not for --help
         from rmlab.models import score_batches  # torch + transformers, likewise
 
-        if self.kind == "judge" and any(len(rs) != 2 for _, rs in items):
+        if self.kind == "judge" and any(len(it[1]) != 2 for it in items):
             raise ValueError("a pairwise judge scores pairs (chosen, rejected), not single responses")
-        toks = tokenize_groups(self._groups(items), self.tok, DataReport(), self.max_length, self.min_prompt_tokens)
+        toks = tokenize_groups(
+            self._groups(items), self.tok, DataReport(), self.max_length, self.min_prompt_tokens, self.reward_token
+        )
         rows = [(gi, ri) for gi, t in enumerate(toks) for ri in range(t.k)]
         lens = [len(toks[gi].prompt_ids) + len(toks[gi].response_ids[ri]) for gi, ri in rows]
         out = [[NAN] * t.k for t in toks]
@@ -147,7 +188,7 @@ class Scorer:
                     attrs[gi][ri] = a[j]
         return out, attrs
 
-    def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+    def score(self, items: list[Item]) -> list[list[float]]:
         """[(prompt, [response, ...]), ...] -> rewards in the same nesting (a judge: its two order logits)."""
         return self.rows(items)[0]
 
@@ -216,7 +257,7 @@ def score_file(
             for where, rec in chunk:
                 if isinstance(rec, DataError):
                     raise rec
-                p, rs, is_pair = record_texts(rec, where, fields)
+                item, is_pair = record_item(rec, where, fields, scorer)
                 if scorer.kind == "judge" and not is_pair:
                     raise DataError(
                         where,
@@ -225,7 +266,7 @@ def score_file(
                         "or score single responses with a scalar-head or verifier model",
                     )
                 recs.append(rec)
-                items.append((p, rs))
+                items.append(item)
                 pair.append(is_pair)
             rewards, attrs = scorer.rows(items)
             for j, (rec, rs, is_pair) in enumerate(zip(recs, rewards, pair)):
@@ -313,7 +354,11 @@ def main(argv: list[str] | None = None) -> None:
         if model.kind == "judge":
             raise SystemExit("--normalize does not apply to a pairwise judge: it outputs P(chosen), not rewards")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    scorer = Scorer(model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device)
+    # Rows as training built them (the scoring contract): the export records it, a run's config says it.
+    reward_token = meta.get("scoring", {}).get("reward_token") or data_cfg.get("reward_token") or "auto"
+    scorer = Scorer(
+        model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device, reward_token
+    )
     dst = a.output or str(Path(a.input).with_suffix("")).removesuffix(".jsonl") + ".scored.jsonl"
 
     try:

@@ -93,6 +93,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # The val rewards of the final weights, gathered from every rank by the last validation; else scored here.
         rewards = final_val_rewards(trainer)
         stats = reward_stats(rewards if rewards is not None else val_rewards(whole, dm.eval_loader()))
-        summary.update(export_model(whole, out, stats))
+        summary.update(export_model(whole, out, {**stats, "scoring": dm.scoring_meta()}))
     write_summary(summary, out)
     return summary

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rmlab.data.formats import ADAPTERS
+from rmlab.data.tokenize import REWARD_TOKENS
 from rmlab.models.builder import BUILDERS, find_head
 from rmlab.models.packing import MODES
 
@@ -242,6 +243,10 @@ def _check_data(c: _Checker, entry: str) -> None:
     c.boolean("data.cache")
     c.boolean("data.sort_by_length")
     c.choice("data.format", tuple(ADAPTERS))
+    reward_token = c.choice("data.reward_token", REWARD_TOKENS)
+    if reward_token == "last" and c.get("model.head") in ("verifier", "judge"):
+        c.fail("data.reward_token", reward_token, "a generative head reads its answer just before the row's eos; "
+               "use data.reward_token=auto (or eos) with model.head=verifier|judge")
 
     # A row holds the kept prompt, up to MAX_SPECIAL_TOKENS special tokens and at least one response token.
     mpt = c.integer("data.min_prompt_tokens", 0, hint="e.g. 16")

@@ -70,6 +70,7 @@ CHANGED = {
     "simulator": {"num_prompts": 7},
     "max_length": 300,
     "min_prompt_tokens": 8,
+    "reward_token": "eos",
     "max_records": 5,
     "on_error": "skip",
     "max_tokens": 4096,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rmlab.data.chat import split_chat
+from rmlab.data.chat import split_conversations
 from rmlab.data.formats import records_to_groups, split_implicit_prompt, votes_to_comparison
 from rmlab.data.grouping import comparisons_from_scores, pick_k
 from rmlab.data.sources import read_records
@@ -145,8 +145,14 @@ def test_chat_with_fallback_template_and_tokenizer_template(tmp_path):
 
             return jinja2.Template(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
-    p, a, b = split_chat(rec["chosen"], rec["rejected"], Tok(), "unused")
+    p, (a, b) = split_conversations([rec["chosen"], rec["rejected"]], Tok(), "unused")
     assert (p, a, b) == ("<user>hi</s><assistant>", "hello!</s>", "go away</s>")
+
+    class Rewriting(Tok):  # a template whose full rendering does not start with the prompt's rendering
+        chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}*{% endif %}"
+
+    p, (a, b) = split_conversations([rec["chosen"], rec["rejected"]], Rewriting(), "unused")
+    assert (p, a, b) == ("", "[user]hi[assistant]hello!", "[user]hi[assistant]go away")
 
 
 def test_chat_prompt_in_its_own_field_and_score_margin(tmp_path):

@@ -1,9 +1,10 @@
 """Chat messages -> (prompt text, response text), rendered with the tokenizer's chat template.
 
-The prompt is the messages the two conversations share, rendered with the generation prompt; a
-response is the rest of its conversation as the template renders it (so it carries the template's
-end-of-turn marker, which is where a causal reward model reads the reward). A tokenizer without a chat
-template (ByT5, BERT) uses ``data.format_options.fallback_template`` instead.
+The prompt is the messages the conversations share, rendered with the generation prompt; a response is
+the rest of its conversation as the template renders it, so prompt + response is the conversation's whole
+rendering (what ``apply_chat_template(messages, tokenize=True)`` tokenizes; docs/eval.md, the scoring
+contract). A tokenizer without a chat template (ByT5, BERT) uses ``data.format_options.fallback_template``
+instead, and the export saves that template with the tokenizer.
 """
 
 from __future__ import annotations
@@ -62,24 +63,39 @@ def render(messages: list[dict[str, str]], tokenizer: Any, template: str, genera
     return jinja2.Template(template).render(messages=messages, add_generation_prompt=generation_prompt)
 
 
-def split_chat(
-    chosen: list[dict[str, str]], rejected: list[dict[str, str]], tokenizer: Any, template: str
-) -> tuple[str, str, str]:
-    """(prompt, chosen response, rejected response) as rendered text.
-
-    The shared messages are the prompt. Where the template renders the full conversation as the
-    prompt followed by more text (all common templates), the response is that extra text; otherwise
-    it falls back to the last message's content.
-    """
+def shared_turns(conversations: list[list[dict[str, str]]]) -> int:
+    """How many leading messages all the conversations share (the prompt), keeping at least one message of
+    each conversation to be the response. One conversation: all but its last message."""
+    shortest = min(len(c) for c in conversations)
     n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+    while n < shortest - 1 and all(c[n] == conversations[0][n] for c in conversations):
         n += 1
-    prompt = render(chosen[:n], tokenizer, template, generation_prompt=True) if n else ""
-    out = []
-    for conv in (chosen, rejected):
-        full = render(conv, tokenizer, template, generation_prompt=False)
-        if prompt and full.startswith(prompt):
-            out.append(full[len(prompt) :])
-        else:
-            out.append("\n".join(m["content"] for m in conv[n:]))
-    return prompt, out[0], out[1]
+    return n
+
+
+def split_conversations(
+    conversations: list[list[dict[str, str]]], tokenizer: Any, template: str
+) -> tuple[str, list[str]]:
+    """(prompt, [response, ...]) as rendered text, such that ``prompt + response`` is each conversation's
+    whole rendering, exactly (the scoring contract: the row scored is the template's text, nothing added).
+
+    The prompt is the shared messages rendered with the generation prompt. Where a template renders a
+    conversation as something other than that prompt followed by more text (a template that rewrites earlier
+    turns, e.g. drops reasoning), the prompt is empty and each response is its whole rendering: exact, only
+    without prompt sharing.
+    """
+    n = shared_turns(conversations)
+    full = [render(c, tokenizer, template, generation_prompt=False) for c in conversations]
+    prompt = render(conversations[0][:n], tokenizer, template, generation_prompt=True) if n else ""
+    if not all(f.startswith(prompt) for f in full):
+        prompt = ""
+    return prompt, [f[len(prompt) :] for f in full]
+
+
+def with_prompt(prompt: Any, conversation: list[dict[str, str]], where: str, field: str) -> list[dict[str, str]]:
+    """A conversation whose prompt lives in its own field (a string or messages): the prompt's messages come
+    first, unless the conversation already holds a user turn (then it carries its prompt itself)."""
+    if prompt is None or any(m["role"] == "user" for m in conversation):
+        return conversation
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, field)
+    return head + conversation

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE
 from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
 from rmlab.data.loader import ResumableLoader
@@ -27,6 +28,7 @@ from rmlab.data.sources import DataError, read_records, resolve_paths
 from rmlab.data.tokenize import (
     TokenizedGroup,
     cache_key,
+    contract,
     explode_pairs,
     load_cached,
     save_cached,
@@ -119,6 +121,7 @@ class RowsConfig:
 
     max_length: int = 512  # tokens per row (prompt + response); the prompt is cut first
     min_prompt_tokens: int = 16  # the prompt keeps at least this many tokens when cut
+    reward_token: str = "auto"  # causal LMs: auto | eos | last (rmlab.data.tokenize, the scoring contract)
     pair_batching: str = "grouped"  # grouped (eq 6) | shuffled (one sample per comparison)
 
 
@@ -207,7 +210,9 @@ class RewardDataModule(L.LightningDataModule):
                     report.drop("rejected_by_model_template", g.n_records)
                     report.kept -= g.n_records
             groups = [t for t in templated if t is not None]
-        toks = tokenize_groups(groups, self.tokenizer, report, self.rows.max_length, self.rows.min_prompt_tokens)
+        toks = tokenize_groups(
+            groups, self.tokenizer, report, self.rows.max_length, self.rows.min_prompt_tokens, self.rows.reward_token
+        )
         # A group bigger than one batch is split into sub-groups (documented in split_group).
         row_cap = max(2, min(self.batches.max_responses, self.batches.max_tokens // max(1, max((t.max_row for t in toks), default=1))))
         out = []
@@ -417,6 +422,14 @@ class RewardDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_groups, train=False)
+
+    def scoring_meta(self) -> dict:
+        """How this data's rows were built (the scoring contract), for the export's ``config.rmlab.scoring``;
+        ``chat_template`` is the template chat data was rendered with when the tokenizer has none of its own."""
+        meta = {"format": self.records.format, **contract(self.tokenizer, self.rows.reward_token)}
+        if self.records.format == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            meta["chat_template"] = self.records.format_options.get("fallback_template", DEFAULT_FALLBACK_TEMPLATE)
+        return meta
 
     def eval_loader(self, groups: list[TokenizedGroup] | None = None) -> DataLoader:
         """The given groups (default: the val set) in one process, whatever the trainer's ranks: for scoring

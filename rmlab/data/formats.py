@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from dataclasses import fields as dc_fields
 from typing import Any
 
-from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, check_messages, split_chat
+from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, check_messages, shared_turns, split_conversations, with_prompt
 from rmlab.data.grouping import PAIRINGS, comparisons_from_scores, finish_rated, merge_by_prompt
 from rmlab.data.sources import DataError, find_surrogate
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
@@ -426,7 +426,13 @@ def _side_scores(f: Field) -> bool:
 
 
 def _pair_group(
-    f: Field, prompt: str, a: str, b: str, margin: float | str | None, strength: float | None = None
+    f: Field,
+    prompt: str,
+    a: str,
+    b: str,
+    margin: float | str | None,
+    strength: float | None = None,
+    templated: bool = False,
 ) -> PreferenceGroup | str:
     """One pair; a label saying the second side won swaps the sides. Scores of the sides
     (chosen_score/rejected_score) travel with their responses, so the margin is negated with them; a
@@ -451,6 +457,7 @@ def _pair_group(
         comparisons=[Comparison(0, 1, margin=margin, strength=None if strength is None else int(strength), tie=tie)],
         subset=f.text("subset", required=False) if f.name("subset") else None,
         source=f.where,
+        templated=templated,
         group_id=f.where,
     )
 
@@ -506,19 +513,17 @@ def adapt_chat(f: Field) -> PreferenceGroup | str:
     chosen = check_messages(f.raw("chosen"), f.where, f.fields["chosen"])
     rejected = check_messages(f.raw("rejected"), f.where, f.fields["rejected"])
     head = f.raw("prompt", required=False) if f.name("prompt") else None
-    if head is not None and chosen[0]["role"] != "user":  # the prompt lives in its own field
-        head = (
-            [{"role": "user", "content": head}]
-            if isinstance(head, str)
-            else check_messages(head, f.where, f.fields["prompt"])
-        )
-        chosen, rejected = head + chosen, head + rejected
-    prompt, a, b = split_chat(chosen, rejected, f.opts.tokenizer, f.opts.fallback_template)
-    for text, side in ((prompt, "chosen"), (a, "chosen"), (b, "rejected")):  # message contents, as rendered
-        check_text(text, f.where, f.fields[side])
-    if not prompt:
+    chosen = with_prompt(head, chosen, f.where, f.fields.get("prompt"))
+    rejected = with_prompt(head, rejected, f.where, f.fields.get("prompt"))
+    n = shared_turns([chosen, rejected])
+    if not n:
         return "no_shared_prompt"
-    return _pair_group(f, prompt, a, b, _score_margin(f))
+    for conv, side in ((chosen, "chosen"), (rejected, "rejected")):  # message contents
+        check_text("".join(m["content"] for m in conv), f.where, f.fields[side])
+        if is_blank("".join(m["content"] for m in conv[n:])):  # the rendered turn carries markup, so check here
+            return "empty_response"
+    prompt, (a, b) = split_conversations([chosen, rejected], f.opts.tokenizer, f.opts.fallback_template)
+    return _pair_group(f, prompt, a, b, _score_margin(f), templated=True)
 
 
 def _list(f: Field, key: str) -> list:

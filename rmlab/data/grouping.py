@@ -90,6 +90,7 @@ def merge_by_prompt(groups: list[PreferenceGroup], report: DataReport) -> list[P
                 subset=g.subset,
                 source=g.source,
                 n_records=0,
+                templated=g.templated,
                 scores=[] if g.scores is not None else None,
                 attributes=[] if g.attributes is not None else None,
             )

@@ -75,7 +75,7 @@ class GroupTemplate:
     def verifier_rows(self, g: PreferenceGroup) -> PreferenceGroup:
         head, tail = self._split("response")
         prefix, suffix = head.format(prompt=g.prompt), tail.format(prompt=g.prompt)
-        return dataclasses.replace(g, prompt=prefix, responses=[r + suffix for r in g.responses])
+        return dataclasses.replace(g, prompt=prefix, responses=[r + suffix for r in g.responses], templated=False)
 
     def judge_rows(self, g: PreferenceGroup) -> PreferenceGroup | None:
         if not g.comparisons:
@@ -102,4 +102,5 @@ class GroupTemplate:
             ranks=None,
             scores=None,
             attributes=None,
+            templated=False,  # the judge's own text around the conversation: tokenized as plain text
         )

@@ -1,16 +1,32 @@
-"""Tokenization of preference groups, with an explicit truncation policy and a cache.
+"""Tokenization of preference groups: the scoring contract, an explicit truncation policy and a cache.
 
-Each response row is ``start + prompt + mid + response + end`` where the special tokens come from the
-tokenizer: an encoder gets ``[CLS] prompt [SEP] response [SEP]``; a causal LM gets
-``<bos> prompt response <eos>`` (each only where the tokenizer has it). The prompt part is identical for
-every response of a group, which is what lets a causal LM encode it once (prefix sharing).
+The scoring contract (docs/eval.md): the tokens of a row are the ones a downstream tool builds from the
+same text, so an export scores the same sequence in plain transformers, TRL, RewardBench or OpenRLHF.
+
+- Encoder (BERT-style: the tokenizer has [CLS] and [SEP]): the text pair, ``[CLS] prompt [SEP] response
+  [SEP]``, as ``tokenizer(prompt, response)`` gives it; the reward is read at [CLS].
+- Causal LM, chat data (``data.format=chat``): ``apply_chat_template(messages, tokenize=True)`` of the whole
+  conversation, nothing added (no extra bos, no extra eos), as TRL's reward functions, RewardBench and hub
+  reward models such as Skywork-Reward read it; the reward is read at its last token.
+- Causal LM, plain text: ``tokenizer(prompt + response)`` (with the specials the tokenizer itself adds,
+  e.g. Llama's bos) followed by eos unless it already ends with one, as OpenRLHF builds a row; the reward is
+  read at that eos.
+
+``data.reward_token`` makes the other choice explicit: ``eos`` also ends chat rows with eos (OpenRLHF's
+convention: the template text with its trailing whitespace stripped, then eos unless it is already the last
+token); ``last`` appends nothing to plain text either (what a text-classification pipeline reads).
+
+Each row is encoded whole and split at the longest token prefix all rows of a group share (the prompt, at
+most): the shared prefix is what lets a causal LM encode the prompt once, and a token that merges across
+the prompt/response boundary stays merged, so the rows are exact.
 
 Truncation policy (never silent; every cut is counted in the data report):
 1. the reward is read at the end of the response, so a response keeps its *end*;
 2. the prompt is left-truncated first (its end, next to the response, is kept), down to
-   ``min_prompt_tokens``;
+   ``min_prompt_tokens``; a leading bos stays;
 3. only then is a response left-truncated to fit;
 4. a comparison whose two sides are identical after truncation is dropped and counted.
+A truncated row is no longer the downstream tool's row; the data report counts them.
 """
 
 from __future__ import annotations
@@ -67,8 +83,12 @@ TokenizedGroup = make_dataclass(
 TokenizedGroup.__module__ = __name__  # picklable (DataLoader workers) under its module-level name
 
 
+REWARD_TOKENS = ("auto", "eos", "last")
+
+
 def special_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """(start, mid, end) special tokens around prompt and response for this tokenizer."""
+    """(start, mid, end) special tokens around prompt and response: an encoder's ``[CLS]``, ``[SEP]``,
+    ``[SEP]``; for a causal LM at most a bos and an eos (an upper bound of what a row adds to its text)."""
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls is not None and sep is not None:  # BERT-style encoder
         return [cls], [sep], [sep]
@@ -76,10 +96,96 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int], list[int]]:
     return ([bos] if bos is not None else []), [], ([eos] if eos is not None else [])
 
 
+def is_encoder_tokenizer(tokenizer) -> bool:
+    return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+
+
+def appends_eos(tokenizer, templated: bool, reward_token: str = "auto") -> bool:
+    """Whether a causal row gets an eos after its text (the contract in this module's docstring)."""
+    if reward_token not in REWARD_TOKENS:
+        raise ValueError(f"data.reward_token must be one of {REWARD_TOKENS}, got {reward_token!r}")
+    if tokenizer.eos_token_id is None:
+        return False
+    return reward_token == "eos" or (reward_token == "auto" and not templated)
+
+
+def causal_rows(tokenizer, texts: list[str], templated: bool, reward_token: str = "auto") -> list[list[int]]:
+    """The contract's token rows of whole texts (prompt + response) for a causal LM."""
+    if not texts:
+        return []
+    eos = appends_eos(tokenizer, templated, reward_token)
+    if templated and eos:  # OpenRLHF: the template text without its trailing newline, then eos
+        texts = [t.rstrip() for t in texts]
+    rows = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+    if eos:
+        e = tokenizer.eos_token_id
+        rows = [r if r and r[-1] == e else r + [e] for r in rows]
+    return rows
+
+
+def contract(tokenizer, reward_token: str = "auto") -> dict[str, str]:
+    """The scoring contract of this tokenizer in words, for the export's config.json (docs/eval.md)."""
+    if is_encoder_tokenizer(tokenizer):
+        return {"rows": "tokenizer(prompt, response): [CLS] prompt [SEP] response [SEP]", "reward_at": "[CLS]"}
+    eos = tokenizer.eos_token
+    chat = "apply_chat_template(messages, tokenize=True)"
+    if appends_eos(tokenizer, True, reward_token):
+        chat = f"apply_chat_template(messages, tokenize=False).rstrip(), tokenized without added specials, + {eos}"
+    text = "tokenizer(prompt + response)" + (f" + {eos} unless it ends with it" if appends_eos(tokenizer, False, reward_token) else "")
+    return {"reward_token": reward_token, "chat": chat, "text": text, "reward_at": "the last token (the last non-pad token)"}
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def causal_groups(tokenizer, groups: list[PreferenceGroup], reward_token: str = "auto"):
+    """Per group: (start, prompt body, [response ids]) such that start + body + response is the row.
+
+    The rows are encoded whole; the split is the longest prefix the rows and the prompt's own encoding share,
+    so that each response keeps at least one token. ``start`` is a leading bos, kept by prompt truncation."""
+    out: list = [None] * len(groups)
+    bos = tokenizer.bos_token_id
+    for templated in (False, True):
+        idx = [i for i, g in enumerate(groups) if g.templated == templated]
+        if not idx:
+            continue
+        add = not templated
+        prompts = tokenizer([groups[i].prompt for i in idx], add_special_tokens=add)["input_ids"]
+        rows = causal_rows(tokenizer, [groups[i].prompt + r for i in idx for r in groups[i].responses], templated, reward_token)
+        pos = 0
+        for i, p in zip(idx, prompts):
+            k = len(groups[i].responses)
+            rs, pos = rows[pos : pos + k], pos + k
+            cut = min(common_prefix([p, *rs]), min(len(r) for r in rs) - 1)
+            start = 1 if cut > 0 and bos is not None and rs[0][0] == bos else 0
+            out[i] = (rs[0][:start], rs[0][start:cut], [r[cut:] for r in rs])
+    return out
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encoder_groups(tokenizer, groups: list[PreferenceGroup]):
+    """Per group: (start, prompt body, [response ids]) of ``[CLS] prompt [SEP] response [SEP]``; mid [SEP] is
+    added after the body."""
+    start, _, end = special_tokens(tokenizer)
+    prompts = _encode(tokenizer, [g.prompt for g in groups])
+    flat = _encode(tokenizer, [r for g in groups for r in g.responses])
+    out, pos = [], 0
+    for g, p in zip(groups, prompts):
+        k = len(g.responses)
+        out.append((start, p, [r + end for r in flat[pos : pos + k]]))
+        pos += k
+    return out
 
 
 CASTS = {"float": float, "long": int, "bool": bool}
@@ -100,21 +206,22 @@ def tokenize_groups(
     report: DataReport,
     max_length: int = 512,
     min_prompt_tokens: int = 16,
+    reward_token: str = "auto",
 ) -> list[TokenizedGroup]:
+    encoder = is_encoder_tokenizer(tokenizer)
     start, mid, end = special_tokens(tokenizer)
+    if not encoder:
+        appends_eos(tokenizer, False, reward_token)  # checks the value
+        mid = []
     fixed = len(start) + len(mid) + len(end)
     if max_length <= fixed + min_prompt_tokens:
         raise ValueError(
             f"data.max_length={max_length} leaves no room for a response after {fixed} special tokens and "
             f"data.min_prompt_tokens={min_prompt_tokens}; raise max_length or lower min_prompt_tokens"
         )
-    prompts = _encode(tokenizer, [g.prompt for g in groups])
-    flat = _encode(tokenizer, [r for g in groups for r in g.responses])
-    out, pos = [], 0
-    for g, p in zip(groups, prompts):
-        resp = flat[pos : pos + len(g.responses)]
-        pos += len(g.responses)
-        resp = [r + end for r in resp]
+    parts = encoder_groups(tokenizer, groups) if encoder else causal_groups(tokenizer, groups, reward_token)
+    out = []
+    for g, (start, p, resp) in zip(groups, parts):
         budget = max_length - len(start) - len(mid)
         longest = max(len(r) for r in resp)
         if len(p) + longest > budget:
@@ -146,7 +253,7 @@ def tokenize_groups(
         k = len(resp)
         out.append(
             TokenizedGroup(
-                prompt_ids=start + p + mid,
+                prompt_ids=list(start) + p + mid,
                 response_ids=resp,
                 winner=[c.winner for c in keep_c],
                 loser=[c.loser for c in keep_c],

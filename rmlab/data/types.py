@@ -85,6 +85,9 @@ class PreferenceGroup:
     subset: str | None = None  # a section name (RewardBench-style per-subset accuracy)
     source: str = ""  # "file:line" of the record it came from, for error messages
     n_records: int = 1  # source records folded into this group (ratings data: one per response)
+    # The texts were rendered by a chat template, specials included: prompt + response is the conversation's
+    # exact template text, tokenized as is (rmlab.data.tokenize: the scoring contract).
+    templated: bool = False
 
     def validate(self) -> None:
         k = len(self.responses)

@@ -158,6 +158,13 @@ class AttributeRewardModel(ScalarRewardModel):
             "combine": self.combine,
             "weights": self.fixed_weights.tolist(),
             "gating_hidden": self.gating_hidden,
+            "read_with": "AutoModelForSequenceClassification: logits[:, i] is attribute i (id2label); the reward is "
+            + (
+                "sum_i weights[i] * logits[:, i]"
+                if self.combine == "fixed"
+                else "the gate's softmax weights (rmlab_gating.safetensors, on the hidden state at the prompt's last "
+                "token) times logits: rmlab.models.load_export rebuilds it; plain tools get the attributes only"
+            ),
         }
 
     def save_extra(self, out: Path) -> None:

@@ -122,7 +122,17 @@ class RewardModel(nn.Module):
             cfg.mean, cfg.std = float(cfg.rmlab["reward_mean"]), float(cfg.rmlab["reward_std"])
         self.hf.save_pretrained(out, safe_serialization=True)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(out)
+            # Chat data rendered with rmlab's fallback template (the tokenizer has none): saved as the tokenizer's
+            # own, so apply_chat_template downstream renders what training scored.
+            template = cfg.rmlab.get("scoring", {}).get("chat_template")
+            own = getattr(self.tokenizer, "chat_template", None)
+            if template and not own:
+                self.tokenizer.chat_template = template
+            try:
+                self.tokenizer.save_pretrained(out)
+            finally:
+                if template and not own:
+                    self.tokenizer.chat_template = own
         self.save_extra(out)
         return out
 

@@ -111,5 +111,10 @@ class ScalarRewardModel(RewardModel):
         return self.reward_from_hidden(packed_hidden(self, batch))
 
     def export_meta(self) -> dict[str, Any]:
-        return {"head": self.kind, "pooling": self.pooling}
+        return {
+            "head": self.kind,
+            "pooling": self.pooling,
+            "read_with": "AutoModelForSequenceClassification: the reward is logits[:, 0] of the row config.rmlab.scoring "
+            "describes",
+        }
 

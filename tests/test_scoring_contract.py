@@ -1,0 +1,227 @@
+"""The scoring contract (docs/eval.md): the token rows rmlab trains and scores on are the ones downstream tools
+build from the same conversation or text, on the real chat tokenizers.
+
+- chat, causal LM: exactly ``apply_chat_template(messages, tokenize=True)``; ``reward_token=eos``: OpenRLHF's
+  row (the template text without trailing whitespace, then eos unless last);
+- plain text, causal LM: ``tokenizer(prompt + response)`` + eos unless last (``auto``), or nothing (``last``);
+- ``rmlab.score`` on chat records gives plain transformers' rewards on the template's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, split_conversations
+from rmlab.data.tokenize import tokenize_groups
+from rmlab.data.types import Comparison, DataReport, PreferenceGroup
+from tests.conftest import SHARED_DATA, TINY_LLAMA, needs_shared_data
+
+TOKENIZERS = SHARED_DATA / "tokenizers"
+NAMES = ["qwen2_5_instruct", "llama3_1_instruct", "smollm2_instruct", "phi3_mini_instruct"]
+
+USER = {"role": "user", "content": "Which is larger, 9.11 or 9.9?"}
+CONVERSATIONS = [  # one prompt, three answers; the second prompt has a system turn and two user turns
+    [
+        [USER, {"role": "assistant", "content": "9.9 is larger."}],
+        [USER, {"role": "assistant", "content": "9.11, since 11 > 9."}],
+        [USER, {"role": "assistant", "content": "They are equal"}],
+    ],
+    [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Tell me a joke."},
+            {"role": "assistant", "content": end},
+        ]
+        for end in ("No.", "Why did the chicken cross the road?  \n")
+    ],
+]
+
+
+def tokenizer(name):
+    from transformers import AutoTokenizer
+
+    from rmlab.models.backbone import ensure_distinct_pad
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZERS / name))
+    ensure_distinct_pad(tok)
+    return tok
+
+
+def template_ids(tok, conv) -> list[int]:
+    out = tok.apply_chat_template(conv, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def rows_of(tok, groups, reward_token="auto", max_length=1024) -> list[list[list[int]]]:
+    toks = tokenize_groups(groups, tok, DataReport(), max_length, 0, reward_token)
+    return [[t.prompt_ids + r for r in t.response_ids] for t in toks]
+
+
+def chat_groups(tok) -> list[PreferenceGroup]:
+    out = []
+    for convs in CONVERSATIONS:
+        prompt, responses = split_conversations(convs, tok, DEFAULT_FALLBACK_TEMPLATE)
+        out.append(PreferenceGroup(prompt, responses, [Comparison(0, 1)], templated=True))
+    return out
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", NAMES)
+def test_chat_rows_are_exactly_the_templates_tokens(name):
+    tok = tokenizer(name)
+    groups = chat_groups(tok)
+    for convs, rows, t in zip(CONVERSATIONS, rows_of(tok, groups), tokenize_groups(groups, tok, DataReport(), 1024, 0)):
+        assert rows == [template_ids(tok, c) for c in convs]
+        assert len(t.prompt_ids) > 3  # the prompt is shared (encoded once by a causal LM), not empty
+    bos = tok.bos_token_id
+    if name == "llama3_1_instruct":  # the template's own bos, once (the issue's measurement had two)
+        assert all(r[0] == bos and r[1] != bos for g in rows_of(tok, groups) for r in g)
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", NAMES)
+def test_reward_token_eos_is_openrlhfs_row(name):
+    tok = tokenizer(name)
+    eos = tok.eos_token_id
+    for convs, rows in zip(CONVERSATIONS, rows_of(tok, chat_groups(tok), "eos")):
+        for conv, row in zip(convs, rows):
+            # OpenRLHF's RewardDataset: the template text, trailing newline stripped, eos appended if missing.
+            text = tok.apply_chat_template(conv, tokenize=False).rstrip("\n").rstrip()
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            assert row == (want if want[-1] == eos else want + [eos])
+            assert row[-1] == eos
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", NAMES)
+def test_text_rows_are_the_tokenizers_own_plus_eos(name):
+    tok = tokenizer(name)
+    prompt = "\n\nHuman: spell hel\n\nAssistant: hel"  # "hel" + "lo" merges across the boundary in BPE
+    responses = ["lo", "p me"]
+    g = PreferenceGroup(prompt, responses, [Comparison(0, 1)])
+    own = [tok(prompt + r)["input_ids"] for r in responses]
+    eos = tok.eos_token_id
+    assert rows_of(tok, [g])[0] == [r if r[-1] == eos else r + [eos] for r in own]
+    assert rows_of(tok, [g], "last")[0] == own
+    separately = tok(prompt, add_special_tokens=False)["input_ids"] + tok("lo", add_special_tokens=False)["input_ids"]
+    if name != "phi3_mini_instruct":  # sentencepiece-style "▁" vocabularies may split alike
+        assert separately != tok(prompt + "lo", add_special_tokens=False)["input_ids"]  # the case is a real one
+
+
+def test_reward_token_is_checked_and_generative_heads_refuse_last():
+    from transformers import ByT5Tokenizer
+
+    g = PreferenceGroup("p", ["a", "b"], [Comparison(0, 1)])
+    with pytest.raises(ValueError, match="reward_token"):
+        tokenize_groups([g], ByT5Tokenizer(), DataReport(), 64, 0, "first")
+
+    from omegaconf import OmegaConf
+
+    from rmlab.validate import ConfigError, check_config
+
+    cfg = OmegaConf.create({"data": {"reward_token": "last"}, "model": {"head": "verifier"}})
+    with pytest.raises(ConfigError, match="reward_token"):
+        check_config(cfg)
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", ["qwen2_5_instruct", "llama3_1_instruct", "smollm2_instruct"])
+def test_score_chat_records_equal_transformers_on_apply_chat_template(name, tmp_path):
+    """rmlab.score's three chat record shapes == AutoModelForSequenceClassification on the template's tokens,
+    batched with padding on either side (the batch of 4 pads 3 rows)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmlab.models import build_model, load_export
+    from rmlab.score import Scorer, score_file
+
+    torch.manual_seed(0)
+    model = build_model(config=TINY_LLAMA, tokenizer=str(TOKENIZERS / name), forward_mode="padded").eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    out = model.save_pretrained(tmp_path / "export", extra={"scoring": {"reward_token": "auto"}})
+
+    convs = [c for group in CONVERSATIONS for c in group]
+    a, b = CONVERSATIONS[0][0], CONVERSATIONS[0][1]
+    records = [{"messages": c} for c in convs]
+    records.append({"prompt": "Which is larger, 9.11 or 9.9?", "chosen": a[1:], "rejected": b[1:]})
+    records.append({"prompt": a[:1], "completion": a[1:]})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    score_file(Scorer(load_export(str(out)), max_length=1024), str(src), str(tmp_path / "out.jsonl"), progress=False)
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    for side in ("right", "left"):
+        tok.padding_side = side
+        enc = tok.pad({"input_ids": [template_ids(tok, c) for c in convs]}, return_tensors="pt")
+        with torch.no_grad():
+            theirs = hf(**enc).logits[:, 0].tolist()
+        assert [r["reward"] for r in scored[: len(convs)]] == pytest.approx(theirs, abs=1e-4)
+    assert theirs[0] != pytest.approx(theirs[1], abs=1e-3)  # the model tells the responses apart
+    assert scored[len(convs)]["reward_chosen"] == pytest.approx(theirs[0], abs=1e-4)
+    assert scored[len(convs)]["reward_rejected"] == pytest.approx(theirs[1], abs=1e-4)
+    assert scored[len(convs) + 1]["reward"] == pytest.approx(theirs[0], abs=1e-4)
+
+
+def test_chat_export_without_a_template_saves_the_one_training_rendered_with(tmp_path):
+    """ByT5 has no chat template: chat data is rendered with data.format_options.fallback_template, and the
+    export's tokenizer carries it, so apply_chat_template downstream gives the rows rmlab trained on."""
+    from transformers import AutoTokenizer
+
+    from rmlab.data.datamodule import build_datamodule
+    from rmlab.models import build_model
+
+    convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": a}] for i in range(8) for a in ("yes", "no")]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"chosen": a, "rejected": b}) + "\n" for a, b in zip(convs[::2], convs[1::2])))
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="padded")
+    dm = build_datamodule(tokenizer=model.tokenizer, source=str(src), format="chat", val_fraction=0.5, cache=False)
+    dm.setup("fit")
+    meta = dm.scoring_meta()
+    assert meta["format"] == "chat" and meta["chat_template"] == DEFAULT_FALLBACK_TEMPLATE
+    out = model.save_pretrained(tmp_path / "export", extra={"scoring": meta})
+    assert getattr(model.tokenizer, "chat_template", None) is None  # the live tokenizer is left as it was
+    exported = AutoTokenizer.from_pretrained(out)
+    rows = [g.prompt_ids + r for g in dm.train_groups + dm.val_groups for r in g.response_ids]
+    want = [template_ids(exported, c) for c in convs]
+    assert len(rows) == len(convs) and all(r in want for r in rows)
+    assert json.loads((out / "config.json").read_text())["rmlab"]["scoring"]["chat"].startswith("apply_chat_template")
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", ["qwen2_5_instruct", "llama3_1_instruct"])
+def test_training_data_module_builds_the_template_rows_and_eval_scores_them_as_rmlab_score(name, tmp_path):
+    """data.format=chat through the real data module (training's and eval.py's path): every row is the
+    conversation's apply_chat_template tokens, and eval's scoring loop gives Scorer.score_chat's rewards."""
+    from rmlab.data.datamodule import build_datamodule
+    from rmlab.evaluate import score_loader
+    from rmlab.models import build_model
+    from rmlab.score import Scorer
+
+    convs = [
+        [{"role": "user", "content": f"Name a prime above {i}."}, {"role": "assistant", "content": a}]
+        for i in range(6)
+        for a in (f"{i + 1}? no, it is {i * 7 + 11}.", "I would rather not.")
+    ]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"chosen": a, "rejected": b}) + "\n" for a, b in zip(convs[::2], convs[1::2])))
+    torch.manual_seed(0)
+    model = build_model(config=TINY_LLAMA, tokenizer=str(TOKENIZERS / name), forward_mode="padded").eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    tok = model.tokenizer
+    dm = build_datamodule(tokenizer=tok, source=str(src), format="chat", val_fraction=0.5, cache=False)
+    dm.setup("fit")
+    groups = dm.train_groups + dm.val_groups
+    rows = [g.prompt_ids + r for g in groups for r in g.response_ids]
+    assert sorted(rows) == sorted(template_ids(tok, c) for c in convs)
+    pred = score_loader(model, dm.eval_loader(groups))
+    by_row = dict(zip(map(tuple, rows), pred.reward.tolist()))
+    ours = Scorer(model, max_length=512).score_chat([[c] for c in convs])
+    assert [by_row[tuple(template_ids(tok, c))] for c in convs] == pytest.approx([r[0] for r in ours], abs=1e-5)
