@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from rmlab.benchmarks import best_of_k, rewardbench, rewardbench2, rm_bench
-from rmlab.benchmarks.common import Item, conversation_text, conversations
+from rmlab.benchmarks.common import Item
 from rmlab.data.sources import DataError
 from tests.conftest import ROOT, compose
 
@@ -212,12 +212,21 @@ def bench(name: str, source, out: Path, export: Path, *more: str) -> dict:
     return res
 
 
-def direct_rewards(export: Path, prompts_responses: list, max_length: int = 256) -> list[list[float]]:
-    """rmlab.score's Scorer on (prompt, responses), at the training run's max_length (debug=fast: 256)."""
+def convs(prompt, responses: list[str]) -> list[list[dict]]:
+    """A row's conversations, written here from the raw row: the prompt (text or messages), one response each."""
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [head + [{"role": "assistant", "content": r}] for r in responses]
+
+
+def direct_rewards(export: Path, res: dict, conversations: list) -> list[list[float]]:
+    """rmlab.score's Scorer.score_chat on the conversations, at the run's max_length (debug=fast's 256, the training
+    run's) and reward token."""
     from rmlab.models import build_model
     from rmlab.score import Scorer
 
-    return Scorer(build_model(name_or_path=str(export)), max_length=max_length).score(prompts_responses)
+    scorer = Scorer(build_model(name_or_path=str(export)), max_length=res["info"]["max_length"],
+                    reward_token=res["info"]["reward_token"])
+    return scorer.score_chat(conversations)
 
 
 def test_rewardbench_on_a_trained_model_equals_hand_computation(export, tmp_path):
@@ -225,7 +234,7 @@ def test_rewardbench_on_a_trained_model_equals_hand_computation(export, tmp_path
     assert res["info"]["max_length"] == 256  # the training run's data.max_length, as rmlab.score takes it
     rows = [json.loads(x) for x in RB1.read_text().splitlines()]
     # the rewards are rmlab's scoring of (prompt, response), nothing else
-    direct = direct_rewards(export, [(r["prompt"], [r["chosen"], r["rejected"]]) for r in rows])
+    direct = direct_rewards(export, res, [convs(r["prompt"], [r["chosen"], r["rejected"]]) for r in rows])
     assert np.allclose(res["rewards"], direct, atol=1e-5)
     right: dict[str, list[float]] = {}
     for r, (rc, rr) in zip(rows, res["rewards"]):
@@ -272,12 +281,12 @@ def test_hub_layout_and_prior_sets(export, tmp_path):
     for sec in rewardbench.SECTIONS:  # the filtered split only; the raw split is not read
         assert b["metrics"][f"section/{sec}"] == pytest.approx(a["metrics"][f"section/{sec}"])
     sets = json.loads(PRIOR.read_text())
-    # prior-set prompts are messages: one user turn is its text, more turns are written out HH style
+    # prior-set prompts are messages (some multi-turn): the conversation is those messages, then the response
     prior_items = [it for it in b["items"] if not isinstance(it.prompt, str)]
-    multi = [it for it in prior_items if len(it.prompt) > 1]
-    assert multi and conversation_text(conversations(multi[0])[0])[0].startswith("\n\nHuman: Hi, a question on")
-    direct = direct_rewards(export, [(conversation_text(conversations(it)[0])[0], it.responses) for it in prior_items])
-    assert np.allclose([rs for it, rs in zip(b["items"], b["rewards"]) if not isinstance(it.prompt, str)], direct, atol=1e-5)
+    raw = [next(r for r in sets[it.subset] if r["chosen"] == it.responses[0]) for it in prior_items]
+    assert len(raw) == 21 and any(len(r["prompt"]) > 1 for r in raw)
+    direct = direct_rewards(export, b, [convs(r["prompt"], [r["chosen"], r["rejected"]]) for r in raw])
+    assert np.allclose([rs for it, rs in zip(b["items"], b["rewards"]) if it in prior_items], direct, atol=1e-5)
     acc = {}
     for it, (rc, rr) in zip(b["items"], b["rewards"]):
         acc.setdefault(it.subset, []).append(float(rc > rr))
@@ -293,7 +302,7 @@ def test_rewardbench2_on_a_trained_model(export, tmp_path):
     rows = [json.loads(x) for x in RB2.read_text().splitlines()]
     hub = _hub_layout(tmp_path / "reward-bench-2", {"test": rows})
     res = bench("rewardbench2", hub, tmp_path / "ev", export)
-    direct = direct_rewards(export, [(r["prompt"], r["chosen"] + r["rejected"]) for r in rows])
+    direct = direct_rewards(export, res, [convs(r["prompt"], r["chosen"] + r["rejected"]) for r in rows])
     assert [len(x) for x in res["rewards"]] == [len(x) for x in direct]  # Ties rows hold 4 to 6 responses
     assert np.allclose(sum(res["rewards"], []), sum(direct, []), atol=1e-5)
     by: dict[str, list[float]] = {}
@@ -372,8 +381,9 @@ def test_bad_rows_name_the_file_line_and_field(tmp_path):
 @pytest.mark.slow
 def test_sweep_of_two_models_then_one_leaderboard(export, tmp_path):
     """python eval.py -m benchmark=rewardbench model.name_or_path=a,b; python -m rmlab.summarize <sweep dir>."""
-    other = tmp_path / "export2"
+    other = tmp_path / "run2" / "export"  # a second model: a copy of the run (its config.yaml gives max_length)
     shutil.copytree(export, other)
+    shutil.copy(export.parent / "config.yaml", other.parent / "config.yaml")
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "eval.py", "-m", "benchmark=rewardbench", f"benchmark.source={RB1}",
            f"model.name_or_path={export},{other}", "threads=1", f"hydra.sweep.dir={sweep}"]

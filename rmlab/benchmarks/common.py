@@ -3,8 +3,8 @@
 A benchmark is three steps, and only the last one differs between benchmarks:
 
 1. rows -> ``Item``s: one prompt and the K responses the benchmark compares (chosen first);
-2. ``score_items``: every (prompt, response) conversation through ``rmlab.score.Scorer``, the scoring path of
-   ``rmlab.score`` and ``eval.py`` (no forward loop of its own);
+2. ``score_items``: every conversation (the prompt, then one assistant response) through
+   ``rmlab.score.Scorer.score_chat``, the scoring path of ``rmlab.score`` and ``eval.py`` (no forward loop of its own);
 3. the benchmark's own rules over the per-response rewards -> a ``BenchResult``.
 """
 
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, render
 from rmlab.data.sources import DataError, read_records, resolve_paths
 
 NAN = float("nan")
@@ -112,30 +111,16 @@ def conversations(item: Item) -> list[Messages]:
     return [head + [{"role": "assistant", "content": r}] for r in item.responses]
 
 
-def conversation_text(conv: Messages) -> tuple[str, str]:
-    """(prompt text, response text) of one conversation, the input ``Scorer`` takes today.
-
-    A single user turn is its text, as in rmlab's pairs data; earlier turns of a multi-turn prompt are written
-    out with rmlab's plain fallback chat template (HH style), as the chat format does for a tokenizer without
-    a template. Issue 14 gives Scorer message input; then this is the one function to change."""
-    *head, last = conv
-    if len(head) == 1 and head[0]["role"] == "user":
-        return head[0]["content"], last["content"]
-    return render(head, None, DEFAULT_FALLBACK_TEMPLATE, generation_prompt=True), last["content"]
-
-
 def score_items(scorer: Any, items: list[Item], chunk: int = 256, progress: bool = True) -> list[list[float]]:
-    """Each item's per-response rewards, through ``rmlab.score.Scorer`` (chunks of items, a tqdm bar)."""
+    """Each item's per-response rewards: its conversations through ``rmlab.score.Scorer.score_chat``, so every row is
+    exactly ``apply_chat_template(conversation, tokenize=True)`` as in training (rmlab's fallback template for a
+    tokenizer without one; docs/eval.md, the scoring contract). Chunks of items, a tqdm bar."""
     from tqdm.auto import tqdm  # progress bars only where long work runs
 
     out: list[list[float]] = []
     bar = tqdm(total=sum(len(i.responses) for i in items), unit="resp", desc="scoring", disable=not progress)
     for a in range(0, len(items), chunk):
-        batch = []
-        for it in items[a : a + chunk]:
-            texts = [conversation_text(c) for c in conversations(it)]
-            batch.append((texts[0][0], [r for _, r in texts]))
-        rewards = scorer.score(batch)
+        rewards = scorer.score_chat([conversations(it) for it in items[a : a + chunk]])
         for it, rs in zip(items[a : a + chunk], rewards):
             if len(rs) != len(it.responses) or any(math.isnan(r) for r in rs):
                 raise RuntimeError(f"{it.where}: {len(rs)} rewards for {len(it.responses)} responses (a scoring bug)")
