@@ -120,6 +120,8 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("benchmark"):
+        raise ValueError("benchmark= is run by rmlab.benchmarks.runner.run (eval.py picks it); this is the data= eval")
     check_config(cfg, entry="eval")  # bad settings fail here, named, before anything loads
     out, t0 = start_run(cfg, resolve=False)
 

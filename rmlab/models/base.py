@@ -84,6 +84,15 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest row this model takes: its position embeddings and its tokenizer's limit (None = no limit
+        known). Scoring published benchmarks, whose rows are longer than training's, starts from it."""
+        limits = [getattr(self.config, "max_position_embeddings", None),
+                  getattr(self.tokenizer, "model_max_length", None)]
+        limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # tokenizers say 1e30 for none
+        return min(limits) if limits else None
+
     def score_batch(self, batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
