@@ -61,6 +61,20 @@ def find_run_config(path: str | None) -> DictConfig | None:
     return None
 
 
+def trained_rows(model_path: str | None, run_cfg: DictConfig | None) -> dict[str, Any]:
+    """How the model's training rows were built (the scoring contract): ``reward_token``, ``max_length`` and
+    ``min_prompt_tokens``, from the training run's config when there is one, else from the export's
+    ``config.rmlab.scoring`` (an export copied out of its run dir), else the defaults."""
+    meta = read_export_meta(model_path).get("scoring", {}) if model_path and Path(model_path).is_dir() else {}
+    data = run_cfg.get("data", {}) if run_cfg is not None else {}
+    out = {"reward_token": "auto", "max_length": 512, "min_prompt_tokens": 16}
+    for k in out:
+        v = data.get(k) if data.get(k) is not None else meta.get(k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
 def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_cfg: DictConfig | None = None) -> RewardModel:
     """A reward model in eval mode from a Lightning checkpoint or from ``model_cfg`` (an export dir).
 
@@ -130,9 +144,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = find_run_config(ckpt or name_or_path)
     model = load_reward_model(ckpt, cfg.model, run_cfg)
     # Rows as the model was trained on them (the scoring contract): its reward_token unless this run names one.
-    trained = (read_export_meta(name_or_path).get("scoring", {}).get("reward_token")
-               or OmegaConf.select(run_cfg or OmegaConf.create(), "data.reward_token", default=None))
-    if trained and cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
+    trained = trained_rows(ckpt or name_or_path, run_cfg)["reward_token"]
+    if cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
         log.info("data.reward_token=%s, as the model was trained", trained)
         cfg.data.reward_token = trained
     # Generative heads re-template each group into their own rows, exactly as in training.

@@ -618,11 +618,6 @@ def test_openrlhf_reads_another_token_than_the_default_contract_where_the_templa
         assert min(abs(a - b) for a, b in zip(theirs, ours)) > SENSITIVE, (theirs, ours)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rmlab defect, reported to the lead: Scorer(model) reads rows with reward_token='auto' whatever the "
-    "export's config.rmlab.scoring.reward_token says (python -m rmlab.score and eval.py follow it)",
-)
 def test_python_scorer_follows_the_exports_reward_token_by_default(export_of, tmp_path):
     """An export trained with data.reward_token=eos, scored through the Python API without naming it, must read
     the rows it was trained on, as the CLI does (on Qwen2.5 the rows differ: the trailing "\\n" is stripped)."""

@@ -15,8 +15,7 @@ from rmlab.benchmarks.common import BenchResult, Item, first_per_subset, score_i
 from rmlab.benchmarks.report import write
 from rmlab.data.datamodule import in_val
 from rmlab.data.types import DataReport
-from rmlab.evaluate import find_run_config, load_reward_model, pick_split
-from rmlab.models import read_export_meta
+from rmlab.evaluate import find_run_config, load_reward_model, pick_split, trained_rows
 from rmlab.runtime import start_run
 from rmlab.score import Scorer
 from rmlab.validate import ConfigError, Problem, check_config
@@ -105,12 +104,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if left:
         notes.append(f"benchmark.max_per_subset={b.max_per_subset}: {left} examples not scored; not a leaderboard number")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    min_prompt = OmegaConf.select(run_cfg, "data.min_prompt_tokens") if run_cfg is not None else None
-    # Rows as training built them (the scoring contract): the export records its reward token, a run's config says it.
-    meta = read_export_meta(name_or_path) if name_or_path and not ckpt else {}
-    reward_token = (meta.get("scoring", {}).get("reward_token")
-                    or (OmegaConf.select(run_cfg, "data.reward_token") if run_cfg is not None else None) or "auto")
-    scorer = Scorer(model, max_length_for(model, b, run_cfg), 16 if min_prompt is None else int(min_prompt),
+    # Rows as training built them (the scoring contract): the run's config or the export's record says how.
+    rows = trained_rows(ckpt or name_or_path, run_cfg)
+    reward_token = rows["reward_token"]
+    scorer = Scorer(model, max_length_for(model, b, run_cfg), int(rows["min_prompt_tokens"]),
                     batch_size=int(b.batch_size), max_tokens=int(b.max_tokens), device=device,
                     reward_token=reward_token)
     rewards = score_items(scorer, items)
