@@ -142,6 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = cfg.get("ckpt_path")
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
     run_cfg = find_run_config(ckpt or name_or_path)
+    torch.manual_seed(int(cfg.get("seed") or 0))  # a head that is not in the weights (model=minilm) starts the same each time
     model = load_reward_model(ckpt, cfg.model, run_cfg)
     # Rows as the model was trained on them (the scoring contract): its reward_token unless this run names one.
     trained = trained_rows(ckpt or name_or_path, run_cfg)["reward_token"]
