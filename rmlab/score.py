@@ -121,8 +121,7 @@ class Scorer:
         """``reward_token``: the scoring contract's option (rmlab.data.tokenize); None = what the model's export
         recorded (``config.rmlab.scoring``), else ``auto``."""
         if reward_token is None:
-            recorded = getattr(getattr(model, "hf", None), "config", None)
-            reward_token = (getattr(recorded, "rmlab", None) or {}).get("scoring", {}).get("reward_token") or "auto"
+            reward_token = model.recorded_scoring().get("reward_token") or "auto"
         self.model, self.tok = model.eval().to(device), model.tokenizer
         self.max_length, self.min_prompt_tokens, self.reward_token = max_length, min_prompt_tokens, reward_token
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device

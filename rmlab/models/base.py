@@ -119,6 +119,10 @@ class RewardModel(nn.Module):
     def backbone_replaced(self) -> None:
         """Called after ``self.hf`` was swapped for another object (the LoRA merge): re-find owned parts."""
 
+    def recorded_scoring(self) -> dict[str, Any]:
+        """``config.rmlab.scoring`` of the export this model was loaded from (how its rows were built), else {}."""
+        return dict((getattr(self.hf.config, "rmlab", None) or {}).get("scoring", {}))
+
     def export_meta(self) -> dict[str, Any]:
         """What ``config.rmlab`` records so ``rmlab.models.load_export`` rebuilds this scorer."""
         return {"head": self.kind}
