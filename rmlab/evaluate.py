@@ -101,7 +101,7 @@ def score_loader(
     scored batch, for the model's own report."""
     col = PredictionCollector(keep_tokens=keep_tokens)
     for s in score_batches(model, loader, device=device, progress=progress):
-        col.add(s.rewards, s.batch)
+        col.add(s.rewards, s.batch, s.heads.get("critique"))  # a writing model's generated critiques, else None
         if scored is not None:
             scored.append(s)
     return col.result()
