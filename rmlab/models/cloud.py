@@ -52,8 +52,7 @@ class CloudRewardModel(ReasoningMixin, RewardModel):
         nn.init.zeros_(self.reward_head.bias)
         self.cue, self.max_critique_tokens = cue, int(max_critique_tokens)
         self.group_template = ReasoningTemplate("cloud", cue, max_tokens=self.max_critique_tokens, tokenizer=tokenizer)
-        gen = {"max_new_tokens": self.max_critique_tokens, **(generation or {})}
-        self.setup_reasoning([], 0, gen)
+        self.setup_reasoning([], 0, generation, self.max_critique_tokens)
 
     def read(self, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The reward head at each row's last real token: the eos right after the critique."""

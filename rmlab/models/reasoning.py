@@ -42,7 +42,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rmlab.data.templates import REASONING_CUE, ReasoningTemplate
 from rmlab.models.base import backbone_states, pool_index, rows_at
+from rmlab.models.generative import GenerativeVerifier, PairwiseJudge
 
 
 @dataclass
@@ -164,12 +166,13 @@ class ReasoningMixin:
     writes_critiques = True
     critique_unit = "critique"  # how the docs and outputs name the written text
 
-    def setup_reasoning(self, suffix_ids: list[int], lm_skip_end: int, generation: dict | GenerationSettings | None):
+    def setup_reasoning(self, suffix_ids: list[int], lm_skip_end: int, generation: dict | None, max_critique_tokens: int):
+        """``generation``: ``GenerationSettings`` keys (null = the default; ``max_new_tokens`` defaults to
+        ``max_critique_tokens``, the length of the critiques the model learns from)."""
         self.suffix_ids = list(suffix_ids)  # the answer cue after the rationale (none for CLoud)
         self.lm_skip_end = lm_skip_end  # end tokens that are not LM targets (a judge's eos, where the answer is read)
-        if not isinstance(generation, GenerationSettings):
-            generation = GenerationSettings(**{k: v for k, v in (generation or {}).items() if v is not None})
-        g = generation
+        given = {k: v for k, v in (generation or {}).items() if v is not None}
+        g = GenerationSettings(**{"max_new_tokens": int(max_critique_tokens), **given})
         self.generation = g
         self._fingerprint: str | None = None
         self._caches: dict[str, CritiqueCache] = {}
@@ -408,3 +411,66 @@ def mean_probability_logit(rewards: torch.Tensor) -> torch.Tensor:
     log_p = torch.logsumexp(F.logsigmoid(rewards.double()), 0) - torch.log(torch.tensor(float(k), dtype=torch.float64))
     log_q = torch.logsumexp(F.logsigmoid(-rewards.double()), 0) - torch.log(torch.tensor(float(k), dtype=torch.float64))
     return (log_p - log_q).to(rewards.dtype)
+
+
+# ------------------------------------------------------------------ reasoning judges (model.reasoning=true)
+class ReasoningVerifier(ReasoningMixin, GenerativeVerifier):
+    """A Yes/No verifier that writes a rationale before it answers (GenRM-CoT, Zhang et al. 2024; Mahan et al.
+    2024): the row is the judge template with ``cue + rationale`` inserted before its answer cue, and the reward
+    ``log P(yes) - log P(no)`` is read at the answer cue's last token, after the rationale. Self-consistency: the
+    k sampled rationales' answer probabilities are averaged (``mean_probability_logit``)."""
+
+    critique_unit = "rationale"
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any,
+        template: str | None = None,
+        answers: tuple[str, str] | None = None,
+        answer_ids: tuple[int, int] | None = None,
+        cue: str = REASONING_CUE,
+        max_critique_tokens: int = 64,
+        generation: dict | None = None,
+    ):
+        super().__init__(hf_model, tokenizer, template, answers, answer_ids)
+        template = self.group_template.template
+        self.cue, self.max_critique_tokens = cue, int(max_critique_tokens)
+        self.group_template = ReasoningTemplate(self.kind, cue, template, self.max_critique_tokens, tokenizer)
+        suffix = self.group_template.answer_cue
+        if "{" in suffix.replace("{{", "").replace("}}", ""):
+            raise ValueError(
+                f"with model.reasoning=true the template's answer cue (after its last response slot) is written after "
+                f"the rationale and cannot hold a placeholder; got {suffix!r}"
+            )
+        suffix = suffix.format()
+        if not suffix:
+            raise ValueError("with model.reasoning=true the template must end with an answer cue after its last response slot")
+        ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        self.setup_reasoning(ids, self.n_end, generation, self.max_critique_tokens)
+
+    def read(self, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return self.head_diff(rows_at(h, last - self.n_end))
+
+    def combine(self, rewards: torch.Tensor) -> torch.Tensor:
+        return mean_probability_logit(rewards)
+
+    def head_report(self, scored) -> dict[str, float]:
+        scored = list(scored)
+        return {**super().head_report(scored), **self.generation_report(scored)}
+
+    def export_meta(self) -> dict[str, Any]:
+        meta = super().export_meta()
+        meta["reasoning"] = {"cue": self.cue, "max_critique_tokens": self.max_critique_tokens, "generation": self.generation_meta()}
+        meta["read_with"] = (
+            "AutoModelForCausalLM: fill template with cue + rationale inserted before its answer cue (the text after the "
+            "last response slot); the rationale is generated after ... + cue up to eos or the answer cue (settings in "
+            "reasoning.generation); then as without reasoning: logits[answer_ids[0]] - logits[answer_ids[1]] at the "
+            "token before the final eos"
+        )
+        return meta
+
+
+class ReasoningJudge(ReasoningVerifier, PairwiseJudge):
+    """The pairwise judge with a rationale before its A/B answer; its rows are the judge's (both orders)."""
+
