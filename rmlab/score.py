@@ -285,8 +285,8 @@ def score_file(
                 recs.append(rec)
                 items.append(item)
                 pair.append(is_pair)
-            texts: list[list[str]] = []
-            rewards, attrs = scorer.rows(items, texts)
+            texts: list[list[str]] = []  # a writing model's critiques, filled by rows
+            rewards, attrs = scorer.rows(items, texts) if scorer.model.writes_critiques else scorer.rows(items)
             for j, (rec, rs, is_pair) in enumerate(zip(recs, rewards, pair)):
                 if normalize:
                     rs = [(r - normalize[0]) / normalize[1] for r in rs]
