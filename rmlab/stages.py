@@ -37,10 +37,8 @@ class CritiqueStages(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model, loss = pl_module.model, pl_module.loss_fn
-        if not model.writes_critiques:
-            raise ValueError(
-                "callbacks.critique_stages runs the CLoud recipe: it needs a model that writes critiques (model=cloud)"
-            )
+        if not model.writes_critiques:  # a baseline in the same recipe (the scalar head): one stage, its reward loss
+            return
         stage = 1 if trainer.current_epoch < self.sft_epochs else 2
         if isinstance(loss, CritiqueLoss):
             loss.reward_active = stage == 2

@@ -57,6 +57,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loss = instantiate(cfg.loss, _convert_="all")
     if model.writes_critiques and not loss.needs_heads:  # CLoud with a plain reward loss: the critique LM term joins it
         loss = CritiqueLoss(loss)
+    elif isinstance(loss, CritiqueLoss) and not model.writes_critiques:  # loss=cloud on a model that writes nothing
+        log.info("model.head=%s writes no critique: loss=cloud trains its reward loss alone", cfg.model.get("head"))
+        loss = loss.reward_loss
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")
     module = instantiate(cfg.module, model=model, loss=loss, _convert_="all")
