@@ -59,8 +59,11 @@ class GenerationSettings:
     seed: int = 0  # sampling: the generator's seed (with the row's tokens and the sample index)
     batch_size: int = 64  # rows per generate call
     cache: bool = True  # keep generated critiques in $RMLAB_CACHE/critiques
+    source: str = "model"  # model: write the critique | data: read the reward after the data's critique (an oracle check)
 
     def __post_init__(self):
+        if self.source not in ("model", "data"):
+            raise ValueError(f"model.generation.source must be model|data, got {self.source!r}")
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"model.generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if int(self.samples) < 1:
@@ -195,7 +198,7 @@ class ReasoningMixin:
 
     def settings_key(self) -> str:
         blob = {**asdict(self.generation), "suffix": self.suffix_ids, "eos": self.tokenizer.eos_token_id}
-        for k in ("batch_size", "cache", "samples"):  # these do not change what one sample generates
+        for k in ("batch_size", "cache", "samples", "source"):  # these do not change what one sample generates
             blob.pop(k)
         return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -366,8 +369,8 @@ class ReasoningMixin:
         h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
         nll, count = self.critique_nll(h, batch)
         heads: dict[str, Any] = {"critique_nll": nll, "critique_tokens": count}
-        if self.training and self.critic is None:
-            return self.read(h, pool_index(batch.attention_mask, "last")), heads
+        if (self.training and self.critic is None) or (not self.training and self.generation.source == "data"):
+            return self.read(h, pool_index(batch.attention_mask, "last")), heads  # the critique in the row
         inputs = self.input_rows(batch)
         writer = self.critic if self.training else None
         k = 1 if self.training else int(self.generation.samples)
@@ -401,7 +404,7 @@ class ReasoningMixin:
         raise NotImplementedError
 
     def generation_meta(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self.generation).items() if k not in ("batch_size", "cache")}
+        return {k: v for k, v in asdict(self.generation).items() if k not in ("batch_size", "cache", "source")}
 
 
 def mean_probability_logit(rewards: torch.Tensor) -> torch.Tensor:
