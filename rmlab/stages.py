@@ -46,7 +46,7 @@ class CritiqueStages(L.Callback):
             return
         path = Path(trainer.default_root_dir) / CRITIC_FILE
         critic = model
-        if path.exists() and trainer.current_epoch > self.sft_epochs:  # resumed inside stage 2: the saved critic
+        if path.exists():  # resumed inside stage 2 (a run dir is one run's): the critic saved when stage 2 began
             critic = copy.deepcopy(model)
             critic.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         elif trainer.is_global_zero:

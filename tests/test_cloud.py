@@ -341,3 +341,32 @@ def test_train_cloud_on_prometheus_critique_loss_falls_then_eval_and_score_repor
     score_main([str(src), "--model", str(tmp_path / "run" / "export"), "-o", str(tmp_path / "out.jsonl"), "--no-progress"])
     rec = json.loads((tmp_path / "out.jsonl").read_text())
     assert {"reward_chosen", "reward_rejected", "critique_chosen", "critique_rejected"} <= rec.keys()
+
+
+@needs_shared_data
+def test_two_stage_recipe_sft_then_reward_on_the_critics_critiques(tmp_path, monkeypatch):
+    from rmlab.train import run
+
+    monkeypatch.setenv("RMLAB_CACHE", str(tmp_path / "cache"))
+    cfg = compose(
+        ["experiment=cloud", "data.max_records=48", "data.max_groups=4", "trainer.max_epochs=2",
+         "callbacks.critique_stages.sft_epochs=1", "model.max_critique_tokens=8", "data.max_length=256", "export=false"],
+        tmp_path / "run",
+    )
+    run(cfg)
+    with open(next((tmp_path / "run").rglob("metrics.csv"))) as f:
+        epochs = [r for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    assert len(epochs) == 2
+    # Stage 1 trains the critique LM alone: the loss is the LM term; stage 2 adds the reward term.
+    e0, e1 = ({k: float(v) for k, v in r.items() if v} for r in epochs)
+    assert e0["train/loss_epoch"] == pytest.approx(e0["train/critique_lm_epoch"], abs=1e-4)
+    assert e1["train/loss_epoch"] == pytest.approx(e1["train/critique_lm_epoch"] + e1["train/reward_loss_epoch"], abs=1e-4)
+    # The critic (the model at the end of stage 1) was saved, and it wrote one critique per training row, once.
+    # Critiques are cached by weights: the critic's file also holds epoch 0's validation critiques (the same
+    # weights); epoch 1's validation, after the weights moved, has a file of its own.
+    assert (tmp_path / "run" / "critic.pt").exists()
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    rows = {s: round(report[s]["k_per_prompt"]["mean"] * report[s]["groups"]) for s in ("train", "val")}
+    files = list((tmp_path / "cache" / "critiques").glob("*.jsonl"))
+    counts = sorted(len(f.read_text().splitlines()) for f in files)
+    assert counts == [rows["val"], rows["train"] + rows["val"]], (rows, counts)

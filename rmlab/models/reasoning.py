@@ -182,11 +182,6 @@ class ReasoningMixin:
         self.__dict__["_critic"] = None  # a frozen model, not a submodule: never in checkpoints or the export
 
     # -------------------------------------------------------------- identity
-    def train(self, mode: bool = True):
-        if mode:
-            self._fingerprint = None  # the weights may change from here on
-        return super().train(mode)
-
     def load_state_dict(self, *args, **kwargs):
         self._fingerprint = None
         return super().load_state_dict(*args, **kwargs)
@@ -366,6 +361,8 @@ class ReasoningMixin:
         """Training: the rows as they are (or, in stage 2, the reward after the critic's critique) + the LM
         loss's parts. Eval: the critique generated (k samples), the reward read after it, and the texts."""
         self.check_ends(batch)
+        if self.training:  # the weights change with each step (Lightning restores train mode without .train())
+            self._fingerprint = None
         h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
         nll, count = self.critique_nll(h, batch)
         heads: dict[str, Any] = {"critique_nll": nll, "critique_tokens": count}
