@@ -370,3 +370,22 @@ def test_two_stage_recipe_sft_then_reward_on_the_critics_critiques(tmp_path, mon
     files = list((tmp_path / "cache" / "critiques").glob("*.jsonl"))
     counts = sorted(len(f.read_text().splitlines()) for f in files)
     assert counts == [rows["val"], rows["train"] + rows["val"]], (rows, counts)
+
+
+def test_reasoning_verifier_export_rebuilds_the_same_scorer(tmp_path):
+    torch.manual_seed(4)
+    m = build_model(
+        "verifier", config=TINY_LLAMA, tokenizer="byt5", template="Q: {prompt}\nA: {response}\nGood? Y or N:",
+        answers=["Y", "N"], reasoning=True, reasoning_cue="|R:", max_critique_tokens=7, generation={"cache": False},
+    ).eval()
+    out = m.save_pretrained(tmp_path / "export")
+    back = load_export(str(out)).eval()
+    assert type(back) is type(m) and back.cue == "|R:" and back.max_critique_tokens == 7
+    assert back.suffix_ids == m.suffix_ids == ids("\nGood? Y or N:")
+    g = PreferenceGroup(prompt="2+2", responses=["4", "5"], comparisons=[Comparison(0, 1)], critiques=["ok", "no"])
+    b = rows(m, [g])
+    with torch.inference_mode():
+        r, h = m.score_heads(b)
+        r2, h2 = back.score_heads(b)
+    torch.testing.assert_close(r, r2, atol=1e-6, rtol=0)
+    assert h["critique"] == h2["critique"]
