@@ -61,6 +61,20 @@ def find_run_config(path: str | None) -> DictConfig | None:
     return None
 
 
+def trained_rows(model_path: str | None, run_cfg: DictConfig | None) -> dict[str, Any]:
+    """How the model's training rows were built (the scoring contract): ``reward_token``, ``max_length`` and
+    ``min_prompt_tokens``, from the training run's config when there is one, else from the export's
+    ``config.rmlab.scoring`` (an export copied out of its run dir), else the defaults."""
+    meta = read_export_meta(model_path).get("scoring", {}) if model_path and Path(model_path).is_dir() else {}
+    data = run_cfg.get("data", {}) if run_cfg is not None else {}
+    out = {"reward_token": "auto", "max_length": 512, "min_prompt_tokens": 16}
+    for k in out:
+        v = data.get(k) if data.get(k) is not None else meta.get(k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
 def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_cfg: DictConfig | None = None) -> RewardModel:
     """A reward model in eval mode from a Lightning checkpoint or from ``model_cfg`` (an export dir).
 
@@ -122,17 +136,19 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("benchmark"):
+        raise ValueError("benchmark= is run by rmlab.benchmarks.runner.run (eval.py picks it); this is the data= eval")
     check_config(cfg, entry="eval")  # bad settings fail here, named, before anything loads
     out, t0 = start_run(cfg, resolve=False)
 
     ckpt = cfg.get("ckpt_path")
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
     run_cfg = find_run_config(ckpt or name_or_path)
+    torch.manual_seed(int(cfg.get("seed") or 0))  # a head that is not in the weights (model=minilm) starts the same each time
     model = load_reward_model(ckpt, cfg.model, run_cfg)
     # Rows as the model was trained on them (the scoring contract): its reward_token unless this run names one.
-    trained = (read_export_meta(name_or_path).get("scoring", {}).get("reward_token")
-               or OmegaConf.select(run_cfg or OmegaConf.create(), "data.reward_token", default=None))
-    if trained and cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
+    trained = trained_rows(ckpt or name_or_path, run_cfg)["reward_token"]
+    if cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
         log.info("data.reward_token=%s, as the model was trained", trained)
         cfg.data.reward_token = trained
     # Generative heads re-template each group into their own rows, exactly as in training.

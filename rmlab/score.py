@@ -116,8 +116,12 @@ class Scorer:
         batch_size: int = 32,
         max_tokens: int = 16384,
         device: str = "cpu",
-        reward_token: str = "auto",
+        reward_token: str | None = None,
     ):
+        """``reward_token``: the scoring contract's option (rmlab.data.tokenize); None = what the model's export
+        recorded (``config.rmlab.scoring``), else ``auto``."""
+        if reward_token is None:
+            reward_token = model.recorded_scoring().get("reward_token") or "auto"
         self.model, self.tok = model.eval().to(device), model.tokenizer
         self.max_length, self.min_prompt_tokens, self.reward_token = max_length, min_prompt_tokens, reward_token
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device
@@ -342,7 +346,11 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from rmlab.checkpoint import CheckpointError, check_export_dir  # likewise
-    from rmlab.evaluate import find_run_config, load_reward_model  # torch, lightning: after the arguments parse
+    from rmlab.evaluate import (  # torch, lightning: after the arguments parse
+        find_run_config,
+        load_reward_model,
+        trained_rows,
+    )
     from rmlab.models import load_export, read_export_meta  # likewise
 
     transformers.logging.set_verbosity_error()
@@ -360,10 +368,10 @@ def main(argv: list[str] | None = None) -> None:
             meta = read_export_meta(a.model)
     except CheckpointError as e:
         raise SystemExit(f"rmlab.score: {e}") from None
-    data_cfg = run_cfg.get("data", {}) if run_cfg is not None else {}
-    # Training's truncation by default, so a row scores as it was trained on.
-    a.max_length = a.max_length or data_cfg.get("max_length") or 512
-    a.min_prompt_tokens = a.min_prompt_tokens if a.min_prompt_tokens is not None else data_cfg.get("min_prompt_tokens", 16)
+    # Training's rows by default (the scoring contract, training's truncation), so a row scores as it was trained on.
+    rows = trained_rows(a.ckpt or a.model, run_cfg)
+    a.max_length = a.max_length or rows["max_length"]
+    a.min_prompt_tokens = a.min_prompt_tokens if a.min_prompt_tokens is not None else rows["min_prompt_tokens"]
     norm = None
     if a.normalize:
         if "reward_mean" not in meta:
@@ -374,10 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         if model.kind == "judge":
             raise SystemExit("--normalize does not apply to a pairwise judge: it outputs P(chosen), not rewards")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Rows as training built them (the scoring contract): the export records it, a run's config says it.
-    reward_token = meta.get("scoring", {}).get("reward_token") or data_cfg.get("reward_token") or "auto"
     scorer = Scorer(
-        model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device, reward_token
+        model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device, rows["reward_token"]
     )
     dst = a.output or str(Path(a.input).with_suffix("")).removesuffix(".jsonl") + ".scored.jsonl"
 

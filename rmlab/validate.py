@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rmlab.data.formats import ADAPTERS
 from rmlab.data.tokenize import REWARD_TOKENS
+from rmlab.models.base import ENCODER_TYPES
 from rmlab.models.builder import BUILDERS, find_head
 from rmlab.models.packing import MODES
 
@@ -314,6 +315,24 @@ def _check_loss(c: _Checker) -> None:
     if isinstance(target, str) and target.endswith(".AttributeLoss") and head not in (_ABSENT, "attributes"):
         c.fail("model.head", head, "must be attributes with loss=attributes (it trains per-attribute outputs): "
                "use model=attributes (or model.head=attributes), or another loss")
+    if isinstance(target, str) and target.endswith(".OdinLoss") and head not in (_ABSENT, "odin"):
+        c.fail("model.head", head, "must be odin with loss=odin (it trains a quality and a length head): "
+               "use model=odin (or model.head=odin on a scalar model), or another loss")
+    if isinstance(target, str) and target.endswith(".GRMLoss"):
+        _check_grm_model(c, head)
+
+
+def _check_grm_model(c: _Checker, head: Any) -> None:
+    """GRM's LM loss runs through the scalar head's causal-LM path: encoders and the other heads are refused here,
+    before anything loads (a hub encoder not named here is refused when the model is built)."""
+    if head not in (_ABSENT, "scalar"):
+        c.fail("model.head", head, "loss=grm trains a language-modelling loss through the scalar head's backbone: use "
+               "model.head=scalar on a causal LM, or another loss")
+    name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
+    if name == "minilm" or model_type in ENCODER_TYPES:
+        c.fail("model" if name == "minilm" else "model.config.model_type", name if name == "minilm" else model_type,
+               "loss=grm needs a causal LM (it trains the backbone's language-modelling head on the chosen response) "
+               "and this model is an encoder: use model=tiny_llama or model=hf model.name_or_path=<a causal LM>")
 
 
 def _no_model(c: _Checker) -> bool:

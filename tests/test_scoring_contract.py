@@ -91,7 +91,7 @@ def test_reward_token_eos_is_openrlhfs_row(name):
     for convs, rows in zip(CONVERSATIONS, rows_of(tok, chat_groups(tok), "eos")):
         for conv, row in zip(convs, rows):
             # OpenRLHF's RewardDataset: the template text, trailing newline stripped, eos appended if missing.
-            text = tok.apply_chat_template(conv, tokenize=False).rstrip("\n").rstrip()
+            text = tok.apply_chat_template(conv, tokenize=False).rstrip("\n")
             want = tok(text, add_special_tokens=False)["input_ids"]
             assert row == (want if want[-1] == eos else want + [eos])
             assert row[-1] == eos

@@ -428,7 +428,12 @@ class RewardDataModule(L.LightningDataModule):
     def scoring_meta(self) -> dict:
         """How this data's rows were built (the scoring contract), for the export's ``config.rmlab.scoring``;
         ``chat_template`` is the template chat data was rendered with when the tokenizer has none of its own."""
-        meta = {"format": self.records.format, **contract(self.tokenizer, self.rows.reward_token)}
+        meta = {
+            "format": self.records.format,
+            "max_length": self.rows.max_length,
+            "min_prompt_tokens": self.rows.min_prompt_tokens,
+            **contract(self.tokenizer, self.rows.reward_token),
+        }
         if self.records.format == "chat" and not getattr(self.tokenizer, "chat_template", None):
             meta["chat_template"] = self.records.format_options.get("fallback_template", DEFAULT_FALLBACK_TEMPLATE)
         return meta

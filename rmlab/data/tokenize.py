@@ -13,7 +13,7 @@ same text, so an export scores the same sequence in plain transformers, TRL, Rew
   read at that eos.
 
 ``data.reward_token`` makes the other choice explicit: ``eos`` also ends chat rows with eos (OpenRLHF's
-convention: the template text with its trailing whitespace stripped, then eos unless it is already the last
+convention: the template text with its trailing newlines stripped, then eos unless it is already the last
 token); ``last`` appends nothing to plain text either (what a text-classification pipeline reads).
 
 Each row is encoded whole and split at the longest token prefix all rows of a group share (the prompt, at
@@ -114,8 +114,8 @@ def causal_rows(tokenizer, texts: list[str], templated: bool, reward_token: str 
     if not texts:
         return []
     eos = appends_eos(tokenizer, templated, reward_token)
-    if templated and eos:  # OpenRLHF: the template text without its trailing newline, then eos
-        texts = [t.rstrip() for t in texts]
+    if templated and eos:  # OpenRLHF: the template text without its trailing newlines, then eos
+        texts = [t.rstrip("\n") for t in texts]
     rows = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
     if eos:
         e = tokenizer.eos_token_id
@@ -130,7 +130,7 @@ def contract(tokenizer, reward_token: str = "auto") -> dict[str, str]:
     eos = tokenizer.eos_token
     chat = "apply_chat_template(messages, tokenize=True)"
     if appends_eos(tokenizer, True, reward_token):
-        chat = f"apply_chat_template(messages, tokenize=False).rstrip(), tokenized without added specials, + {eos}"
+        chat = f"apply_chat_template(messages, tokenize=False).rstrip('\\n'), tokenized without added specials, + {eos}"
     text = "tokenizer(prompt + response)" + (f" + {eos} unless it ends with it" if appends_eos(tokenizer, False, reward_token) else "")
     return {"reward_token": reward_token, "chat": chat, "text": text, "reward_at": "the last token (the last non-pad token)"}
 

@@ -53,6 +53,7 @@ class AttributeLoss(RewardLoss):
     """
 
     needs_heads = True
+    required_outputs = ("attributes", "weights")
 
     def __init__(
         self,
