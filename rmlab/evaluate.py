@@ -97,7 +97,9 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
             check_export_dir(path)  # a half-written safetensors or a cut config.json: named, before loading
         if path and read_export_meta(path).get("head") not in (None, "scalar"):
             # An rmlab export of another head (verifier, judge, attributes) rebuilds itself from its config.json.
-            model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+            # A writing model's generation settings may be changed at evaluation (model.generation.samples=5, ...).
+            gen = {"generation": OmegaConf.to_container(model_cfg.generation)} if model_cfg.get("generation") else {}
+            model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)), **gen)
         else:
             model = instantiate(model_cfg, _convert_="all")
     return model.eval()
@@ -115,7 +117,7 @@ def score_loader(
     scored batch, for the model's own report."""
     col = PredictionCollector(keep_tokens=keep_tokens)
     for s in score_batches(model, loader, device=device, progress=progress):
-        col.add(s.rewards, s.batch)
+        col.add(s.rewards, s.batch, s.heads.get("critique"))  # a writing model's generated critiques, else None
         if scored is not None:
             scored.append(s)
     return col.result()

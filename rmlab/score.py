@@ -161,9 +161,12 @@ class Scorer:
             out.append(g)
         return out
 
-    def rows(self, items: list[Item]) -> tuple[list[list[float]], list[list[list[float]]] | None]:
+    def rows(
+        self, items: list[Item], texts: list[list[str]] | None = None
+    ) -> tuple[list[list[float]], list[list[list[float]]] | None]:
         """Each group's row outputs: rewards [group][row] and, for the attribute head, attributes
-        [group][row][attribute] (else None). A judge's rows are its two orders of a (chosen, rejected) item."""
+        [group][row][attribute] (else None). A judge's rows are its two orders of a (chosen, rejected) item.
+        ``texts`` (a list) receives [group][row] the critique a writing model (CLoud) generated before scoring."""
         from rmlab.data.collate import collate  # torch: loaded once scoring starts, not for --help
         from rmlab.models import score_batches  # torch + transformers, likewise
 
@@ -183,13 +186,18 @@ class Scorer:
 
         # One row per response: each batch holds single-response groups, so no row waits on its group.
         batches = (collate([single(*rows[i]) for i in idx], self.pad_id, self.padding_side) for idx in order)
+        if texts is not None:
+            texts[:] = [[""] * t.k for t in toks]
         for idx, s in zip(order, score_batches(self.model, batches, device=self.device)):
             a = s.heads["attributes"].tolist() if attrs is not None else None
+            written = s.heads.get("critique")  # generated before the reward was read (rmlab.models.reasoning)
             for j, (i, v) in enumerate(zip(idx, s.rewards.tolist())):
                 gi, ri = rows[i]
                 out[gi][ri] = v
                 if a is not None:
                     attrs[gi][ri] = a[j]
+                if written is not None and texts is not None:
+                    texts[gi][ri] = written[j]
         return out, attrs
 
     def score(self, items: list[Item]) -> list[list[float]]:
@@ -219,6 +227,15 @@ def record_outputs(kind: str, is_pair: bool, rs: list[float], attrs: list[list[f
             out.update(attributes_chosen=named[0], attributes_rejected=named[1])
         return out
     return {"reward": rs[0], **({"attributes": named[0]} if named else {})}
+
+
+def critique_outputs(kind: str, is_pair: bool, texts: list[str]) -> dict:
+    """The generated critiques ``score_file`` adds beside the rewards of a writing model."""
+    if kind == "judge":
+        return {"rationale_chosen_first": texts[0], "rationale_chosen_second": texts[1]}
+    if is_pair:
+        return {"critique_chosen": texts[0], "critique_rejected": texts[1]}
+    return {"critique": texts[0]}
 
 
 def chunks(it: Iterable, n: int) -> Iterator[list]:
@@ -272,11 +289,14 @@ def score_file(
                 recs.append(rec)
                 items.append(item)
                 pair.append(is_pair)
-            rewards, attrs = scorer.rows(items)
+            texts: list[list[str]] = []  # a writing model's critiques, filled by rows
+            rewards, attrs = scorer.rows(items, texts) if scorer.model.writes_critiques else scorer.rows(items)
             for j, (rec, rs, is_pair) in enumerate(zip(recs, rewards, pair)):
                 if normalize:
                     rs = [(r - normalize[0]) / normalize[1] for r in rs]
                 rec.update(record_outputs(scorer.kind, is_pair, rs, attrs[j] if attrs else None, scorer.attribute_names))
+                if scorer.model.writes_critiques:  # the critique each reward was read after
+                    rec.update(critique_outputs(scorer.kind, is_pair, texts[j]))
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += len(recs)
             if bar is not None:

@@ -210,6 +210,8 @@ class RewardDataModule(L.LightningDataModule):
                     report.drop("rejected_by_model_template", g.n_records)
                     report.kept -= g.n_records
             groups = [t for t in templated if t is not None]
+        else:  # critiques are read only by a reasoning model's template (rmlab.models.reasoning)
+            groups = [dataclasses.replace(g, critiques=None) if g.critiques is not None else g for g in groups]
         toks = tokenize_groups(
             groups, self.tokenizer, report, self.rows.max_length, self.rows.min_prompt_tokens, self.rows.reward_token
         )

@@ -196,6 +196,27 @@ def record_value(f, value):
     return f.missing if value is None else CASTS[f.dtype](value)
 
 
+def critique_lengths(tokenizer, g: PreferenceGroup, prefix: list[int], responses: list[list[int]]) -> list[int]:
+    """Tokens of each row's critique: ``g.critiques[i]`` is the text that ends ``g.responses[i]`` (a reasoning
+    model's template put it there, rmlab.models.reasoning). The row is encoded whole, as every row is; its
+    critique is what follows the longest prefix it shares with the encoding of the text without the critique,
+    the row's end tokens (eos) included. An empty critique counts 0."""
+    if is_encoder_tokenizer(tokenizer):
+        raise ValueError("critiques end a causal LM's row; an encoder (BERT-style) tokenizer cannot hold one")
+    if len(g.critiques) != len(g.responses):
+        raise ValueError(f"group {g.group_id!r}: {len(g.critiques)} critiques for {len(g.responses)} responses")
+    for r, c in zip(g.responses, g.critiques):
+        if c and not r.endswith(c):
+            raise ValueError(f"group {g.group_id!r}: a critique must end its response text (the template appends it)")
+    heads = [g.prompt + r[: len(r) - len(c)] for r, c in zip(g.responses, g.critiques)]
+    enc = tokenizer(heads, add_special_tokens=not g.templated)["input_ids"]
+    out = []
+    for c, head, r in zip(g.critiques, enc, responses):
+        row = prefix + r
+        out.append(len(row) - common_prefix([head, row]) if c else 0)
+    return out
+
+
 def _pad(values, k, fill):
     return list(values) if values is not None else [fill] * k
 
@@ -222,6 +243,7 @@ def tokenize_groups(
     parts = encoder_groups(tokenizer, groups) if encoder else causal_groups(tokenizer, groups, reward_token)
     out = []
     for g, (start, p, resp) in zip(groups, parts):
+        crit = critique_lengths(tokenizer, g, start + p, resp) if g.critiques is not None else None
         budget = max_length - len(start) - len(mid)
         longest = max(len(r) for r in resp)
         if len(p) + longest > budget:
@@ -235,6 +257,8 @@ def tokenize_groups(
                     # Keep the end of the response: that is where the reward is read.
                     resp[i] = r[len(r) - room :]
                     report.truncated["response_left_truncated"] += 1
+        if crit is not None:  # a cut reaching into the critique leaves what is left of it
+            crit = [min(c, len(r)) for c, r in zip(crit, resp)]
         keep_c = []
         report.comparisons_loaded += len(g.comparisons)
         for c in g.comparisons:
@@ -260,7 +284,8 @@ def tokenize_groups(
                 **{f.group_name: [record_value(f, getattr(c, f.name)) for c in keep_c] for f in COMPARISON_FIELDS if f.from_record},
                 group_weight=[1.0 / n_orig] * len(keep_c),
                 group_id=g.group_id,
-                **{f.group_name: _pad(getattr(g, f.group_name), k, f.missing) for f in RESPONSE_FIELDS},
+                **{f.group_name: _pad(getattr(g, f.group_name), k, f.missing) for f in RESPONSE_FIELDS if f.from_record},
+                critique_lens=crit or [],
                 attributes=list(g.attributes) if g.attributes is not None else [],
                 subset=g.subset or "",
                 n_records=g.n_records,

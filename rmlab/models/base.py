@@ -70,6 +70,9 @@ class RewardModel(nn.Module):
     group_template: Any = None
     extra_outputs: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    # True for a model that writes a critique before it scores (rmlab.models.reasoning): its score_heads also
+    # returns the critique LM loss's parts, and scoring in eval mode generates the critique first.
+    writes_critiques: bool = False
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any):
         super().__init__()

@@ -18,7 +18,7 @@ class Scored:
 
     batch: Any
     rewards: torch.Tensor  # [N] float32
-    heads: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, Any] = field(default_factory=dict)  # tensors [N, ...]; a writing model's texts: lists of [N] str
 
 
 def score_batches(
@@ -42,6 +42,7 @@ def score_batches(
         with torch.inference_mode():
             for batch in it:
                 rewards, heads = model.score_heads(batch.to(dev))
-                yield Scored(batch, rewards.float().cpu(), {k: v.float().cpu() for k, v in heads.items()})
+                heads = {k: v.float().cpu() if isinstance(v, torch.Tensor) else v for k, v in heads.items()}
+                yield Scored(batch, rewards.float().cpu(), heads)
     finally:
         model.train(was)
