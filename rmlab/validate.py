@@ -297,6 +297,8 @@ def _check_simulator(c: _Checker) -> None:
     c.choice("data.simulator.comparisons", ("all", "adjacent", "one", "ranking"))
     c.number("data.simulator.temperature", 0, low_open=True, hint="annotator noise, e.g. 0.5")
     c.number("data.simulator.tie_band", 0, hint="e.g. 0.15; 0 = no ties")
+    c.number("data.simulator.hack_rate", 0, 1, hint="share of flattering responses, e.g. 0.2; 0 = off")
+    c.number("data.simulator.hack_strength", hint="annotators' bonus per flattering sentence, e.g. 1.0")
 
 
 def _check_loss(c: _Checker) -> None:
