@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from rmlab.checkpoint import check_checkpoint, check_export_dir, read_checkpoint
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
+from rmlab.models.ensemble import EnsembleRewardModel, member_stats
 from rmlab.module import model_state
 from rmlab.report import write_report
 from rmlab.runtime import start_run
@@ -89,6 +90,34 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
     return model.eval()
 
 
+def load_member(path: str) -> tuple[RewardModel, dict, DictConfig | None]:
+    """(model in eval mode, export metadata, the training run's config or None) for one path: a Lightning
+    checkpoint file (the architecture from its run's config.yaml) or an export dir / HF reward model."""
+    run_cfg = find_run_config(path)
+    if Path(path).is_file():
+        model = load_reward_model(path, None, run_cfg)
+        meta = read_export_meta(str(Path(path).resolve().parent.parent / "export"))
+    else:
+        if Path(path).is_dir():
+            check_export_dir(path)
+        model = load_export(path).eval()  # the export's config.json says which head it is
+        meta = read_export_meta(path)
+    return model, meta, run_cfg
+
+
+def load_ensemble(paths: list[str], how: str = "mean", lam: float = 1.0) -> tuple[RewardModel, list[DictConfig | None]]:
+    """One model for one path; an ``EnsembleRewardModel`` (rmlab.models.ensemble) over several, each member
+    normalized by its export's val statistics. Returns the model and the members' run configs."""
+    if not paths:
+        raise ValueError("no model given: pass an export dir or a checkpoint")
+    loaded = [load_member(p) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0][0], [loaded[0][2]]
+    stats = [member_stats(meta, p) for p, (_, meta, _) in zip(paths, loaded)]
+    model = EnsembleRewardModel([m for m, _, _ in loaded], stats, how, lam, names=list(paths))
+    return model.eval(), [c for _, _, c in loaded]
+
+
 def score_loader(
     model: RewardModel,
     loader,
@@ -125,8 +154,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt = cfg.get("ckpt_path")
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
-    run_cfg = find_run_config(ckpt or name_or_path)
-    model = load_reward_model(ckpt, cfg.model, run_cfg)
+    members = OmegaConf.select(cfg, "ensemble.members", default=None)
+    if members:  # several models scored as one (rmlab.models.ensemble); the first member's run gives the split
+        members = [str(m) for m in members]
+        model, run_cfgs = load_ensemble(members, str(cfg.ensemble.combine), float(cfg.ensemble.lam))
+        run_cfg, name_or_path = run_cfgs[0], f"ensemble {cfg.ensemble.combine} of {', '.join(members)}"
+    else:
+        run_cfg = find_run_config(ckpt or name_or_path)
+        model = load_reward_model(ckpt, cfg.model, run_cfg)
     # Generative heads re-template each group into their own rows, exactly as in training.
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")

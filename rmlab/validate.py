@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rmlab.data.formats import ADAPTERS
 from rmlab.models.builder import BUILDERS, find_head
+from rmlab.models.ensemble import COMBINES
 from rmlab.models.packing import MODES
 
 log = logging.getLogger("rmlab")
@@ -189,9 +190,16 @@ def _check_top(c: _Checker, entry: str) -> None:
         c.choice("split", ("auto", "val", "all"))
         c.integer("n_bins", 1)
         c.integer("worst_k", 0)
-        if ckpt in (_ABSENT, None) and _no_model(c):
-            c.fail("model.name_or_path", None, "no model to evaluate: set ckpt_path=<checkpoint> or "
-                   "model.name_or_path=<export dir>")
+        members = c.get("ensemble.members")
+        if members not in (_ABSENT, None):
+            if not OmegaConf.is_list(members) or len(members) < 2 or not all(isinstance(m, str) for m in members):
+                c.fail("ensemble.members", members, "must be a list of 2 or more export dirs or checkpoints, e.g. "
+                       "ensemble.members=[runA/export,runB/export]; null scores the one model")
+            c.choice("ensemble.combine", COMBINES)
+            c.number("ensemble.lam", 0, hint="uwo's lambda, e.g. 1.0")
+        elif ckpt in (_ABSENT, None) and _no_model(c):
+            c.fail("model.name_or_path", None, "no model to evaluate: set ckpt_path=<checkpoint>, "
+                   "model.name_or_path=<export dir> or ensemble.members=[<export>,<export>,...]")
 
 
 def _check_module(c: _Checker) -> None:
