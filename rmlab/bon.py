@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         help="with several models, the ensembles to add (comma list of mean, min, uwo; `none` = each model alone)",
     )
     ap.add_argument("--lam", type=float, default=1.0, help="uwo's lambda (normalized reward units)")
-    ap.add_argument("--prompts", type=int, default=64, help="held-out prompts (each gets its own pool)")
+    ap.add_argument("--prompts", type=int, default=32, help="held-out prompts (each gets its own pool of --pool samples)")
     ap.add_argument("--pool", type=int, default=256, help="generator samples per prompt: n runs from 1 to this")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and pools (same seed = same pools)")
     ap.add_argument("--hack-rate", type=float, default=None, help="the generator's hack_rate (default: the run's)")
