@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rmlab.checkpoint import check_checkpoint, check_export_dir, read_checkpoint
+from rmlab.data.simulator import SimulatorConfig
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
 from rmlab.models.ensemble import EnsembleRewardModel, member_stats
@@ -49,6 +50,10 @@ _DATA_IDENTITY = (
     "fields",
     "seed",
 )
+
+
+# The simulator's settings a data config leaves out take these values (compared by pick_split).
+SIMULATOR_DEFAULTS = {k: v for k, v in vars(SimulatorConfig()).items() if k != "seed"}
 
 
 def find_run_config(path: str | None) -> DictConfig | None:
@@ -144,6 +149,9 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
     if run_cfg is None or "data" not in run_cfg:
         return "all"
     a, b = OmegaConf.to_container(data_cfg, resolve=True), OmegaConf.to_container(run_cfg.data, resolve=True)
+    for d in (a, b):  # a run saved before a simulator key existed (e.g. hack_rate) had that key's default
+        if isinstance(d.get("simulator"), dict):
+            d["simulator"] = {**SIMULATOR_DEFAULTS, **d["simulator"]}
     same = all(a.get(k) == b.get(k) for k in _DATA_IDENTITY)
     return "val" if same else "all"
 
