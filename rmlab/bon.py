@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
             curves.append(curves_for(arm, combined, pools, ns, arm=arm, seed=None, model=paths, kind="ensemble"))
     oracle = curves_for("picked by the true reward", [pl["values"][:, 0] for pl in pools], pools, ns, kind="oracle")
 
-    out = Path(a.out) if a.out else (Path(paths[0]).resolve().parent / "bon" if run_cfg is not None else
+    first = Path(paths[0]).resolve()  # <run>/export or <run>/checkpoints/last.ckpt
+    run_dir = first.parent.parent if first.is_file() else first.parent
+    out = Path(a.out) if a.out else (run_dir / "bon" if run_cfg is not None else
                                      Path("outputs/bon") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     info = {
         "models": paths,
