@@ -101,7 +101,9 @@ def curve_summary(ns: list[int], per_prompt: np.ndarray) -> dict[str, Any]:
     true = per_prompt[:, :, 0]
     mean = true.mean(0)
     k = int(np.argmax(mean))
+    t = k + int(np.argmin(mean[k:]))  # the lowest point at or after the peak
     drop = true[:, k] - true[:, -1]  # per prompt, at the peak of the mean curve
+    dip = true[:, k] - true[:, t]
     se = lambda x: float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
     kls = kl_bon(ns)
     alpha, beta = gao_fit(kls, mean - mean[0])
@@ -113,6 +115,10 @@ def curve_summary(ns: list[int], per_prompt: np.ndarray) -> dict[str, Any]:
         "true_at_max_n": float(mean[-1]),
         "drop_peak_to_max_n": float(mean[k] - mean[-1]),
         "drop_se": se(drop),
+        "min_true_after_peak": float(mean[t]),
+        "n_at_min_after_peak": int(ns[t]),
+        "drop_peak_to_min": float(mean[k] - mean[t]),
+        "drop_peak_to_min_se": se(dip),
         "proxy_at_1": float(per_prompt[:, 0, 1].mean()),
         "proxy_at_max_n": float(per_prompt[:, -1, 1].mean()),
         "flattery_at_max_n": float(per_prompt[:, -1, 3].mean()),
@@ -242,11 +248,13 @@ def write_outputs(out: Path, curves: list[dict], oracle: dict, info: dict) -> di
 
 
 def summary_table(summary: dict[str, dict]) -> str:
-    head = "| curve | true @ n=1 | peak true | n at peak | true @ max n | drop (± se) | proxy @ max n | flattery @ max n |"
-    rows = [head, "|" + "---|" * 8]
+    head = ("| curve | true @ n=1 | peak true | n at peak | lowest after | at n | true @ max n | drop to max n (± se) | "
+            "proxy @ max n | flattery @ max n |")
+    rows = [head, "|" + "---|" * 10]
     for name, s in summary.items():
         rows.append(
             f"| {name} | {s['true_at_1']:.3f} | {s['peak_true_reward']:.3f} | {s['n_at_peak']} | "
+            f"{s['min_true_after_peak']:.3f} | {s['n_at_min_after_peak']} | "
             f"{s['true_at_max_n']:.3f} | {s['drop_peak_to_max_n']:.3f} ± {s['drop_se']:.3f} | "
             f"{s['proxy_at_max_n']:.3f} | {s['flattery_at_max_n']:.2f} |"
         )
@@ -268,8 +276,8 @@ def summarize(dirs: list[str], out: Path) -> str:
     for r in runs:
         for c in r["curves"]:
             arms.setdefault(c["arm"], []).append(c)
-    lines = ["| arm | models | true @ n=1 | peak true | n at peak | true @ n=256 | drop peak -> 256 | proxy @ 256 |",
-             "|" + "---|" * 8]
+    lines = ["| arm | models | true @ n=1 | peak true | n at peak | lowest true after the peak | at n | true @ max n | "
+             "drop peak -> lowest | drop peak -> max n |", "|" + "---|" * 10]
 
     def ms(xs: list[float], f: str = ".3f") -> str:
         a = np.asarray(xs, dtype=float)
@@ -279,20 +287,21 @@ def summarize(dirs: list[str], out: Path) -> str:
         s = [c["summary"] for c in cs]
         lines.append(
             f"| {arm} | {len(cs)} | {ms([x['true_at_1'] for x in s])} | {ms([x['peak_true_reward'] for x in s])} | "
-            f"{', '.join(str(x['n_at_peak']) for x in s)} | {ms([x['true_at_max_n'] for x in s])} | "
-            f"{ms([x['drop_peak_to_max_n'] for x in s])} | {ms([x['proxy_at_max_n'] for x in s])} |"
+            f"{', '.join(str(x['n_at_peak']) for x in s)} | {ms([x['min_true_after_peak'] for x in s])} | "
+            f"{', '.join(str(x['n_at_min_after_peak']) for x in s)} | {ms([x['true_at_max_n'] for x in s])} | "
+            f"{ms([x['drop_peak_to_min'] for x in s])} | {ms([x['drop_peak_to_max_n'] for x in s])} |"
         )
     paired = ["", "Ensembles minus their own members (same prompts and pools; mean ± std over the members):", "",
-              "| ensemble | members | peak true | true @ n=256 | drop peak -> 256 |", "|---|---|---|---|---|"]
+              "| ensemble | members | peak true | lowest true after the peak | true @ max n | drop peak -> lowest | "
+              "drop peak -> max n |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         members = [c for c in r["curves"] if c.get("kind") == "member"]
         for c in r["curves"]:
             if c.get("kind") != "ensemble" or not members:
                 continue
-            d = {k: [c["summary"][k] - m["summary"][k] for m in members]
-                 for k in ("peak_true_reward", "true_at_max_n", "drop_peak_to_max_n")}
-            paired.append(f"| {c['arm']} | {len(members)} | {ms(d['peak_true_reward'], '+.3f')} | "
-                          f"{ms(d['true_at_max_n'], '+.3f')} | {ms(d['drop_peak_to_max_n'], '+.3f')} |")
+            keys = ("peak_true_reward", "min_true_after_peak", "true_at_max_n", "drop_peak_to_min", "drop_peak_to_max_n")
+            d = {k: [c["summary"][k] - m["summary"][k] for m in members] for k in keys}
+            paired.append(f"| {c['arm']} | {len(members)} | " + " | ".join(ms(d[k], "+.3f") for k in keys) + " |")
     text = "\n".join(lines + (paired if len(paired) > 5 else []))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bon_summary.md").write_text(text + "\n")
@@ -387,12 +396,13 @@ def main(argv: list[str] | None = None) -> None:
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     data_cfg = run_cfg.get("data", {}) if run_cfg is not None else {}
-    raw = []
-    for i, (p, (model, _, _)) in enumerate(zip(paths, loaded)):
+    raw, normalized = [], []
+    for i, (p, (model, meta, _)) in enumerate(zip(paths, loaded)):
         scorer = Scorer(model, data_cfg.get("max_length") or 512, data_cfg.get("min_prompt_tokens", 16),
                         batch_size=a.batch_size, max_tokens=a.max_tokens, device=device, progress=not a.no_progress)
         print(f"rmlab.bon: scoring the pools with model {i + 1}/{len(paths)} ({p})", file=sys.stderr)
         raw.append(score_pools(scorer, pools))
+        normalized.append("reward_mean" in meta and "reward_std" in meta)
 
     def arm_of(rc: Any) -> str:
         if a.label:
@@ -401,10 +411,14 @@ def main(argv: list[str] | None = None) -> None:
         return target.rsplit(".", 1)[-1].removesuffix("Loss").lower() or "model"
 
     curves = []
-    for i, (p, (_, _, rc)) in enumerate(zip(paths, loaded)):
+    for i, (p, (_, meta, rc)) in enumerate(zip(paths, loaded)):
         seed = rc.get("seed") if rc is not None else None
         name = arm_of(rc) + (f" seed {seed}" if seed is not None else f" #{i + 1}")
-        curves.append(curves_for(name, raw[i], pools, ns, arm=arm_of(rc), seed=seed, model=p, kind="member"))
+        # The proxy in the model's normalized units when its export has val statistics (as the ensembles'),
+        # so curves of different models share a scale; the pick depends only on the order either way.
+        mu, sd = member_stats(meta, p) if normalized[i] else (0.0, 1.0)
+        scores = [(r - mu) / sd for r in raw[i]]
+        curves.append(curves_for(name, scores, pools, ns, arm=arm_of(rc), seed=seed, model=p, kind="member"))
     if len(paths) > 1 and combos:
         stats = [member_stats(meta, p) for p, (_, meta, _) in zip(paths, loaded)]
         for how in combos:
@@ -428,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_by": {"val_fraction": frac, "data_seed": data_seed} if known and frac > 0 else None,
         "simulator": {f.name: getattr(sim, f.name) for f in fields(SimulatorConfig) if f.name != "num_prompts"},
         "combine": combos if len(paths) > 1 else [],
+        "proxy_units": ["normalized by the export's val statistics" if z else "raw reward" for z in normalized],
         "lam": a.lam,
         "distinct_responses_per_prompt": float(np.mean([len(set(pl["texts"])) for pl in pools])),
         "seconds": round(time.time() - t0, 1),

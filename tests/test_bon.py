@@ -82,6 +82,11 @@ def test_curve_summary_by_hand():
     assert s["drop_peak_to_max_n"] == 1.0
     assert s["drop_se"] == pytest.approx(0.0)  # both prompts drop by exactly 1
     assert s["proxy_at_max_n"] == 2.5
+    # the lowest point at or after the peak: n = 4 here; dips 1 and 1 per prompt
+    assert s["min_true_after_peak"] == 1.5 and s["n_at_min_after_peak"] == 4 and s["drop_peak_to_min"] == 1.0
+    per[:, :, 0] = [[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]]  # still rising at the end: the peak is the last n, no drop
+    s = curve_summary(ns, per)
+    assert s["n_at_peak"] == 4 and s["drop_peak_to_max_n"] == 0.0 and s["drop_peak_to_min"] == 0.0
 
 
 @pytest.mark.slow
