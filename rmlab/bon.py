@@ -96,14 +96,26 @@ def gao_fit(kl: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
+def drawdown(curve: np.ndarray) -> tuple[int, int]:
+    """Indices (i, j), i <= j, of the largest fall curve[i] - curve[j] as n grows (0 when it never falls).
+    Unlike the drop from the global peak to n = N it also sees a fall that the curve later climbs back from."""
+    best, frm, to, top = 0.0, 0, 0, 0
+    for j in range(len(curve)):
+        if curve[j] > curve[top]:
+            top = j
+        if curve[top] - curve[j] > best:
+            best, frm, to = float(curve[top] - curve[j]), top, j
+    return frm, to
+
+
 def curve_summary(ns: list[int], per_prompt: np.ndarray) -> dict[str, Any]:
     """Numbers of one curve from its per-prompt expectations [P, len(ns), len(VALUES)]."""
     true = per_prompt[:, :, 0]
     mean = true.mean(0)
     k = int(np.argmax(mean))
-    t = k + int(np.argmin(mean[k:]))  # the lowest point at or after the peak
+    i, j = drawdown(mean)
     drop = true[:, k] - true[:, -1]  # per prompt, at the peak of the mean curve
-    dip = true[:, k] - true[:, t]
+    dip = true[:, i] - true[:, j]
     se = lambda x: float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
     kls = kl_bon(ns)
     alpha, beta = gao_fit(kls, mean - mean[0])
@@ -115,10 +127,10 @@ def curve_summary(ns: list[int], per_prompt: np.ndarray) -> dict[str, Any]:
         "true_at_max_n": float(mean[-1]),
         "drop_peak_to_max_n": float(mean[k] - mean[-1]),
         "drop_se": se(drop),
-        "min_true_after_peak": float(mean[t]),
-        "n_at_min_after_peak": int(ns[t]),
-        "drop_peak_to_min": float(mean[k] - mean[t]),
-        "drop_peak_to_min_se": se(dip),
+        "max_drawdown": float(mean[i] - mean[j]),
+        "drawdown_from_n": int(ns[i]),
+        "drawdown_to_n": int(ns[j]),
+        "drawdown_se": se(dip),
         "proxy_at_1": float(per_prompt[:, 0, 1].mean()),
         "proxy_at_max_n": float(per_prompt[:, -1, 1].mean()),
         "flattery_at_max_n": float(per_prompt[:, -1, 3].mean()),
@@ -248,14 +260,14 @@ def write_outputs(out: Path, curves: list[dict], oracle: dict, info: dict) -> di
 
 
 def summary_table(summary: dict[str, dict]) -> str:
-    head = ("| curve | true @ n=1 | peak true | n at peak | lowest after | at n | true @ max n | drop to max n (± se) | "
-            "proxy @ max n | flattery @ max n |")
+    head = ("| curve | true @ n=1 | peak true | n at peak | true @ max n | drop peak -> max n (± se) | "
+            "largest fall (± se) | from n -> to n | proxy @ max n | flattery @ max n |")
     rows = [head, "|" + "---|" * 10]
     for name, s in summary.items():
         rows.append(
             f"| {name} | {s['true_at_1']:.3f} | {s['peak_true_reward']:.3f} | {s['n_at_peak']} | "
-            f"{s['min_true_after_peak']:.3f} | {s['n_at_min_after_peak']} | "
             f"{s['true_at_max_n']:.3f} | {s['drop_peak_to_max_n']:.3f} ± {s['drop_se']:.3f} | "
+            f"{s['max_drawdown']:.3f} ± {s['drawdown_se']:.3f} | {s['drawdown_from_n']} -> {s['drawdown_to_n']} | "
             f"{s['proxy_at_max_n']:.3f} | {s['flattery_at_max_n']:.2f} |"
         )
     return "\n".join(rows)
@@ -276,8 +288,8 @@ def summarize(dirs: list[str], out: Path) -> str:
     for r in runs:
         for c in r["curves"]:
             arms.setdefault(c["arm"], []).append(c)
-    lines = ["| arm | models | true @ n=1 | peak true | n at peak | lowest true after the peak | at n | true @ max n | "
-             "drop peak -> lowest | drop peak -> max n |", "|" + "---|" * 10]
+    lines = ["| arm | models | true @ n=1 | peak true | n at peak | true @ max n | drop peak -> max n | largest fall | "
+             "from n -> to n |", "|" + "---|" * 9]
 
     def ms(xs: list[float], f: str = ".3f") -> str:
         a = np.asarray(xs, dtype=float)
@@ -287,19 +299,19 @@ def summarize(dirs: list[str], out: Path) -> str:
         s = [c["summary"] for c in cs]
         lines.append(
             f"| {arm} | {len(cs)} | {ms([x['true_at_1'] for x in s])} | {ms([x['peak_true_reward'] for x in s])} | "
-            f"{', '.join(str(x['n_at_peak']) for x in s)} | {ms([x['min_true_after_peak'] for x in s])} | "
-            f"{', '.join(str(x['n_at_min_after_peak']) for x in s)} | {ms([x['true_at_max_n'] for x in s])} | "
-            f"{ms([x['drop_peak_to_min'] for x in s])} | {ms([x['drop_peak_to_max_n'] for x in s])} |"
+            f"{', '.join(str(x['n_at_peak']) for x in s)} | {ms([x['true_at_max_n'] for x in s])} | "
+            f"{ms([x['drop_peak_to_max_n'] for x in s])} | {ms([x['max_drawdown'] for x in s])} | "
+            f"{', '.join(str(x['drawdown_from_n']) + '->' + str(x['drawdown_to_n']) for x in s)} |"
         )
     paired = ["", "Ensembles minus their own members (same prompts and pools; mean ± std over the members):", "",
-              "| ensemble | members | peak true | lowest true after the peak | true @ max n | drop peak -> lowest | "
-              "drop peak -> max n |", "|---|---|---|---|---|---|---|"]
+              "| ensemble | members | peak true | true @ max n | drop peak -> max n | largest fall |",
+              "|---|---|---|---|---|---|"]
     for r in runs:
         members = [c for c in r["curves"] if c.get("kind") == "member"]
         for c in r["curves"]:
             if c.get("kind") != "ensemble" or not members:
                 continue
-            keys = ("peak_true_reward", "min_true_after_peak", "true_at_max_n", "drop_peak_to_min", "drop_peak_to_max_n")
+            keys = ("peak_true_reward", "true_at_max_n", "drop_peak_to_max_n", "max_drawdown")
             d = {k: [c["summary"][k] - m["summary"][k] for m in members] for k in keys}
             paired.append(f"| {c['arm']} | {len(members)} | " + " | ".join(ms(d[k], "+.3f") for k in keys) + " |")
     text = "\n".join(lines + (paired if len(paired) > 5 else []))

@@ -82,11 +82,21 @@ def test_curve_summary_by_hand():
     assert s["drop_peak_to_max_n"] == 1.0
     assert s["drop_se"] == pytest.approx(0.0)  # both prompts drop by exactly 1
     assert s["proxy_at_max_n"] == 2.5
-    # the lowest point at or after the peak: n = 4 here; dips 1 and 1 per prompt
-    assert s["min_true_after_peak"] == 1.5 and s["n_at_min_after_peak"] == 4 and s["drop_peak_to_min"] == 1.0
-    per[:, :, 0] = [[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]]  # still rising at the end: the peak is the last n, no drop
+    # the largest fall: from n = 2 to n = 4, 1 and 1 per prompt
+    assert (s["max_drawdown"], s["drawdown_from_n"], s["drawdown_to_n"]) == (1.0, 2, 4)
+    per[:, :, 0] = [[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]]  # still rising at the end: the peak is the last n, no fall
     s = curve_summary(ns, per)
-    assert s["n_at_peak"] == 4 and s["drop_peak_to_max_n"] == 0.0 and s["drop_peak_to_min"] == 0.0
+    assert s["n_at_peak"] == 4 and s["drop_peak_to_max_n"] == 0.0 and s["max_drawdown"] == 0.0
+
+
+def test_drawdown_sees_a_fall_the_curve_climbs_back_from():
+    from rmlab.bon import drawdown
+
+    # peak 2.0 at index 1, falls to 1.2 at index 3, ends at 2.5 (the global peak): the drop from the global
+    # peak to the end is 0, the largest fall is 2.0 - 1.2 = 0.8
+    assert drawdown(np.array([1.0, 2.0, 1.5, 1.2, 2.5])) == (1, 3)
+    assert drawdown(np.array([3.0, 2.0, 4.0, 1.0])) == (2, 3)  # 4 -> 1 beats 3 -> 2
+    assert drawdown(np.array([1.0, 2.0, 3.0])) == (0, 0)  # never falls
 
 
 @pytest.mark.slow
