@@ -293,7 +293,7 @@ def summarize(dirs: list[str], out: Path) -> str:
 
     def ms(xs: list[float], f: str = ".3f") -> str:
         a = np.asarray(xs, dtype=float)
-        return f"{a.mean():{f}} ± {a.std(ddof=1):{f}}" if len(a) > 1 else f"{a.mean():{f}}"
+        return f"{a.mean():{f}} ± {a.std(ddof=1):{f.lstrip('+')}}" if len(a) > 1 else f"{a.mean():{f}}"
 
     for arm, cs in arms.items():
         s = [c["summary"] for c in cs]
@@ -314,7 +314,19 @@ def summarize(dirs: list[str], out: Path) -> str:
             keys = ("peak_true_reward", "true_at_max_n", "drop_peak_to_max_n", "max_drawdown")
             d = {k: [c["summary"][k] - m["summary"][k] for m in members] for k in keys}
             paired.append(f"| {c['arm']} | {len(members)} | " + " | ".join(ms(d[k], "+.3f") for k in keys) + " |")
-    text = "\n".join(lines + (paired if len(paired) > 5 else []))
+    # Every other arm minus the first, paired by seed (same data and pools: the seed is the model's only change).
+    keys = ("peak_true_reward", "true_at_max_n", "drop_peak_to_max_n", "max_drawdown")
+    names = list(arms)
+    by_seed = {arm: {c["seed"]: c["summary"] for c in cs if c.get("seed") is not None} for arm, cs in arms.items()}
+    vs = ["", f"Arms minus `{names[0]}`, paired by seed (mean ± std over the shared seeds):", "",
+          "| arm | seeds | peak true | true @ max n | drop peak -> max n | largest fall |", "|---|---|---|---|---|---|"]
+    for arm in names[1:]:
+        common = sorted(set(by_seed[arm]) & set(by_seed[names[0]]))
+        if not common:
+            continue
+        d = {k: [by_seed[arm][sd][k] - by_seed[names[0]][sd][k] for sd in common] for k in keys}
+        vs.append(f"| {arm} | {', '.join(map(str, common))} | " + " | ".join(ms(d[k], "+.3f") for k in keys) + " |")
+    text = "\n".join(lines + (paired if len(paired) > 5 else []) + (vs if len(vs) > 5 else []))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bon_summary.md").write_text(text + "\n")
     # one curve per arm: the mean over its seeds

@@ -3,6 +3,7 @@
 # then best-of-n on every model and on the ensembles of the BT seeds, then one table and one plot.
 #   bash docs/results/overopt.sh
 #   LOSSES="bt margin odin grm" bash docs/results/overopt.sh   # the anti-hacking slot, once h/antihack is merged
+#   EXTRA_grm="model=tiny_llama" LOSSES="bt grm" bash ...      # per-loss overrides (GRM's LM loss needs a causal LM)
 #   SKIP_TRAIN=1 bash docs/results/overopt.sh                  # best-of-n and the summary on finished sweeps
 # Sweeps land in outputs/results/overopt/<loss>/, best-of-n in outputs/results/overopt/bon/<loss>/; the summary
 # (bon_summary.md, bon_summary.png) and each loss's bon.png are copied to docs/results/overopt/.
@@ -24,7 +25,8 @@ run_limited() {  # run "$@" in the background, at most JOBS at a time
 if [ -z "${SKIP_TRAIN:-}" ]; then
   for loss in $LOSSES; do
     rm -rf "${root:?}/$loss"
-    run_limited bash -c "$PY train.py -m experiment=overopt loss=$loss threads=1 hydra.sweep.dir=$root/$loss > $root/$loss.log 2>&1"
+    extra_var="EXTRA_$loss"
+    run_limited bash -c "$PY train.py -m experiment=overopt loss=$loss ${!extra_var:-} threads=1 hydra.sweep.dir=$root/$loss > $root/$loss.log 2>&1"
   done
   wait
 fi
