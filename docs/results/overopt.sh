@@ -3,7 +3,8 @@
 # then best-of-n on every model and on the ensembles of the BT seeds, then one table and one plot.
 #   bash docs/results/overopt.sh
 #   LOSSES="bt margin odin grm" bash docs/results/overopt.sh   # the anti-hacking slot, once h/antihack is merged
-#   EXTRA_grm="model=tiny_llama" LOSSES="bt grm" bash ...      # per-loss overrides (GRM's LM loss needs a causal LM)
+#   EXTRA_bt=model=tiny_llama EXTRA_grm=model=tiny_llama LOSSES="bt grm" ROOT_DIR=outputs/results/overopt_llama \
+#     DOCS_DIR=docs/results/overopt_llama bash docs/results/overopt.sh   # per-loss overrides (GRM needs a causal LM)
 #   SKIP_TRAIN=1 bash docs/results/overopt.sh                  # best-of-n and the summary on finished sweeps
 # Sweeps land in outputs/results/overopt/<loss>/, best-of-n in outputs/results/overopt/bon/<loss>/; the summary
 # (bon_summary.md, bon_summary.png) and each loss's bon.png are copied to docs/results/overopt/.
@@ -14,7 +15,8 @@ LOSSES=${LOSSES:-bt margin}  # the slot: add odin, grm (their losses come with h
 ENSEMBLE=${ENSEMBLE:-bt}     # the loss whose 3 seeds also form an ensemble (mean, min, uwo)
 PROMPTS=${PROMPTS:-32}       # held-out prompts for best-of-n, 256 generator samples each
 JOBS=${JOBS:-2}              # sweeps / best-of-n runs at a time, one thread each (2 cores)
-root=outputs/results/overopt
+root=${ROOT_DIR:-outputs/results/overopt}  # sweeps and best-of-n runs
+docs=${DOCS_DIR:-docs/results/overopt}     # the summary and plots
 mkdir -p "$root"
 
 run_limited() {  # run "$@" in the background, at most JOBS at a time
@@ -41,6 +43,6 @@ for loss in $LOSSES; do
 done
 wait
 
-mkdir -p docs/results/overopt
-$PY -m rmlab.bon --summarize $(for l in $LOSSES; do echo "$root/bon/$l"; done) --out docs/results/overopt
-for loss in $LOSSES; do cp "$root/bon/$loss/bon.png" "docs/results/overopt/bon_$loss.png"; done
+mkdir -p "$docs"
+$PY -m rmlab.bon --summarize $(for l in $LOSSES; do echo "$root/bon/$l"; done) --out "$docs"
+for loss in $LOSSES; do cp "$root/bon/$loss/bon.png" "$docs/bon_$loss.png"; done
