@@ -43,6 +43,18 @@ for loss in $LOSSES; do
 done
 wait
 
+# The same models under a policy that flatters rarely (5%): the full rise-and-fall (docs/results.md#overopt)
+for loss in $LOSSES; do
+  args=()
+  for e in "$root/$loss"/*/export; do args+=(--model "$e"); done
+  combine=none
+  [ "$loss" = "$ENSEMBLE" ] && combine=mean,min,uwo
+  run_limited bash -c "$PY -m rmlab.bon ${args[*]} --combine $combine --label $loss --prompts $PROMPTS --threads 1 \
+    --hack-rate 0.05 --out $root/bon_policy05/$loss > $root/bon_policy05_$loss.log 2>&1"
+done
+wait
+
 mkdir -p "$docs"
 $PY -m rmlab.bon --summarize $(for l in $LOSSES; do echo "$root/bon/$l"; done) --out "$docs"
 for loss in $LOSSES; do cp "$root/bon/$loss/bon.png" "$docs/bon_$loss.png"; done
+$PY -m rmlab.bon --summarize $(for l in $LOSSES; do echo "$root/bon_policy05/$l"; done) --out "$docs/policy05"
