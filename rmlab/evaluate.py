@@ -26,8 +26,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rmlab.checkpoint import check_checkpoint, check_export_dir, read_checkpoint
+from rmlab.data.simulator import SimulatorConfig
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
+from rmlab.models.ensemble import EnsembleRewardModel, member_stats
 from rmlab.module import model_state
 from rmlab.report import write_report
 from rmlab.runtime import start_run
@@ -48,6 +50,10 @@ _DATA_IDENTITY = (
     "fields",
     "seed",
 )
+
+
+# The simulator's settings a data config leaves out take these values (compared by pick_split).
+SIMULATOR_DEFAULTS = {k: v for k, v in vars(SimulatorConfig()).items() if k != "seed"}
 
 
 def find_run_config(path: str | None) -> DictConfig | None:
@@ -105,6 +111,34 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
     return model.eval()
 
 
+def load_member(path: str) -> tuple[RewardModel, dict, DictConfig | None]:
+    """(model in eval mode, export metadata, the training run's config or None) for one path: a Lightning
+    checkpoint file (the architecture from its run's config.yaml) or an export dir / HF reward model."""
+    run_cfg = find_run_config(path)
+    if Path(path).is_file():
+        model = load_reward_model(path, None, run_cfg)
+        meta = read_export_meta(str(Path(path).resolve().parent.parent / "export"))
+    else:
+        if Path(path).is_dir():
+            check_export_dir(path)
+        model = load_export(path).eval()  # the export's config.json says which head it is
+        meta = read_export_meta(path)
+    return model, meta, run_cfg
+
+
+def load_ensemble(paths: list[str], how: str = "mean", lam: float = 1.0) -> tuple[RewardModel, list[DictConfig | None]]:
+    """One model for one path; an ``EnsembleRewardModel`` (rmlab.models.ensemble) over several, each member
+    normalized by its export's val statistics. Returns the model and the members' run configs."""
+    if not paths:
+        raise ValueError("no model given: pass an export dir or a checkpoint")
+    loaded = [load_member(p) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0][0], [loaded[0][2]]
+    stats = [member_stats(meta, p) for p, (_, meta, _) in zip(paths, loaded)]
+    model = EnsembleRewardModel([m for m, _, _ in loaded], stats, how, lam, names=list(paths))
+    return model.eval(), [c for _, _, c in loaded]
+
+
 def score_loader(
     model: RewardModel,
     loader,
@@ -131,6 +165,9 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
     if run_cfg is None or "data" not in run_cfg:
         return "all"
     a, b = OmegaConf.to_container(data_cfg, resolve=True), OmegaConf.to_container(run_cfg.data, resolve=True)
+    for d in (a, b):  # a run saved before a simulator key existed (e.g. hack_rate) had that key's default
+        if isinstance(d.get("simulator"), dict):
+            d["simulator"] = {**SIMULATOR_DEFAULTS, **d["simulator"]}
     same = all(a.get(k) == b.get(k) for k in _DATA_IDENTITY)
     return "val" if same else "all"
 
@@ -143,11 +180,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt = cfg.get("ckpt_path")
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
-    run_cfg = find_run_config(ckpt or name_or_path)
     torch.manual_seed(int(cfg.get("seed") or 0))  # a head that is not in the weights (model=minilm) starts the same each time
-    model = load_reward_model(ckpt, cfg.model, run_cfg)
+    members = OmegaConf.select(cfg, "ensemble.members", default=None)
+    if members:  # several models scored as one (rmlab.models.ensemble); the first member's run gives the split
+        members = [str(m) for m in members]
+        model, run_cfgs = load_ensemble(members, str(cfg.ensemble.combine), float(cfg.ensemble.lam))
+        run_cfg, name_or_path = run_cfgs[0], f"ensemble {cfg.ensemble.combine} of {', '.join(members)}"
+        first = members[0]
+    else:
+        run_cfg = find_run_config(ckpt or name_or_path)
+        model = load_reward_model(ckpt, cfg.model, run_cfg)
+        first = ckpt or name_or_path
     # Rows as the model was trained on them (the scoring contract): its reward_token unless this run names one.
-    trained = trained_rows(ckpt or name_or_path, run_cfg)["reward_token"]
+    trained = trained_rows(first, run_cfg)["reward_token"]
     if cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
         log.info("data.reward_token=%s, as the model was trained", trained)
         cfg.data.reward_token = trained

@@ -26,6 +26,7 @@ from rmlab.data.formats import ADAPTERS
 from rmlab.data.tokenize import REWARD_TOKENS
 from rmlab.models.base import ENCODER_TYPES
 from rmlab.models.builder import BUILDERS, find_head
+from rmlab.models.ensemble import COMBINES
 from rmlab.models.packing import MODES
 
 log = logging.getLogger("rmlab")
@@ -191,9 +192,16 @@ def _check_top(c: _Checker, entry: str) -> None:
         c.choice("split", ("auto", "val", "all"))
         c.integer("n_bins", 1)
         c.integer("worst_k", 0)
-        if ckpt in (_ABSENT, None) and _no_model(c):
-            c.fail("model.name_or_path", None, "no model to evaluate: set ckpt_path=<checkpoint> or "
-                   "model.name_or_path=<export dir>")
+        members = c.get("ensemble.members")
+        if members not in (_ABSENT, None):
+            if not OmegaConf.is_list(members) or len(members) < 2 or not all(isinstance(m, str) for m in members):
+                c.fail("ensemble.members", members, "must be a list of 2 or more export dirs or checkpoints, e.g. "
+                       "ensemble.members=[runA/export,runB/export]; null scores the one model")
+            c.choice("ensemble.combine", COMBINES)
+            c.number("ensemble.lam", 0, hint="uwo's lambda, e.g. 1.0")
+        elif ckpt in (_ABSENT, None) and _no_model(c):
+            c.fail("model.name_or_path", None, "no model to evaluate: set ckpt_path=<checkpoint>, "
+                   "model.name_or_path=<export dir> or ensemble.members=[<export>,<export>,...]")
 
 
 def _check_module(c: _Checker) -> None:
@@ -303,6 +311,8 @@ def _check_simulator(c: _Checker) -> None:
     c.choice("data.simulator.comparisons", ("all", "adjacent", "one", "ranking"))
     c.number("data.simulator.temperature", 0, low_open=True, hint="annotator noise, e.g. 0.5")
     c.number("data.simulator.tie_band", 0, hint="e.g. 0.15; 0 = no ties")
+    c.number("data.simulator.hack_rate", 0, 1, hint="share of flattering responses, e.g. 0.2; 0 = off")
+    c.number("data.simulator.hack_strength", hint="annotators' bonus per flattering sentence, e.g. 1.0")
 
 
 def _check_loss(c: _Checker) -> None:

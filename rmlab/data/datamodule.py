@@ -23,7 +23,7 @@ from rmlab.data.collate import Collator
 from rmlab.data.formats import records_to_groups
 from rmlab.data.loader import ResumableLoader
 from rmlab.data.sampler import GroupBatchSampler
-from rmlab.data.simulator import SimulatorConfig, generate
+from rmlab.data.simulator import SimulatorConfig, generate, spurious_feature_report
 from rmlab.data.sources import DataError, read_records, resolve_paths
 from rmlab.data.tokenize import (
     TokenizedGroup,
@@ -279,6 +279,15 @@ class RewardDataModule(L.LightningDataModule):
                 },
             )
         report = {"train": train_r.to_dict(), "val": val_r.to_dict(), "val_baselines": baselines(val_t)}
+        if self.records.source == "simulator" and float(self.records.simulator.get("hack_rate", 0.0)) > 0:
+            # The hackable simulator: how strongly its spurious feature drives the labels and the true reward.
+            sim = self.records.simulator
+            report["spurious_feature"] = {
+                "hack_rate": sim["hack_rate"],
+                "hack_strength": sim.get("hack_strength", SimulatorConfig.hack_strength),
+                "train": spurious_feature_report(train),
+                "val": spurious_feature_report(val),
+            }
         report["one_line"] = [train_r.one_line(), val_r.one_line()]
         return train_t, val_t, report
 

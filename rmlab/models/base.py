@@ -124,7 +124,8 @@ class RewardModel(nn.Module):
 
     def recorded_scoring(self) -> dict[str, Any]:
         """``config.rmlab.scoring`` of the export this model was loaded from (how its rows were built), else {}."""
-        return dict((getattr(self.hf.config, "rmlab", None) or {}).get("scoring", {}))
+        config = getattr(self.hf, "config", None)  # None for a model made of others (an ensemble)
+        return dict((getattr(config, "rmlab", None) or {}).get("scoring", {}))
 
     def export_meta(self) -> dict[str, Any]:
         """What ``config.rmlab`` records so ``rmlab.models.load_export`` rebuilds this scorer."""

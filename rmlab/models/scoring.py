@@ -27,8 +27,10 @@ def score_batches(
     device: str | torch.device | None = None,
     progress: bool = False,
     desc: str = "scoring",
+    total: int | None = None,
 ) -> Iterator[Scored]:
-    """Score every batch in eval mode without gradients; the model's mode is restored afterwards."""
+    """Score every batch in eval mode without gradients; the model's mode is restored afterwards. ``total``:
+    the number of batches, for the progress bar's ETA when ``batches`` has no length."""
     dev = torch.device(device) if device is not None else model.device
     model.to(dev)
     was = model.training
@@ -37,7 +39,7 @@ def score_batches(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(batches, desc=desc, unit="batch", leave=False)
+        it = tqdm(batches, desc=desc, unit="batch", leave=False, total=total)
     try:
         with torch.inference_mode():
             for batch in it:
