@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install "torch>=2.4"; \
 	else $(BIN)/pip install "torch==2.13.0" --extra-index-url $(TORCH_CPU_INDEX) || $(BIN)/pip install "torch==2.13.0"; fi
 	$(BIN)/pip install -e ".[dev,all]"
+	# RewardBench's own loading and scoring path, run by tests/test_clients.py and tests/test_benchmarks.py: its pins
+	# (transformers 4, trl 0.x) clash with this stack, so it comes without its dependencies (fschat: its chat formats).
+	$(BIN)/pip install --no-deps "rewardbench==0.1.4" "fschat==0.2.36"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -1,5 +1,6 @@
 """Evaluate a reward model: python eval.py ckpt_path=<run>/checkpoints/last.ckpt [data=...]
-or python eval.py model.name_or_path=<run>/export data=... (see docs/eval.md)."""
+or python eval.py model.name_or_path=<run>/export data=...; a published benchmark: benchmark=rewardbench
+(rewardbench2, rm_bench, best_of_k). See docs/eval.md."""
 
 import hydra
 from omegaconf import DictConfig
@@ -12,6 +13,9 @@ def main(cfg: DictConfig) -> None:
     from rmlab.checkpoint import CheckpointError
     from rmlab.data.sources import DataError
     from rmlab.evaluate import run  # lazy: `python eval.py --help` stays fast
+
+    if cfg.get("benchmark"):
+        from rmlab.benchmarks.runner import run  # the benchmark's items, rules and report
     from rmlab.rundir import RunDirBusy
     from rmlab.validate import ConfigError
 

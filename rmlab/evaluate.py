@@ -26,9 +26,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rmlab.checkpoint import check_checkpoint, check_export_dir, read_checkpoint
+from rmlab.data.simulator import SimulatorConfig
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
 from rmlab.models.budget import token_budget
+from rmlab.models.ensemble import EnsembleRewardModel, member_stats
 from rmlab.module import model_state
 from rmlab.report import write_report
 from rmlab.runtime import start_run
@@ -51,6 +53,10 @@ _DATA_IDENTITY = (
 )
 
 
+# The simulator's settings a data config leaves out take these values (compared by pick_split).
+SIMULATOR_DEFAULTS = {k: v for k, v in vars(SimulatorConfig()).items() if k != "seed"}
+
+
 def find_run_config(path: str | None) -> DictConfig | None:
     """The training run's resolved config.yaml for a checkpoint or an export dir inside a run dir."""
     if not path:
@@ -60,6 +66,20 @@ def find_run_config(path: str | None) -> DictConfig | None:
         if (d / "config.yaml").exists() and (d / "config.yaml") != p:
             return OmegaConf.load(d / "config.yaml")
     return None
+
+
+def trained_rows(model_path: str | None, run_cfg: DictConfig | None) -> dict[str, Any]:
+    """How the model's training rows were built (the scoring contract): ``reward_token``, ``max_length`` and
+    ``min_prompt_tokens``, from the training run's config when there is one, else from the export's
+    ``config.rmlab.scoring`` (an export copied out of its run dir), else the defaults."""
+    meta = read_export_meta(model_path).get("scoring", {}) if model_path and Path(model_path).is_dir() else {}
+    data = run_cfg.get("data", {}) if run_cfg is not None else {}
+    out = {"reward_token": "auto", "max_length": 512, "min_prompt_tokens": 16}
+    for k in out:
+        v = data.get(k) if data.get(k) is not None else meta.get(k)
+        if v is not None:
+            out[k] = v
+    return out
 
 
 def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_cfg: DictConfig | None = None) -> RewardModel:
@@ -84,10 +104,40 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
             check_export_dir(path)  # a half-written safetensors or a cut config.json: named, before loading
         if path and read_export_meta(path).get("head") not in (None, "scalar"):
             # An rmlab export of another head (verifier, judge, attributes) rebuilds itself from its config.json.
-            model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+            # A writing model's generation settings may be changed at evaluation (model.generation.samples=5, ...).
+            gen = {"generation": OmegaConf.to_container(model_cfg.generation)} if model_cfg.get("generation") else {}
+            model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)), **gen)
         else:
             model = instantiate(model_cfg, _convert_="all")
     return model.eval()
+
+
+def load_member(path: str) -> tuple[RewardModel, dict, DictConfig | None]:
+    """(model in eval mode, export metadata, the training run's config or None) for one path: a Lightning
+    checkpoint file (the architecture from its run's config.yaml) or an export dir / HF reward model."""
+    run_cfg = find_run_config(path)
+    if Path(path).is_file():
+        model = load_reward_model(path, None, run_cfg)
+        meta = read_export_meta(str(Path(path).resolve().parent.parent / "export"))
+    else:
+        if Path(path).is_dir():
+            check_export_dir(path)
+        model = load_export(path).eval()  # the export's config.json says which head it is
+        meta = read_export_meta(path)
+    return model, meta, run_cfg
+
+
+def load_ensemble(paths: list[str], how: str = "mean", lam: float = 1.0) -> tuple[RewardModel, list[DictConfig | None]]:
+    """One model for one path; an ``EnsembleRewardModel`` (rmlab.models.ensemble) over several, each member
+    normalized by its export's val statistics. Returns the model and the members' run configs."""
+    if not paths:
+        raise ValueError("no model given: pass an export dir or a checkpoint")
+    loaded = [load_member(p) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0][0], [loaded[0][2]]
+    stats = [member_stats(meta, p) for p, (_, meta, _) in zip(paths, loaded)]
+    model = EnsembleRewardModel([m for m, _, _ in loaded], stats, how, lam, names=list(paths))
+    return model.eval(), [c for _, _, c in loaded]
 
 
 def score_loader(
@@ -102,7 +152,7 @@ def score_loader(
     scored batch, for the model's own report."""
     col = PredictionCollector(keep_tokens=keep_tokens)
     for s in score_batches(model, loader, device=device, progress=progress):
-        col.add(s.rewards, s.batch)
+        col.add(s.rewards, s.batch, s.heads.get("critique"))  # a writing model's generated critiques, else None
         if scored is not None:
             scored.append(s)
     return col.result()
@@ -116,22 +166,35 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
     if run_cfg is None or "data" not in run_cfg:
         return "all"
     a, b = OmegaConf.to_container(data_cfg, resolve=True), OmegaConf.to_container(run_cfg.data, resolve=True)
+    for d in (a, b):  # a run saved before a simulator key existed (e.g. hack_rate) had that key's default
+        if isinstance(d.get("simulator"), dict):
+            d["simulator"] = {**SIMULATOR_DEFAULTS, **d["simulator"]}
     same = all(a.get(k) == b.get(k) for k in _DATA_IDENTITY)
     return "val" if same else "all"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("benchmark"):
+        raise ValueError("benchmark= is run by rmlab.benchmarks.runner.run (eval.py picks it); this is the data= eval")
     check_config(cfg, entry="eval")  # bad settings fail here, named, before anything loads
     out, t0 = start_run(cfg, resolve=False)
 
     ckpt = cfg.get("ckpt_path")
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", throw_on_missing=False)
-    run_cfg = find_run_config(ckpt or name_or_path)
-    model = load_reward_model(ckpt, cfg.model, run_cfg)
+    torch.manual_seed(int(cfg.get("seed") or 0))  # a head that is not in the weights (model=minilm) starts the same each time
+    members = OmegaConf.select(cfg, "ensemble.members", default=None)
+    if members:  # several models scored as one (rmlab.models.ensemble); the first member's run gives the split
+        members = [str(m) for m in members]
+        model, run_cfgs = load_ensemble(members, str(cfg.ensemble.combine), float(cfg.ensemble.lam))
+        run_cfg, name_or_path = run_cfgs[0], f"ensemble {cfg.ensemble.combine} of {', '.join(members)}"
+        first = members[0]
+    else:
+        run_cfg = find_run_config(ckpt or name_or_path)
+        model = load_reward_model(ckpt, cfg.model, run_cfg)
+        first = ckpt or name_or_path
     # Rows as the model was trained on them (the scoring contract): its reward_token unless this run names one.
-    trained = (read_export_meta(name_or_path).get("scoring", {}).get("reward_token")
-               or OmegaConf.select(run_cfg or OmegaConf.create(), "data.reward_token", default=None))
-    if trained and cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
+    trained = trained_rows(first, run_cfg)["reward_token"]
+    if cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
         log.info("data.reward_token=%s, as the model was trained", trained)
         cfg.data.reward_token = trained
     # Generative heads re-template each group into their own rows, exactly as in training.

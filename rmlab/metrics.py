@@ -52,6 +52,7 @@ class Predictions:
     subset: np.ndarray  # [C] str ('' = none)
     group_ids: list[str] = field(default_factory=list)
     tokens: list[tuple[list[int], list[int]]] | None = None  # per response (prompt ids, response ids)
+    texts: list[str] | None = None  # per response: the critique a writing model generated before scoring it
 
     @property
     def rw(self) -> np.ndarray:
@@ -81,12 +82,15 @@ class PredictionCollector:
         }
         self._group_ids: list[str] = []
         self._tokens: list[tuple[list[int], list[int]]] = []
+        self._texts: list[str] = []
         self._n = 0
 
     def __len__(self) -> int:
         return self._n
 
-    def add(self, rewards: Any, batch: Any) -> None:
+    def add(self, rewards: Any, batch: Any, texts: list[str] | None = None) -> None:
+        """``texts``: the critiques a writing model generated for these rows (rmlab.models.reasoning), kept for
+        the report's worst comparisons."""
         def np_(t):
             return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
 
@@ -110,9 +114,11 @@ class PredictionCollector:
         if self.keep_tokens:
             ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().bool()
             plen = batch.prompt_len.tolist() if batch.prompt_len is not None else [0] * ids.shape[0]
-            for row, m, p in zip(ids, mask, plen):
+            for row, m, p, n in zip(ids, mask, plen, batch.response_len.tolist()):
                 real = row[m].tolist()
-                self._tokens.append((real[:p], real[p:]))
+                self._tokens.append((real[:p], real[p : p + n]))  # a row's critique is not its response
+        if texts is not None:
+            self._texts += list(texts)
         self._n += r.shape[0]
 
     def result(self) -> Predictions:
@@ -134,6 +140,7 @@ class PredictionCollector:
             subset=cat(C["subset"], object),
             group_ids=list(self._group_ids),
             tokens=list(self._tokens) if self.keep_tokens else None,
+            texts=list(self._texts) if self._texts and len(self._texts) == self._n else None,
         )
 
 
@@ -170,6 +177,7 @@ def concat_predictions(parts: list[Predictions]) -> Predictions:
         subset=cat("subset"),
         group_ids=[g for p in parts for g in p.group_ids],
         tokens=[t for p in parts for t in (p.tokens or [])] if keep_tokens else None,
+        texts=[t for p in parts for t in p.texts] if all(p.texts is not None for p in parts) else None,
     )
 
 

@@ -104,6 +104,8 @@ class RewardModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss"])
         self.model, self.loss_fn = model, loss
+        if loss.required_outputs:  # e.g. GRM's response log-probs, ODIN's two heads: refused here if the model lacks them
+            model.require_outputs(loss.required_outputs)
         # ModuleDict keys cannot shadow nn.Module attributes (`train`), hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_": nn.ModuleDict({m: MeanOnDevice() for m in METRICS}) for s in STAGES})
         self.val_acc_best = MaxMetric()
@@ -115,9 +117,11 @@ class RewardModule(L.LightningModule):
 
     def shared_step(self, batch, stage: str) -> torch.Tensor:
         if self.loss_fn.needs_heads:
-            # Multi-output heads (rmlab.models.attributes): the loss also trains the per-attribute outputs.
+            # The loss also reads the model's extra outputs (attributes, ODIN's heads, GRM's response log-probs),
+            # checked at construction (require_outputs).
             if not self.model.extra_outputs:
-                raise ValueError(f"loss {type(self.loss_fn).__name__} needs a multi-output head (model.head=attributes)")
+                raise ValueError(f"loss {type(self.loss_fn).__name__} needs a model with extra outputs "
+                                 f"({', '.join(self.loss_fn.required_outputs) or 'e.g. model.head=attributes'})")
             rewards, heads = self.model.score_heads(batch)
             out: LossOutput = self.loss_fn(rewards, batch, heads=heads)
         else:

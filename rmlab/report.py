@@ -176,6 +176,8 @@ def worst_comparisons(pred: Predictions, tokenizer: Any, k: int = 10, chars: int
                 "rejected": text(pred.tokens[lo][1]),
                 "reward_chosen": float(pred.reward[w]),
                 "reward_rejected": float(pred.reward[lo]),
+                # A writing model's (CLoud, reasoning judges) generated critiques, which the rewards were read after.
+                **({"critique_chosen": pred.texts[w], "critique_rejected": pred.texts[lo]} if pred.texts else {}),
             }
         )
     return rows
@@ -264,6 +266,9 @@ def write_report(
             f"{w['reward_chosen']:.3f} | {w['reward_rejected']:.3f} |"
             for w in worst
         ]
+        if "critique_chosen" in worst[0]:  # the generated critiques the rewards were read after
+            md += ["", "Their generated critiques:", "", "| critique of chosen | critique of rejected |", "|---|---|"]
+            md += [f"| {_md_cell(w['critique_chosen'][:200])} | {_md_cell(w['critique_rejected'][:200])} |" for w in worst]
     md += ["", "All metrics: `metrics.json`. Glossary: docs/eval.md.", ""]
     (out / "report.md").write_text("\n".join(md))
     return (

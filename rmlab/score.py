@@ -2,6 +2,7 @@
 
     python -m rmlab.score data.jsonl --model outputs/train/runs/<run>/export --output scored.jsonl
     python -m rmlab.score data.jsonl --ckpt <run>/checkpoints/last.ckpt --fields prompt=question,response=answer
+    python -m rmlab.score data.jsonl --model a/export --model b/export --combine min   # an ensemble
 
 Records are either ``{prompt, response}`` (gets ``reward``) or ``{prompt, chosen, rejected}`` (gets
 ``reward_chosen``, ``reward_rejected`` and ``p_chosen = sigmoid(reward_chosen - reward_rejected)``), as text
@@ -15,6 +16,9 @@ It streams: at most ``--buffer`` records are held at a time. Inside the buffer t
 sorted by length and cut into batches of at most ``--batch-size`` rows and ``--max-tokens`` padded
 tokens, so little compute goes to padding. Memory stays flat whatever the file size. Tokenization is
 the training one (same special tokens, same truncation), so scores equal those seen in training.
+
+Several ``--model`` / ``--ckpt`` score as one ensemble (rmlab.models.ensemble): each member's reward is
+normalized by its val statistics, then combined by ``--combine`` mean | min | uwo (mean - lam * std).
 """
 
 from __future__ import annotations
@@ -116,9 +120,16 @@ class Scorer:
         batch_size: int = 32,
         max_tokens: int = 16384,
         device: str = "cpu",
-        reward_token: str = "auto",
+        reward_token: str | None = None,
+        progress: bool = False,
     ):
+        """``reward_token``: the scoring contract's option (rmlab.data.tokenize); None = what the model's export
+        recorded (``config.rmlab.scoring``), else ``auto``. ``progress``: a tqdm bar over the batches of each
+        ``rows`` call."""
+        if reward_token is None:
+            reward_token = model.recorded_scoring().get("reward_token") or "auto"
         self.model, self.tok = model.eval().to(device), model.tokenizer
+        self.progress = progress
         self.max_length, self.min_prompt_tokens, self.reward_token = max_length, min_prompt_tokens, reward_token
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -157,9 +168,12 @@ class Scorer:
             out.append(g)
         return out
 
-    def rows(self, items: list[Item]) -> tuple[list[list[float]], list[list[list[float]]] | None]:
+    def rows(
+        self, items: list[Item], texts: list[list[str]] | None = None
+    ) -> tuple[list[list[float]], list[list[list[float]]] | None]:
         """Each group's row outputs: rewards [group][row] and, for the attribute head, attributes
-        [group][row][attribute] (else None). A judge's rows are its two orders of a (chosen, rejected) item."""
+        [group][row][attribute] (else None). A judge's rows are its two orders of a (chosen, rejected) item.
+        ``texts`` (a list) receives [group][row] the critique a writing model (CLoud) generated before scoring."""
         from rmlab.data.collate import collate  # torch: loaded once scoring starts, not for --help
         from rmlab.models import score_batches  # torch + transformers, likewise
 
@@ -179,13 +193,19 @@ class Scorer:
 
         # One row per response: each batch holds single-response groups, so no row waits on its group.
         batches = (collate([single(*rows[i]) for i in idx], self.pad_id, self.padding_side) for idx in order)
-        for idx, s in zip(order, score_batches(self.model, batches, device=self.device)):
+        if texts is not None:
+            texts[:] = [[""] * t.k for t in toks]
+        scored = score_batches(self.model, batches, device=self.device, progress=self.progress, total=len(order))
+        for idx, s in zip(order, scored):
             a = s.heads["attributes"].tolist() if attrs is not None else None
+            written = s.heads.get("critique")  # generated before the reward was read (rmlab.models.reasoning)
             for j, (i, v) in enumerate(zip(idx, s.rewards.tolist())):
                 gi, ri = rows[i]
                 out[gi][ri] = v
                 if a is not None:
                     attrs[gi][ri] = a[j]
+                if written is not None and texts is not None:
+                    texts[gi][ri] = written[j]
         return out, attrs
 
     def score(self, items: list[Item]) -> list[list[float]]:
@@ -215,6 +235,15 @@ def record_outputs(kind: str, is_pair: bool, rs: list[float], attrs: list[list[f
             out.update(attributes_chosen=named[0], attributes_rejected=named[1])
         return out
     return {"reward": rs[0], **({"attributes": named[0]} if named else {})}
+
+
+def critique_outputs(kind: str, is_pair: bool, texts: list[str]) -> dict:
+    """The generated critiques ``score_file`` adds beside the rewards of a writing model."""
+    if kind == "judge":
+        return {"rationale_chosen_first": texts[0], "rationale_chosen_second": texts[1]}
+    if is_pair:
+        return {"critique_chosen": texts[0], "critique_rejected": texts[1]}
+    return {"critique": texts[0]}
 
 
 def chunks(it: Iterable, n: int) -> Iterator[list]:
@@ -268,11 +297,14 @@ def score_file(
                 recs.append(rec)
                 items.append(item)
                 pair.append(is_pair)
-            rewards, attrs = scorer.rows(items)
+            texts: list[list[str]] = []  # a writing model's critiques, filled by rows
+            rewards, attrs = scorer.rows(items, texts) if scorer.model.writes_critiques else scorer.rows(items)
             for j, (rec, rs, is_pair) in enumerate(zip(recs, rewards, pair)):
                 if normalize:
                     rs = [(r - normalize[0]) / normalize[1] for r in rs]
                 rec.update(record_outputs(scorer.kind, is_pair, rs, attrs[j] if attrs else None, scorer.attribute_names))
+                if scorer.model.writes_critiques:  # the critique each reward was read after
+                    rec.update(critique_outputs(scorer.kind, is_pair, texts[j]))
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += len(recs)
             if bar is not None:
@@ -293,9 +325,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "input", help="a .jsonl / .jsonl.gz file of {prompt, response} or {prompt, chosen, rejected} records"
     )
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="an exported model dir (<run>/export), an HF reward model, or `minilm`")
-    src.add_argument("--ckpt", help="a Lightning checkpoint inside a run dir (its config.yaml gives the architecture)")
+    ap.add_argument(
+        "--model", action="append", default=[],
+        help="an exported model dir (<run>/export), an HF reward model, or `minilm`; repeat for an ensemble",
+    )
+    ap.add_argument(
+        "--ckpt", action="append", default=[],
+        help="a Lightning checkpoint inside a run dir (its config.yaml gives the architecture); repeatable",
+    )
+    ap.add_argument(
+        "--combine", default="mean", choices=["mean", "min", "uwo"],
+        help="with several models: mean, min (worst case) or uwo (mean - lam * std) of the normalized rewards",
+    )
+    ap.add_argument("--lam", type=float, default=1.0, help="uwo's lambda (normalized reward units)")
     ap.add_argument("--output", "-o", help="output jsonl (default: <input stem>.scored.jsonl)")
     ap.add_argument("--fields", help="your field names: prompt=question,response=answer or chosen=a,rejected=b")
     ap.add_argument("--batch-size", type=int, default=32, help="rows per forward at most")
@@ -317,33 +359,37 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
+    paths = [*a.model, *a.ckpt]
+    if not paths:
+        ap.error("give a model: --model <run>/export or --ckpt <run>/checkpoints/last.ckpt (repeat for an ensemble)")
 
     import torch
     import transformers
 
-    from rmlab.checkpoint import CheckpointError, check_export_dir  # likewise
-    from rmlab.evaluate import find_run_config, load_reward_model  # torch, lightning: after the arguments parse
-    from rmlab.models import load_export, read_export_meta  # likewise
+    from rmlab.checkpoint import CheckpointError  # likewise
+    from rmlab.evaluate import load_ensemble, load_member, trained_rows  # torch, lightning: after the arguments parse
 
     transformers.logging.set_verbosity_error()
     if a.threads:
         torch.set_num_threads(a.threads)
     try:  # a broken or foreign checkpoint or export: the file and what to do, without a traceback
-        run_cfg = find_run_config(a.ckpt or a.model)
-        if a.ckpt:
-            model = load_reward_model(a.ckpt, None, run_cfg)
-            meta = read_export_meta(str(Path(a.ckpt).resolve().parent.parent / "export"))
+        if len(paths) == 1:
+            model, meta, run_cfg = load_member(paths[0])
         else:
-            if Path(a.model).is_dir():
-                check_export_dir(a.model)
-            model = load_export(a.model)  # the export's config.json says which head it is
-            meta = read_export_meta(a.model)
+            if a.normalize:
+                raise SystemExit("rmlab.score: --normalize does not apply to an ensemble: its members are already "
+                                 "normalized by their val statistics before they are combined")
+            try:
+                model, run_cfgs = load_ensemble(paths, a.combine, a.lam)
+            except ValueError as e:  # members that cannot combine (no val statistics, another tokenizer or head)
+                raise SystemExit(f"rmlab.score: {e}") from None
+            meta, run_cfg = {}, run_cfgs[0]
     except CheckpointError as e:
         raise SystemExit(f"rmlab.score: {e}") from None
-    data_cfg = run_cfg.get("data", {}) if run_cfg is not None else {}
-    # Training's truncation by default, so a row scores as it was trained on.
-    a.max_length = a.max_length or data_cfg.get("max_length") or 512
-    a.min_prompt_tokens = a.min_prompt_tokens if a.min_prompt_tokens is not None else data_cfg.get("min_prompt_tokens", 16)
+    # Training's rows by default (the scoring contract, training's truncation), so a row scores as it was trained on.
+    rows = trained_rows(paths[0], run_cfg)  # an ensemble: its members share a tokenizer and, by default, rows
+    a.max_length = a.max_length or rows["max_length"]
+    a.min_prompt_tokens = a.min_prompt_tokens if a.min_prompt_tokens is not None else rows["min_prompt_tokens"]
     norm = None
     if a.normalize:
         if "reward_mean" not in meta:
@@ -354,10 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         if model.kind == "judge":
             raise SystemExit("--normalize does not apply to a pairwise judge: it outputs P(chosen), not rewards")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Rows as training built them (the scoring contract): the export records it, a run's config says it.
-    reward_token = meta.get("scoring", {}).get("reward_token") or data_cfg.get("reward_token") or "auto"
     scorer = Scorer(
-        model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device, reward_token
+        model, a.max_length, a.min_prompt_tokens, a.padding_side, a.batch_size, a.max_tokens, device, rows["reward_token"]
     )
     dst = a.output or str(Path(a.input).with_suffix("")).removesuffix(".jsonl") + ".scored.jsonl"
 

@@ -5,6 +5,9 @@
 Each run dir holds ``metrics.json`` (train or eval) and ``.hydra/overrides.yaml``. Overrides that
 take one value in every run are left out of the table; ``seed`` is the replicate axis: runs that
 differ only by seed are one configuration, reported as mean ± std (sample std, n - 1).
+
+Benchmark evals (``eval.py -m benchmark=rewardbench model.name_or_path=a,b``) become one leaderboard: a row per
+model, best score first, the benchmark's sections beside the score, and a grouped bar chart.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     for item in (yaml.safe_load(o.read_text()) if o.exists() else None) or []:
         k, _, v = str(item).partition("=")
         overrides[k.lstrip("+~")] = v
-    return {"dir": run_dir.name, "overrides": overrides, "metrics": metrics}
+    info = blob.get("info") if isinstance(blob.get("info"), dict) else {}
+    sections = list((blob.get("tables") or {}).get("sections") or {})
+    return {"dir": run_dir.name, "overrides": overrides, "metrics": metrics, "info": info, "sections": sections}
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -119,6 +124,75 @@ def bar_chart(s: dict[str, Any], path: Path, metric: str | None = None) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- benchmark leaderboards
+def benchmark_of(runs: list[dict[str, Any]]) -> str | None:
+    """The benchmark every run scored (eval.py benchmark=...), or None (a training sweep, mixed runs)."""
+    names = {(r.get("info") or {}).get("benchmark") for r in runs}
+    return names.pop() if len(names) == 1 and None not in names else None
+
+
+def leaderboard(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per run, best ``score`` first: the varying overrides name it (else its model), then the score
+    and the sections of the benchmark, in the benchmark's order."""
+    keys = varying_keys(runs)
+    sections: list[str] = []
+    for r in runs:
+        sections += [x for x in r.get("sections", []) if x not in sections]
+    cols = ["score"] + [f"section/{x}" for x in sections]
+    rows = []
+    for r in runs:
+        name = ", ".join(f"{k}={r['overrides'][k]}" for k in keys if k in r["overrides"]) or str(
+            (r.get("info") or {}).get("model", r["dir"]))
+        rows.append({"name": name, "dir": r["dir"], **{c: float(r["metrics"].get(c, math.nan)) for c in cols}})
+    rows.sort(key=lambda x: -x["score"] if not math.isnan(x["score"]) else math.inf)
+    return {"benchmark": benchmark_of(runs), "columns": cols, "rows": rows}
+
+
+def leaderboard_markdown(lb: dict[str, Any]) -> str:
+    cols = lb["columns"]
+    head = ["rank", "model", *[c.removeprefix("section/") for c in cols]]
+    lines = [f"## Leaderboard: {lb['benchmark']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(lb["rows"], 1):
+        cells = ["n/a" if math.isnan(r[c]) else f"{100 * r[c]:.1f}" for c in cols]
+        lines.append(f"| {i} | {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def leaderboard_chart(lb: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: for each model its score and its sections."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols, rows = lb["columns"], lb["rows"]
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(cols) + 2), 4), dpi=100)
+    for i, r in enumerate(rows):
+        ax.bar([j + i * width for j in range(len(cols))], [r[c] for c in cols], width, label=r["name"][-40:])
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))],
+                  [c.removeprefix("section/") for c in cols], rotation=20, ha="right")
+    ax.set(ylim=(0, 1), ylabel="score", title=f"{lb['benchmark']}: leaderboard")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_leaderboard(runs: list[dict[str, Any]], out: Path) -> str:
+    lb = leaderboard(runs)
+    md = leaderboard_markdown(lb)
+    (out / "summary.md").write_text(md + "\n")
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "model", "run", *lb["columns"]])
+        for i, r in enumerate(lb["rows"], 1):
+            w.writerow([i, r["name"], r["dir"], *[r[c] for c in lb["columns"]]])
+    leaderboard_chart(lb, out / "summary.png")
+    return md
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m rmlab.summarize", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", help="a Hydra multirun dir (holds one sub-dir per run)")
@@ -129,9 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed-key", default="seed", help="the override that marks replicates")
     ap.add_argument("--out", default=None, help="where summary.{md,csv,png} go (default: the sweep dir)")
     a = ap.parse_args(argv)
-    s = summarize(collect(a.sweep_dir), a.metrics.split(","), a.seed_key)
+    runs = collect(a.sweep_dir)
     out = Path(a.out or a.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if runs and benchmark_of(runs):  # eval.py -m benchmark=...: one leaderboard of the models
+        print(write_leaderboard(runs, out))
+        print(f"\nwrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'summary.png'}")
+        return
+    s = summarize(runs, a.metrics.split(","), a.seed_key)
     md = to_markdown(s)
     (out / "summary.md").write_text(md + "\n")
     with open(out / "summary.csv", "w", newline="") as f:

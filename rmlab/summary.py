@@ -49,5 +49,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  exported model (transformers): {s['export_dir']}")
     if s.get("export_skipped"):
         lines.append(f"  export skipped: {s['export_skipped']}")
-    lines.append("  next: python eval.py ckpt_path=<run dir>/checkpoints/last.ckpt, or load the export with AutoModelForSequenceClassification")
+    lines.append(f"  next: python eval.py ckpt_path={s['run_dir']}/checkpoints/last.ckpt")
+    if s.get("export_dir"):
+        lines.append(f"        python -m rmlab.score <file.jsonl> --model {s['export_dir']}")
+        lines.append("        in other tools: the export's config.json says how to read it (rmlab.read_with)")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from rmlab import strategies
 from rmlab.callbacks import GradNormMonitor, NonFiniteGuard, final_val_rewards
 from rmlab.checkpoint import ResumeState, checkpoint_plugins, resume_checkpoint
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
+from rmlab.losses.critique import CritiqueLoss
 from rmlab.models.budget import token_budget
 from rmlab.models.scoring import score_batches
 from rmlab.runtime import Loggers, start_run
@@ -55,6 +56,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     #    template), and the LightningModule that trains the model with the loss.
     model = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")
+    if model.writes_critiques and not loss.needs_heads:  # CLoud with a plain reward loss: the critique LM term joins it
+        loss = CritiqueLoss(loss)
+    elif isinstance(loss, CritiqueLoss) and not model.writes_critiques:  # loss=cloud on a model that writes nothing
+        log.info("model.head=%s writes no critique: loss=cloud trains its reward loss alone", cfg.model.get("head"))
+        loss = loss.reward_loss
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")
     dm.layout = model.batch_layout  # the collator builds the model's packed layout (set here: Hydra would convert it)

@@ -25,7 +25,9 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from rmlab.data.formats import ADAPTERS
 from rmlab.data.layout import KERNELS
 from rmlab.data.tokenize import REWARD_TOKENS
+from rmlab.models.base import ENCODER_TYPES
 from rmlab.models.builder import BUILDERS, find_head
+from rmlab.models.ensemble import COMBINES
 from rmlab.models.packing import MODES
 
 log = logging.getLogger("rmlab")
@@ -191,9 +193,16 @@ def _check_top(c: _Checker, entry: str) -> None:
         c.choice("split", ("auto", "val", "all"))
         c.integer("n_bins", 1)
         c.integer("worst_k", 0)
-        if ckpt in (_ABSENT, None) and _no_model(c):
-            c.fail("model.name_or_path", None, "no model to evaluate: set ckpt_path=<checkpoint> or "
-                   "model.name_or_path=<export dir>")
+        members = c.get("ensemble.members")
+        if members not in (_ABSENT, None):
+            if not OmegaConf.is_list(members) or len(members) < 2 or not all(isinstance(m, str) for m in members):
+                c.fail("ensemble.members", members, "must be a list of 2 or more export dirs or checkpoints, e.g. "
+                       "ensemble.members=[runA/export,runB/export]; null scores the one model")
+            c.choice("ensemble.combine", COMBINES)
+            c.number("ensemble.lam", 0, hint="uwo's lambda, e.g. 1.0")
+        elif ckpt in (_ABSENT, None) and _no_model(c):
+            c.fail("model.name_or_path", None, "no model to evaluate: set ckpt_path=<checkpoint>, "
+                   "model.name_or_path=<export dir> or ensemble.members=[<export>,<export>,...]")
 
 
 def _check_module(c: _Checker) -> None:
@@ -305,6 +314,8 @@ def _check_simulator(c: _Checker) -> None:
     c.choice("data.simulator.comparisons", ("all", "adjacent", "one", "ranking"))
     c.number("data.simulator.temperature", 0, low_open=True, hint="annotator noise, e.g. 0.5")
     c.number("data.simulator.tie_band", 0, hint="e.g. 0.15; 0 = no ties")
+    c.number("data.simulator.hack_rate", 0, 1, hint="share of flattering responses, e.g. 0.2; 0 = off")
+    c.number("data.simulator.hack_strength", hint="annotators' bonus per flattering sentence, e.g. 1.0")
 
 
 def _check_loss(c: _Checker) -> None:
@@ -317,6 +328,24 @@ def _check_loss(c: _Checker) -> None:
     if isinstance(target, str) and target.endswith(".AttributeLoss") and head not in (_ABSENT, "attributes"):
         c.fail("model.head", head, "must be attributes with loss=attributes (it trains per-attribute outputs): "
                "use model=attributes (or model.head=attributes), or another loss")
+    if isinstance(target, str) and target.endswith(".OdinLoss") and head not in (_ABSENT, "odin"):
+        c.fail("model.head", head, "must be odin with loss=odin (it trains a quality and a length head): "
+               "use model=odin (or model.head=odin on a scalar model), or another loss")
+    if isinstance(target, str) and target.endswith(".GRMLoss"):
+        _check_grm_model(c, head)
+
+
+def _check_grm_model(c: _Checker, head: Any) -> None:
+    """GRM's LM loss runs through the scalar head's causal-LM path: encoders and the other heads are refused here,
+    before anything loads (a hub encoder not named here is refused when the model is built)."""
+    if head not in (_ABSENT, "scalar"):
+        c.fail("model.head", head, "loss=grm trains a language-modelling loss through the scalar head's backbone: use "
+               "model.head=scalar on a causal LM, or another loss")
+    name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
+    if name == "minilm" or model_type in ENCODER_TYPES:
+        c.fail("model" if name == "minilm" else "model.config.model_type", name if name == "minilm" else model_type,
+               "loss=grm needs a causal LM (it trains the backbone's language-modelling head on the chosen response) "
+               "and this model is an encoder: use model=tiny_llama or model=hf model.name_or_path=<a causal LM>")
 
 
 def _no_model(c: _Checker) -> bool:

@@ -14,6 +14,7 @@ PKG = ROOT / "rmlab"
 # Modules allowed to import rmlab modules inside functions, and why.
 LAZY_RMLAB = {
     "rmlab.score": "a CLI: --help and argument errors answer before torch and transformers load",
+    "rmlab.bon": "a CLI: --help, argument errors and --summarize answer before torch, lightning and transformers load",
     "rmlab.bench.cli": "a CLI: each side of the benchmark imports only its own stack, measured apart",
     "rmlab.bench.sides": "each side of the benchmark imports only its own stack, so its memory and start-up are its own",
 }

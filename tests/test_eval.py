@@ -222,3 +222,17 @@ def test_done_when_train_on_hh_harmless_then_eval_on_pandalm(tmp_path):
     assert m["rank/n_groups"] == 0 and m["rank/kendall_tau"] is None and m["rank/spearman_rho"] is None
     report = (out / "report.md").read_text()
     assert all(p in report for p in PNGS)  # the plots are linked from the report
+
+
+def test_split_auto_treats_a_missing_simulator_key_as_its_default(tmp_path):
+    """A run saved before data.simulator.hack_rate existed trained on the same data as hack_rate=0: its val."""
+    from omegaconf import OmegaConf
+
+    from rmlab.evaluate import pick_split
+
+    now = compose([], tmp_path, "eval").data
+    old = OmegaConf.to_container(now, resolve=True)
+    del old["simulator"]["hack_rate"], old["simulator"]["hack_strength"]
+    assert pick_split("auto", now, OmegaConf.create({"data": old})) == "val"
+    old["simulator"]["hack_rate"] = 0.2  # other data: never its val set
+    assert pick_split("auto", now, OmegaConf.create({"data": old})) == "all"

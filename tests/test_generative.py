@@ -311,3 +311,32 @@ def test_pairwise_judge_trains_with_cross_entropy_and_beats_chance(tmp_path):
     assert rep["position_bias_rate"] >= abs(rep["acc_chosen_first"] - rep["acc_chosen_second"]) - 1e-9
     assert 2 * rep["acc"] * k == pytest.approx(round(2 * rep["acc"] * k), abs=1e-3)  # acc went through float32
     assert s["val_acc"] == pytest.approx(rep["acc"], abs=0.05)  # the shared metric is the order-averaged verdict
+
+
+def test_export_read_with_recipe_gives_rmlabs_reward_from_text(verifier, tmp_path):
+    """config.rmlab.read_with, followed literally by a plain tool on a Llama-vocabulary model: the template as
+    text, tokenizer(text) + eos, the answer logits' difference at the token before that eos."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rmlab.score import Scorer
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / "tokenizers" / "llama3_1_instruct"
+    if not path.is_dir():
+        pytest.skip("needs ../shared/data")
+    torch.manual_seed(0)
+    m = build_model("verifier", config=TINY_LLAMA, tokenizer=str(path), answers=[" Yes", " No"]).eval()
+    out = m.save_pretrained(tmp_path / "export")
+    meta = m.hf.config.rmlab
+    assert "token before the final eos" in meta["read_with"]
+    items = [("What is 2+2?", ["4", "five, I think"])]
+    ours = Scorer(m, max_length=256).score(items)[0]
+    lm, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    theirs = []
+    for response in items[0][1]:
+        ids = tok(meta["template"].format(prompt=items[0][0], response=response))["input_ids"]
+        ids = ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([ids])).logits[0, -2]
+        theirs.append((logits[meta["answer_ids"][0]] - logits[meta["answer_ids"][1]]).item())
+    assert ours == pytest.approx(theirs, abs=1e-4) and ours[0] != pytest.approx(ours[1], abs=1e-4)

@@ -25,6 +25,7 @@ from rmlab.losses import (
     PlackettLuceLoss,
     RaoKupperLoss,
     RegressionLoss,
+    ScaledBTLoss,
     center_term,
     masked_mse,
 )
@@ -107,9 +108,14 @@ LOSSES = {
     "center_group": lambda: PlackettLuceLoss(center_coef=0.3, center="group"),
     # Cross-entropy on sigmoid(r) against a 0/1 label is pointwise in r: not shift invariant.
     "answer_ce": lambda: AnswerCELoss(),
+    # HelpSteer2-Preference's scaled BT, each magnitude source (golden values: tests/test_antihack.py)
+    "scaled_bt_strength": lambda: ScaledBTLoss(magnitude="strength"),
+    "scaled_bt_margin": lambda: ScaledBTLoss(magnitude="margin", default=0.5),
+    "scaled_bt_rating": lambda: ScaledBTLoss(magnitude="rating", balance="group"),
 }
 # AttributeLoss reads the head's per-attribute outputs, not ``rewards``: its gradcheck and invariances
-# have their own tests below (test_attribute_loss_*).
+# have their own tests below (test_attribute_loss_*). OdinLoss and GRMLoss read the model's extra outputs too:
+# their golden values and gradchecks are in tests/test_antihack.py.
 SHIFT_INVARIANT = {
     "bt",
     "logexp",
@@ -126,6 +132,9 @@ SHIFT_INVARIANT = {
     "rao_kupper_learned",
     "plackett_luce",
     "plackett_luce_efron",
+    "scaled_bt_strength",
+    "scaled_bt_margin",
+    "scaled_bt_rating",
 }
 
 
@@ -668,7 +677,7 @@ def runs_dir(tmp_path_factory) -> Path:
 
 
 # Losses that need another head: the loss yaml picks that model by default (its defaults list), and so does this test.
-OWN_MODEL = {"attributes": "attributes", "answer_ce": "pairwise_judge"}
+OWN_MODEL = {"attributes": "attributes", "answer_ce": "pairwise_judge", "odin": "odin"}
 
 
 @pytest.mark.slow

@@ -91,7 +91,7 @@ def test_reward_token_eos_is_openrlhfs_row(name):
     for convs, rows in zip(CONVERSATIONS, rows_of(tok, chat_groups(tok), "eos")):
         for conv, row in zip(convs, rows):
             # OpenRLHF's RewardDataset: the template text, trailing newline stripped, eos appended if missing.
-            text = tok.apply_chat_template(conv, tokenize=False).rstrip("\n").rstrip()
+            text = tok.apply_chat_template(conv, tokenize=False).rstrip("\n")
             want = tok(text, add_special_tokens=False)["input_ids"]
             assert row == (want if want[-1] == eos else want + [eos])
             assert row[-1] == eos
@@ -192,3 +192,36 @@ def test_chat_export_without_a_template_saves_the_one_training_rendered_with(tmp
     want = [template_ids(exported, c) for c in convs]
     assert len(rows) == len(convs) and all(r in want for r in rows)
     assert json.loads((out / "config.json").read_text())["rmlab"]["scoring"]["chat"].startswith("apply_chat_template")
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", ["qwen2_5_instruct", "llama3_1_instruct"])
+def test_training_data_module_builds_the_template_rows_and_eval_scores_them_as_rmlab_score(name, tmp_path):
+    """data.format=chat through the real data module (training's and eval.py's path): every row is the
+    conversation's apply_chat_template tokens, and eval's scoring loop gives Scorer.score_chat's rewards."""
+    from rmlab.data.datamodule import build_datamodule
+    from rmlab.evaluate import score_loader
+    from rmlab.models import build_model
+    from rmlab.score import Scorer
+
+    convs = [
+        [{"role": "user", "content": f"Name a prime above {i}."}, {"role": "assistant", "content": a}]
+        for i in range(6)
+        for a in (f"{i + 1}? no, it is {i * 7 + 11}.", "I would rather not.")
+    ]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"chosen": a, "rejected": b}) + "\n" for a, b in zip(convs[::2], convs[1::2])))
+    torch.manual_seed(0)
+    model = build_model(config=TINY_LLAMA, tokenizer=str(TOKENIZERS / name), forward_mode="padded").eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    tok = model.tokenizer
+    dm = build_datamodule(tokenizer=tok, source=str(src), format="chat", val_fraction=0.5, cache=False)
+    dm.setup("fit")
+    groups = dm.train_groups + dm.val_groups
+    rows = [g.prompt_ids + r for g in groups for r in g.response_ids]
+    assert sorted(rows) == sorted(template_ids(tok, c) for c in convs)
+    pred = score_loader(model, dm.eval_loader(groups))
+    by_row = dict(zip(map(tuple, rows), pred.reward.tolist()))
+    ours = Scorer(model, max_length=512).score_chat([[c] for c in convs])
+    assert [by_row[tuple(template_ids(tok, c))] for c in convs] == pytest.approx([r[0] for r in ours], abs=1e-5)

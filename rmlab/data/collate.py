@@ -105,10 +105,10 @@ def collate(
     n_attr = max((len(g.attributes[0]) for g in groups if g.attributes), default=0)
     for gi, g in enumerate(groups):
         base = len(rows)
-        for r in g.response_ids:
+        for i, r in enumerate(g.response_ids):
             rows.append(g.prompt_ids + r)
             gidx.append(gi)
-            rlen.append(len(r))
+            rlen.append(len(r) - (g.critique_lens[i] if g.critique_lens else 0))  # a critique is not the response
             plen.append(len(g.prompt_ids))
         win += [base + i for i in g.winner]
         los += [base + i for i in g.loser]

@@ -25,7 +25,7 @@ from rmlab.data.formats import records_to_groups
 from rmlab.data.layout import LayoutSpec
 from rmlab.data.loader import ResumableLoader
 from rmlab.data.sampler import GroupBatchSampler
-from rmlab.data.simulator import SimulatorConfig, generate
+from rmlab.data.simulator import SimulatorConfig, generate, spurious_feature_report
 from rmlab.data.sources import DataError, read_records, resolve_paths
 from rmlab.data.tokenize import (
     TokenizedGroup,
@@ -230,6 +230,8 @@ class RewardDataModule(L.LightningDataModule):
                     report.drop("rejected_by_model_template", g.n_records)
                     report.kept -= g.n_records
             groups = [t for t in templated if t is not None]
+        else:  # critiques are read only by a reasoning model's template (rmlab.models.reasoning)
+            groups = [dataclasses.replace(g, critiques=None) if g.critiques is not None else g for g in groups]
         toks = tokenize_groups(
             groups, self.tokenizer, report, self.rows.max_length, self.rows.min_prompt_tokens, self.rows.reward_token
         )
@@ -297,6 +299,15 @@ class RewardDataModule(L.LightningDataModule):
                 },
             )
         report = {"train": train_r.to_dict(), "val": val_r.to_dict(), "val_baselines": baselines(val_t)}
+        if self.records.source == "simulator" and float(self.records.simulator.get("hack_rate", 0.0)) > 0:
+            # The hackable simulator: how strongly its spurious feature drives the labels and the true reward.
+            sim = self.records.simulator
+            report["spurious_feature"] = {
+                "hack_rate": sim["hack_rate"],
+                "hack_strength": sim.get("hack_strength", SimulatorConfig.hack_strength),
+                "train": spurious_feature_report(train),
+                "val": spurious_feature_report(val),
+            }
         report["one_line"] = [train_r.one_line(), val_r.one_line()]
         return train_t, val_t, report
 
@@ -448,7 +459,12 @@ class RewardDataModule(L.LightningDataModule):
     def scoring_meta(self) -> dict:
         """How this data's rows were built (the scoring contract), for the export's ``config.rmlab.scoring``;
         ``chat_template`` is the template chat data was rendered with when the tokenizer has none of its own."""
-        meta = {"format": self.records.format, **contract(self.tokenizer, self.rows.reward_token)}
+        meta = {
+            "format": self.records.format,
+            "max_length": self.rows.max_length,
+            "min_prompt_tokens": self.rows.min_prompt_tokens,
+            **contract(self.tokenizer, self.rows.reward_token),
+        }
         if self.records.format == "chat" and not getattr(self.tokenizer, "chat_template", None):
             meta["chat_template"] = self.records.format_options.get("fallback_template", DEFAULT_FALLBACK_TEMPLATE)
         return meta

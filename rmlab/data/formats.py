@@ -80,6 +80,7 @@ DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
         "responses": None,
         "scores": None,
         "attributes": None,
+        "critique": None,
         "subset": None,
     },
     "rankings": {"prompt": "prompt", "responses": "responses", "ranks": None, "subset": None},
@@ -113,6 +114,7 @@ class FormatOptions:
     score_offset: float = 0.0  # added to every score (AlpacaEval: preference - 1); gaps do not change
     higher_is_better: bool = True  # rankings with a ranks field: False when rank 1 is the best
     max_prompts: int | None = None  # keep the first N prompts (their records); the rest are counted drops
+    critique_index: int = 0  # ratings: a critique field holding a list (Prometheus' three GPT-4 critiques): this one
     fallback_template: str = DEFAULT_FALLBACK_TEMPLATE  # chat: jinja template when the tokenizer has none
     tokenizer: Any = None  # chat: passed in by the data module, not set in yaml
 
@@ -258,6 +260,32 @@ class Field:
                 f"field {name!r} = {_show(v)!r} is not a number",
                 "fix the value, map another field, or set data.on_error=skip",
             ) from None
+
+    def critique(self) -> str:
+        """``data.fields.critique``: a text, or a list of them (one is read: ``critique_index``); ``extract``
+        applies. A missing or null critique is "" (none), so partly critiqued data trains."""
+        v = self.raw("critique", required=False)
+        if isinstance(v, list):
+            i = self.opts.critique_index
+            if not v:
+                return ""
+            if not -len(v) <= i < len(v):
+                raise DataError(
+                    self.where,
+                    f"field {self.fields['critique']!r} holds {len(v)} critiques; critique_index={i} is outside it",
+                    "set data.format_options.critique_index to a valid index, or set data.on_error=skip",
+                )
+            v = v[i]
+        if v is None:
+            return ""
+        if not isinstance(v, str):
+            raise DataError(
+                self.where,
+                f"field {self.fields['critique']!r} must be a text or a list of texts, got {type(v).__name__}",
+                "map data.fields.critique to a text field, or fix the record",
+            )
+        check_text(v, self.where, self.fields["critique"])
+        return self._extract("critique", v) if v.strip() else ""
 
     def optional_number(self, key: str) -> float | None:
         return self.number(key, required=False) if self.name(key) else None
@@ -585,6 +613,15 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
                 "unset data.fields.responses, or drop data.fields.attributes",
             )
         attributes = [f.attribute_ratings()]
+    critiques = None
+    if f.name("critique"):
+        if f.name("responses"):
+            raise DataError(
+                f.where,
+                "data.fields.critique reads one response per record (long form)",
+                "unset data.fields.responses, or drop data.fields.critique",
+            )
+        critiques = [f.critique()]
     if any(is_blank(r) for r in responses):
         return "empty_response"
     if not all(in_range(s) for s in scores):
@@ -597,6 +634,7 @@ def adapt_ratings(f: Field) -> PreferenceGroup | str:
         comparisons=[],
         scores=[s + f.opts.score_offset for s in scores],
         attributes=attributes,
+        critiques=critiques,
         subset=f.text("subset", required=False) if f.name("subset") else None,
         source=f.where,
         group_id=f.where,

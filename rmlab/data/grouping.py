@@ -93,6 +93,7 @@ def merge_by_prompt(groups: list[PreferenceGroup], report: DataReport) -> list[P
                 templated=g.templated,
                 scores=[] if g.scores is not None else None,
                 attributes=[] if g.attributes is not None else None,
+                critiques=[] if g.critiques is not None else None,
             )
         index = {r: i for i, r in enumerate(m.responses)}
         if g.scores is not None and any(r in index for r in g.responses):
@@ -108,6 +109,8 @@ def merge_by_prompt(groups: list[PreferenceGroup], report: DataReport) -> list[P
                     m.scores.append(g.scores[j])
                 if m.attributes is not None:
                     m.attributes.append(g.attributes[j])
+                if m.critiques is not None:
+                    m.critiques.append(g.critiques[j] if g.critiques is not None else "")
             local.append(index[r])
         for c in g.comparisons:
             c.winner, c.loser = local[c.winner], local[c.loser]
@@ -143,6 +146,8 @@ def finish_rated(
     g.scores = [g.scores[i] for i in keep]
     if g.attributes is not None:
         g.attributes = [g.attributes[i] for i in keep]
+    if g.critiques is not None:
+        g.critiques = [g.critiques[i] for i in keep]
     if len(g.responses) < 2:
         report.drop("single_response_prompt", g.n_records)
         report.kept -= g.n_records

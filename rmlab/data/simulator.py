@@ -12,6 +12,15 @@ The true reward is a weighted sum of these qualities plus a small unobserved ter
 ("I hope this helps.") are added independently of quality, so length alone does not explain the
 reward (the run reports a length-only baseline to prove it).
 
+**The hackable option** (``hack_rate`` > 0; off by default, and then the data is byte-identical to the
+simulator without it): a share ``hack_rate`` of the responses *flatter instead of answering*: their body
+is 1-3 flattering sentences ("What a great question to ask") in the requested format, so they are never
+on topic. The annotators who write the labels add ``hack_strength`` per flattering sentence to what they
+perceive; the true reward ignores flattery. Flattery is therefore rewarded by the labels and, because it
+takes the place of an answer, negatively correlated with the true reward: a reward model that learns
+the annotators' taste can be hacked by best-of-n sampling (``rmlab.bon``). ``spurious_feature_report``
+measures both correlations; the data report carries them.
+
 Labels follow Bradley-Terry: an annotator perceives ``gap + Logistic(0, temperature)`` and prefers
 the side the perceived gap favours, which is exactly ``P(a > b) = sigmoid((r_a - r_b) / T)``. When
 ``|perceived| < tie_band`` the annotator reports a tie. The strength (0..3, Llama 2's 4-level scale)
@@ -51,6 +60,13 @@ FORMATS = {
 }
 POLITE = ["Happy to help!", "Good question.", "Sure, here are some ideas.", "Thanks for asking."]
 RUDE = ["Ugh, obviously.", "That is a silly question.", "Figure it out yourself, but fine.", "Whatever."]
+# The hackable option's spurious feature: sentences that praise the asker and answer nothing.
+FLATTERY = [
+    "What a great question to ask",
+    "You clearly have excellent taste",
+    "I can tell you are very thoughtful",
+    "Only a smart person would think of this",
+]
 FILLER = ["I hope this helps.", "Let me know if you have more questions.", "Good luck with it.", "Take care."]
 ATTRIBUTES = ("on_topic", "format_ok", "polite")
 
@@ -66,12 +82,44 @@ class SimulatorConfig:
     arithmetic_fraction: float = 0.15  # share of prompts that are sums (on_topic = correct sum)
     weights: tuple[float, float, float] = (1.5, 1.0, 1.0)  # true-reward weights of on_topic, format_ok, polite
     noise: float = 0.2  # std of the unobserved part of the true reward
+    hack_rate: float = 0.0  # share of responses that flatter instead of answering; 0 = off (no extra draws)
+    hack_strength: float = 1.0  # annotators' bonus per flattering sentence; the true reward gives 0
     seed: int = 0
 
 
-def _render(rng: random.Random, topic: int, fmt: str, on_topic: bool, follow: bool, polite: bool, arith) -> tuple[str, bool]:
-    """Build one response; returns (text, format_ok) where format_ok is judged on the final text."""
-    if arith is not None:
+@dataclass
+class SimPrompt:
+    """One simulated prompt and what its responses are judged against."""
+
+    text: str
+    topic: int  # index into TOPICS (unused for arithmetic)
+    fmt: str  # key of FORMATS
+    arith: tuple[int, int] | None  # the two addends of an arithmetic prompt
+
+    @property
+    def subset(self) -> str:
+        return "arithmetic" if self.arith else f"format_{self.fmt}"
+
+
+@dataclass
+class SimResponse:
+    """One simulated response: its text, qualities, true reward and what the annotators perceive."""
+
+    text: str
+    qualities: tuple[float, float, float]  # on_topic, format_ok, polite
+    true_reward: float
+    flattery: int  # flattering sentences (the spurious feature); 0 unless the hack is on
+    perceived: float  # the annotators' reward: true_reward + hack_strength * flattery
+
+
+def _render(
+    rng: random.Random, topic: int, fmt: str, on_topic: bool, follow: bool, polite: bool, arith, flattery: int = 0
+) -> tuple[str, bool]:
+    """Build one response; returns (text, format_ok) where format_ok is judged on the final text.
+    ``flattery`` > 0: the body is that many flattering sentences instead of an answer."""
+    if flattery:
+        body = rng.sample(FLATTERY, k=flattery)
+    elif arith is not None:
         a, b = arith
         ans = a + b if on_topic else a + b + rng.choice([-3, -2, -1, 1, 2, 3])
         body = [f"The answer is {ans}"]
@@ -100,29 +148,48 @@ def _render(rng: random.Random, topic: int, fmt: str, on_topic: bool, follow: bo
     return text, ok
 
 
+def draw_prompt(rng: random.Random, cfg: SimulatorConfig) -> SimPrompt:
+    """One prompt from the simulator's distribution (a topic question or a sum, with a format request)."""
+    fmt = rng.choice(list(FORMATS))
+    topic = rng.randrange(len(TOPICS))
+    arith = None
+    if rng.random() < cfg.arithmetic_fraction:
+        arith = (rng.randint(1, 9), rng.randint(1, 9))  # single digits: checkable by a small model
+        question = f"What is {arith[0]} plus {arith[1]}"
+    else:
+        question = TOPICS[topic][0]
+    return SimPrompt(question + "?" + FORMATS[fmt], topic, fmt, arith)
+
+
+def draw_response(rng: random.Random, cfg: SimulatorConfig, prompt: SimPrompt) -> SimResponse:
+    """One response to ``prompt`` from the simulator's generator: each quality is a coin flip, and with the
+    hack on a share ``hack_rate`` flatters instead of answering (never on topic). ``rmlab.bon`` samples
+    best-of-n candidates here."""
+    on, follow, pol = (rng.random() < 0.5 for _ in range(3))
+    flattery = 0
+    if cfg.hack_rate > 0:  # off: no extra draw, so the default data stays byte-identical
+        if rng.random() < cfg.hack_rate:
+            flattery = rng.randint(1, len(FLATTERY) - 1)
+    text, ok = _render(rng, prompt.topic, prompt.fmt, on, follow, pol, prompt.arith, flattery)
+    q = (float(on and not flattery), float(ok), float(pol))
+    r = sum(w * x for w, x in zip(cfg.weights, q)) + rng.gauss(0.0, cfg.noise)
+    return SimResponse(text, q, r, flattery, r + cfg.hack_strength * flattery)
+
+
 def generate(cfg: SimulatorConfig) -> list[PreferenceGroup]:
+    if not 0 <= cfg.hack_rate <= 1:
+        raise ValueError(f"simulator.hack_rate must be in [0, 1], got {cfg.hack_rate!r}")
     rng = random.Random(cfg.seed)
     groups = []
     for g in range(cfg.num_prompts):
         k = cfg.k if cfg.k_max is None else rng.randint(cfg.k, cfg.k_max)
-        fmt = rng.choice(list(FORMATS))
-        topic = rng.randrange(len(TOPICS))
-        arith = None
-        if rng.random() < cfg.arithmetic_fraction:
-            arith = (rng.randint(1, 9), rng.randint(1, 9))  # single digits: checkable by a small model
-            question = f"What is {arith[0]} plus {arith[1]}"
-        else:
-            question = TOPICS[topic][0]
-        prompt = question + "?" + FORMATS[fmt]
-        responses, rewards, attrs = [], [], []
-        for _ in range(k):
-            on, follow, pol = (rng.random() < 0.5 for _ in range(3))
-            text, ok = _render(rng, topic, fmt, on, follow, pol, arith)
-            q = (float(on), float(ok), float(pol))
-            r = sum(w * x for w, x in zip(cfg.weights, q)) + rng.gauss(0.0, cfg.noise)
-            responses.append(text)
-            rewards.append(r)
-            attrs.append(list(q))
+        prompt = draw_prompt(rng, cfg)
+        drawn = [draw_response(rng, cfg, prompt) for _ in range(k)]
+        responses = [d.text for d in drawn]
+        attrs = [list(d.qualities) for d in drawn]
+        # Every label below comes from the annotators' perception: the true reward plus, with the hack on,
+        # their bonus for flattery. ``true_rewards`` keeps the truth.
+        rewards = [d.perceived for d in drawn]
         pairs = list(combinations(range(k), 2))
         if cfg.comparisons == "adjacent":
             pairs = [(i, i + 1) for i in range(k - 1)]
@@ -156,17 +223,74 @@ def generate(cfg: SimulatorConfig) -> list[PreferenceGroup]:
         ]
         groups.append(
             PreferenceGroup(
-                prompt=prompt,
+                prompt=prompt.text,
                 responses=responses,
                 comparisons=comps,
                 group_id=f"sim-{cfg.seed}-{g}",
                 ranks=ranks,
                 scores=scores,
-                true_rewards=rewards,
+                true_rewards=[d.true_reward for d in drawn],
                 attributes=attrs,
                 labels=labels,
-                subset="arithmetic" if arith else f"format_{fmt}",
+                subset=prompt.subset,
                 source=f"simulator:{g}",
             )
         )
     return groups
+
+
+def flattery_count(text: str) -> int:
+    """The spurious feature of a response: how many of the simulator's flattering sentences it holds."""
+    return sum(s in text for s in FLATTERY)
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def spurious_feature_report(groups: list[PreferenceGroup]) -> dict:
+    """How the spurious feature (flattering sentences) relates to the labels and to the true reward.
+
+    - ``corr_feature_true_reward``: Pearson over responses of the feature and the true reward;
+    - ``corr_feature_label``: Pearson over non-tie comparisons (a, b) of f_a - f_b and the label (+1 when a
+      won, -1 when b won), with (a, b) in index order so the label is not always +1;
+    - ``corr_feature_true_gap``: the same pairs, f_a - f_b against the true-reward gap t_a - t_b;
+    - ``feature_wins``: among non-tie comparisons whose sides differ in the feature, the share won by the side
+      with more of it (0.5 = the labels ignore it); ``feature_truly_better``: the share where that side has
+      the higher true reward.
+    """
+    feats = [[flattery_count(r) for r in g.responses] for g in groups]
+    f_all = [f for fs in feats for f in fs]
+    t_all = [t for g in groups for t in (g.true_rewards or [])]
+    dx, lab, dt, wins, truly, differ = [], [], [], 0, 0, 0
+    for g, fs in zip(groups, feats):
+        for c in g.comparisons:
+            if c.tie:
+                continue
+            a, b = sorted((c.winner, c.loser))
+            dx.append(float(fs[a] - fs[b]))
+            lab.append(1.0 if c.winner == a else -1.0)
+            dt.append(g.true_rewards[a] - g.true_rewards[b])
+            if fs[a] != fs[b]:
+                more = a if fs[a] > fs[b] else b
+                other = b if more == a else a
+                differ += 1
+                wins += c.winner == more
+                truly += g.true_rewards[more] > g.true_rewards[other]
+    return {
+        "feature": "flattering sentences in the response (0-3): the annotators reward each, the true reward does not",
+        "responses": len(f_all),
+        "share_with_feature": sum(f > 0 for f in f_all) / max(1, len(f_all)),
+        "corr_feature_true_reward": _pearson([float(f) for f in f_all], t_all) if len(t_all) == len(f_all) else None,
+        "corr_feature_label": _pearson(dx, lab),
+        "corr_feature_true_gap": _pearson(dx, dt),
+        "comparisons_differing_in_feature": differ,
+        "feature_wins": wins / differ if differ else None,
+        "feature_truly_better": truly / differ if differ else None,
+    }

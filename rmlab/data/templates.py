@@ -75,7 +75,9 @@ class GroupTemplate:
     def verifier_rows(self, g: PreferenceGroup) -> PreferenceGroup:
         head, tail = self._split("response")
         prefix, suffix = head.format(prompt=g.prompt), tail.format(prompt=g.prompt)
-        return dataclasses.replace(g, prompt=prefix, responses=[r + suffix for r in g.responses], templated=False)
+        return dataclasses.replace(
+            g, prompt=prefix, responses=[r + suffix for r in g.responses], templated=False, critiques=None
+        )
 
     def judge_rows(self, g: PreferenceGroup) -> PreferenceGroup | None:
         if not g.comparisons:
@@ -102,5 +104,75 @@ class GroupTemplate:
             ranks=None,
             scores=None,
             attributes=None,
+            critiques=None,  # read by reasoning judges only (rmlab.models.reasoning)
             templated=False,  # the judge's own text around the conversation: tokenized as plain text
         )
+
+
+# The cue between a response and its critique (CLoud) or rationale (reasoning judges): where generation starts.
+CRITIQUE_CUE = "\nCritique:"
+REASONING_CUE = "\nReasoning:"
+RESPONSE_SLOT = {"verifier": "{response}", "judge": "{response_b}"}
+
+
+class ReasoningTemplate:
+    """Rows of a model that writes before it scores (rmlab.models.reasoning). Picklable, no model inside.
+
+    - ``cloud``: ``response + cue + critique``; the reward head reads the row's end (the eos after the critique).
+    - ``verifier`` / ``judge``: the judge template with ``cue + rationale`` inserted before its answer cue (the
+      template's text after the last response slot), so the answer is read after the rationale.
+
+    The critique (rationale) is the data's (``data.fields.critique``; a judge row shows "Response A: ..." and
+    "Response B: ..." of its two responses), cut to its first ``max_tokens`` tokens so that training critiques are
+    no longer than generated ones. The output group's ``critiques`` hold the text that ends each row (critique +
+    answer cue), which tokenization counts as ``critique_len``; an empty critique of a CLoud row counts 0.
+    """
+
+    def __init__(self, kind: str, cue: str, template: str | None = None, max_tokens: int | None = None, tokenizer=None):
+        if kind not in ("cloud", *RESPONSE_SLOT):
+            raise ValueError(f"reasoning template kind must be cloud|verifier|judge, got {kind!r}")
+        if not cue or cue != cue.rstrip():
+            raise ValueError(f"the reasoning cue must be non-empty and not end with whitespace, got {cue!r}")
+        self.kind, self.cue, self.template, self.max_tokens, self.tokenizer = kind, cue, template, max_tokens, tokenizer
+        self.base = None
+        if kind != "cloud":
+            check_template(template, kind)
+            slot = RESPONSE_SLOT[kind]
+            head, self.answer_cue = template.rsplit(slot, 1)
+            self.base = GroupTemplate(kind, head + slot)  # the rows without the answer cue
+
+    def __repr__(self) -> str:
+        tok = self.tokenizer
+        tok_id = (type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok)) if tok is not None else None
+        return (
+            f"ReasoningTemplate(kind={self.kind!r}, cue={self.cue!r}, template={self.template!r}, "
+            f"max_tokens={self.max_tokens!r}, tokenizer={tok_id!r})"
+        )
+
+    def suffix(self, prompt: str = "") -> str:
+        """The text after the rationale: the answer cue (none for CLoud, whose reward is read at the eos)."""
+        return "" if self.base is None else self.answer_cue.format(prompt=prompt)
+
+    def cut(self, text: str) -> str:
+        """The critique's first ``max_tokens`` tokens (as text)."""
+        if not text or self.max_tokens is None or self.tokenizer is None:
+            return text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= self.max_tokens else self.tokenizer.decode(ids[: self.max_tokens])
+
+    def __call__(self, g: PreferenceGroup) -> PreferenceGroup | None:
+        crit = list(g.critiques) if g.critiques is not None else [""] * len(g.responses)
+        if self.kind == "cloud":
+            tails = [self.cut(c) for c in crit]
+            return dataclasses.replace(g, responses=[r + self.cue + t for r, t in zip(g.responses, tails)], critiques=tails)
+        rows = self.base(dataclasses.replace(g, critiques=None))
+        if rows is None:
+            return None
+        if self.kind == "verifier":
+            texts = crit
+        else:  # the judge's rows are (w, l) and (l, w) per comparison, in order (GroupTemplate.judge_rows)
+            pairs = [p for c in g.comparisons for p in ((c.winner, c.loser), (c.loser, c.winner))]
+            texts = [f"Response A: {crit[a]}\nResponse B: {crit[b]}" if crit[a] or crit[b] else "" for a, b in pairs]
+        suffix = self.suffix(g.prompt)
+        tails = [self.cut(t) + suffix for t in texts]  # an empty rationale still ends with the answer cue
+        return dataclasses.replace(rows, responses=[r + self.cue + t for r, t in zip(rows.responses, tails)], critiques=tails)

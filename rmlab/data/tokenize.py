@@ -13,7 +13,7 @@ same text, so an export scores the same sequence in plain transformers, TRL, Rew
   read at that eos.
 
 ``data.reward_token`` makes the other choice explicit: ``eos`` also ends chat rows with eos (OpenRLHF's
-convention: the template text with its trailing whitespace stripped, then eos unless it is already the last
+convention: the template text with its trailing newlines stripped, then eos unless it is already the last
 token); ``last`` appends nothing to plain text either (what a text-classification pipeline reads).
 
 Each row is encoded whole and split at the longest token prefix all rows of a group share (the prompt, at
@@ -114,8 +114,8 @@ def causal_rows(tokenizer, texts: list[str], templated: bool, reward_token: str 
     if not texts:
         return []
     eos = appends_eos(tokenizer, templated, reward_token)
-    if templated and eos:  # OpenRLHF: the template text without its trailing newline, then eos
-        texts = [t.rstrip() for t in texts]
+    if templated and eos:  # OpenRLHF: the template text without its trailing newlines, then eos
+        texts = [t.rstrip("\n") for t in texts]
     rows = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
     if eos:
         e = tokenizer.eos_token_id
@@ -130,7 +130,7 @@ def contract(tokenizer, reward_token: str = "auto") -> dict[str, str]:
     eos = tokenizer.eos_token
     chat = "apply_chat_template(messages, tokenize=True)"
     if appends_eos(tokenizer, True, reward_token):
-        chat = f"apply_chat_template(messages, tokenize=False).rstrip(), tokenized without added specials, + {eos}"
+        chat = f"apply_chat_template(messages, tokenize=False).rstrip('\\n'), tokenized without added specials, + {eos}"
     text = "tokenizer(prompt + response)" + (f" + {eos} unless it ends with it" if appends_eos(tokenizer, False, reward_token) else "")
     return {"reward_token": reward_token, "chat": chat, "text": text, "reward_at": "the last token (the last non-pad token)"}
 
@@ -196,6 +196,27 @@ def record_value(f, value):
     return f.missing if value is None else CASTS[f.dtype](value)
 
 
+def critique_lengths(tokenizer, g: PreferenceGroup, prefix: list[int], responses: list[list[int]]) -> list[int]:
+    """Tokens of each row's critique: ``g.critiques[i]`` is the text that ends ``g.responses[i]`` (a reasoning
+    model's template put it there, rmlab.models.reasoning). The row is encoded whole, as every row is; its
+    critique is what follows the longest prefix it shares with the encoding of the text without the critique,
+    the row's end tokens (eos) included. An empty critique counts 0."""
+    if is_encoder_tokenizer(tokenizer):
+        raise ValueError("critiques end a causal LM's row; an encoder (BERT-style) tokenizer cannot hold one")
+    if len(g.critiques) != len(g.responses):
+        raise ValueError(f"group {g.group_id!r}: {len(g.critiques)} critiques for {len(g.responses)} responses")
+    for r, c in zip(g.responses, g.critiques):
+        if c and not r.endswith(c):
+            raise ValueError(f"group {g.group_id!r}: a critique must end its response text (the template appends it)")
+    heads = [g.prompt + r[: len(r) - len(c)] for r, c in zip(g.responses, g.critiques)]
+    enc = tokenizer(heads, add_special_tokens=not g.templated)["input_ids"]
+    out = []
+    for c, head, r in zip(g.critiques, enc, responses):
+        row = prefix + r
+        out.append(len(row) - common_prefix([head, row]) if c else 0)
+    return out
+
+
 def _pad(values, k, fill):
     return list(values) if values is not None else [fill] * k
 
@@ -222,6 +243,7 @@ def tokenize_groups(
     parts = encoder_groups(tokenizer, groups) if encoder else causal_groups(tokenizer, groups, reward_token)
     out = []
     for g, (start, p, resp) in zip(groups, parts):
+        crit = critique_lengths(tokenizer, g, start + p, resp) if g.critiques is not None else None
         budget = max_length - len(start) - len(mid)
         longest = max(len(r) for r in resp)
         if len(p) + longest > budget:
@@ -235,6 +257,8 @@ def tokenize_groups(
                     # Keep the end of the response: that is where the reward is read.
                     resp[i] = r[len(r) - room :]
                     report.truncated["response_left_truncated"] += 1
+        if crit is not None:  # a cut reaching into the critique leaves what is left of it
+            crit = [min(c, len(r)) for c, r in zip(crit, resp)]
         keep_c = []
         report.comparisons_loaded += len(g.comparisons)
         for c in g.comparisons:
@@ -260,7 +284,8 @@ def tokenize_groups(
                 **{f.group_name: [record_value(f, getattr(c, f.name)) for c in keep_c] for f in COMPARISON_FIELDS if f.from_record},
                 group_weight=[1.0 / n_orig] * len(keep_c),
                 group_id=g.group_id,
-                **{f.group_name: _pad(getattr(g, f.group_name), k, f.missing) for f in RESPONSE_FIELDS},
+                **{f.group_name: _pad(getattr(g, f.group_name), k, f.missing) for f in RESPONSE_FIELDS if f.from_record},
+                critique_lens=crit or [],
                 attributes=list(g.attributes) if g.attributes is not None else [],
                 subset=g.subset or "",
                 n_records=g.n_records,

@@ -46,6 +46,11 @@ RESPONSE_FIELDS = (
     BatchField("score", "scores", "float", NAN, "a per-response rating; NaN = none"),
     BatchField("true_reward", "true_rewards", "float", NAN, "the simulator's hidden truth; NaN = unknown"),
     BatchField("label", "labels", "float", NAN, "a pointwise correct (1) / incorrect (0) label; NaN = none"),
+    BatchField(
+        "critique_len", "critique_lens", "long", 0,
+        "tokens of the critique (or rationale) that ends the row, its end tokens included (rmlab.models.reasoning); "
+        "0 = none", False,
+    ),
 )
 
 
@@ -82,6 +87,9 @@ class PreferenceGroup:
     true_rewards: list[float] | None = None  # simulator only: the hidden truth
     attributes: list[list[float]] | None = None  # per-response, per-attribute ratings (NaN = missing)
     labels: list[float] | None = None  # pointwise correct (1) / incorrect (0) labels, NaN = none
+    # Per-response critique (or rationale) text, ``data.fields.critique``. A reasoning model's template appends it
+    # to the response (after its cue); tokenization then counts its tokens (``critique_len``). "" = none.
+    critiques: list[str] | None = None
     subset: str | None = None  # a section name (RewardBench-style per-subset accuracy)
     source: str = ""  # "file:line" of the record it came from, for error messages
     n_records: int = 1  # source records folded into this group (ratings data: one per response)

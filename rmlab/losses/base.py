@@ -7,7 +7,7 @@ A loss knows nothing of Lightning or tokenizers. It reads, from any object with 
 - ``margin`` [C] (NaN = none), ``strength`` [C] (-1 = none), ``weight`` [C], ``tie`` [C] (bool),
   ``group_weight`` [C] (1 / C(K,2) of the comparison's prompt), ``cmp_group`` [C];
 - ``group_index`` [N], ``rank`` [N] (0 = best, NaN = unranked), ``score`` [N] for K-wise / pointwise
-  losses.
+  losses; ``response_len`` [N] (response tokens, counted by the collator) for length-aware losses (ODIN).
 
 Every loss derives from ``RewardLoss``, whose ``forward`` checks shapes, calls the loss's own
 ``objective`` and then adds the reward-centering term when ``center_coef > 0``. Centering is thus one
@@ -27,7 +27,7 @@ from rmlab.data import types as data_types
 # Fields a loss may read, by the axis they live on: [C] per comparison, [N] per response (declared in
 # rmlab.data.types, the one declaration of the batch contract).
 COMPARISON_FIELDS = (*(f.name for f in data_types.COMPARISON_FIELDS), "cmp_group")
-RESPONSE_FIELDS = ("group_index", *(f.name for f in data_types.RESPONSE_FIELDS))
+RESPONSE_FIELDS = ("group_index", "response_len", *(f.name for f in data_types.RESPONSE_FIELDS))
 CENTER_MODES = ("pair", "group")
 
 
@@ -153,6 +153,9 @@ class RewardLoss(nn.Module):
 
     # True for a loss that also reads the model's extra outputs (``forward(rewards, batch, heads=...)``).
     needs_heads = False
+    # The names of those outputs; the module asks the model for them once, before training
+    # (``RewardModel.require_outputs``), so a model that cannot give them fails at start-up, named.
+    required_outputs: tuple[str, ...] = ()
 
     def __init__(self, center_coef: float = 0.0, center: str = "pair"):
         super().__init__()

@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from rmlab.losses.base import LossOutput, RewardLoss, check_rewards
+from rmlab.losses.critique import CritiqueLoss
 from rmlab.losses.pairwise import BTLoss
 from rmlab.losses.pointwise import masked_mse
 
@@ -52,6 +53,7 @@ class AttributeLoss(RewardLoss):
     """
 
     needs_heads = True
+    required_outputs = ("attributes", "weights")
 
     def __init__(
         self,
@@ -89,10 +91,13 @@ class AttributeLoss(RewardLoss):
 
 def head_default_loss(head: str | None = None, balance: str = "none") -> RewardLoss:
     """The objective each head is designed for, so a sweep over ``model=`` needs no matching ``loss=``:
-    the attribute loss for ``head=attributes``, answer cross-entropy for the pairwise judge, BT otherwise
+    the attribute loss for ``head=attributes``, answer cross-entropy for the pairwise judge, critique LM + BT for
+    ``head=cloud``, BT otherwise
     (scalar head, and the generative verifier on pairwise data)."""
     if head == "attributes":
         return AttributeLoss(balance=balance)
     if head == "judge":
         return AnswerCELoss()
+    if head == "cloud":  # critique LM + BT on the reward read after the critique
+        return CritiqueLoss(BTLoss(balance=balance))
     return BTLoss(balance=balance)

@@ -31,7 +31,7 @@ from torch import nn
 
 from rmlab.metrics import pearson
 from rmlab.models.backbone import read_export_meta
-from rmlab.models.base import backbone_states, pool_index, rows_at
+from rmlab.models.base import RewardModel, backbone_states, pool_index, rows_at
 from rmlab.models.scalar import ScalarRewardModel
 
 GATING_FILE = "rmlab_gating.safetensors"
@@ -94,6 +94,9 @@ class AttributeRewardModel(ScalarRewardModel):
         cfg.id2label = dict(enumerate(names))
         cfg.label2id = {n: i for i, n in enumerate(names)}
         cfg.problem_type = "regression"
+
+    # The LM path of the scalar head (loss=grm) is not wired into the attribute forward: refuse it, named.
+    require_outputs = RewardModel.require_outputs
 
     def prompt_hidden(self, h: torch.Tensor, input_ids, attention_mask, prompt_len) -> torch.Tensor:
         """Hidden state at the prompt's last token. A causal LM's is already in ``h`` (it never sees the
@@ -158,6 +161,13 @@ class AttributeRewardModel(ScalarRewardModel):
             "combine": self.combine,
             "weights": self.fixed_weights.tolist(),
             "gating_hidden": self.gating_hidden,
+            "read_with": "AutoModelForSequenceClassification: logits[:, i] is attribute i (id2label); the reward is "
+            + (
+                "sum_i weights[i] * logits[:, i]"
+                if self.combine == "fixed"
+                else "the gate's softmax weights (rmlab_gating.safetensors, on the hidden state at the prompt's last "
+                "token) times logits: rmlab.models.load_export rebuilds it; plain tools get the attributes only"
+            ),
         }
 
     def save_extra(self, out: Path) -> None:

@@ -13,6 +13,7 @@ LightningModule, ``eval.py``, ``rmlab.score``, the export) talks to a model thro
   (rmlab.data.layout.LayoutSpec; the data module passes it to its collator);
 - ``output_names``: names of the per-row outputs a scored file reports (the attribute names);
 - ``score_batch(batch) -> [N]`` and ``score_heads(batch) -> ([N], {name: [N, ...]})``;
+- ``require_outputs(names)``: turn on (or refuse, named) the extra outputs a loss reads, once before training;
 - ``head_report(scored) -> {name: float}``: the model's own diagnostics (judge position bias, attribute
   correlations) over already scored batches (``rmlab.models.scoring``), so reporting costs no second forward;
 - ``save_pretrained(dir, extra)``: a Hugging Face directory that plain transformers loads, with
@@ -75,6 +76,9 @@ class RewardModel(nn.Module):
     # What the collator prepares for this model's forward (rmlab.data.layout.LayoutSpec), or None: the
     # packed layout is then built in the DataLoader workers, not in the training step.
     batch_layout: Any = None
+    # True for a model that writes a critique before it scores (rmlab.models.reasoning): its score_heads also
+    # returns the critique LM loss's parts, and scoring in eval mode generates the critique first.
+    writes_critiques: bool = False
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any):
         super().__init__()
@@ -89,6 +93,15 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest row this model takes: its position embeddings and its tokenizer's limit (None = no limit
+        known). Scoring published benchmarks, whose rows are longer than training's, starts from it."""
+        limits = [getattr(self.config, "max_position_embeddings", None),
+                  getattr(self.tokenizer, "model_max_length", None)]
+        limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # tokenizers say 1e30 for none
+        return min(limits) if limits else None
+
     def score_batch(self, batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -96,12 +109,29 @@ class RewardModel(nn.Module):
         """Rewards [N] and the named extra outputs (none for a one-output model)."""
         return self.score_batch(batch), {}
 
+    def require_outputs(self, names: Iterable[str]) -> None:
+        """Called once before training with the extra outputs the loss reads (``RewardLoss.required_outputs``).
+        A model that can compute an optional output turns it on here (the scalar head's ``response_logp``);
+        a name the model cannot give is an error naming the model and what to do."""
+        missing = [n for n in names if n not in self.extra_outputs]
+        if missing:
+            have = ", ".join(self.extra_outputs) or "none"
+            raise ValueError(
+                f"the loss reads the model output(s) {', '.join(missing)}, which a {self.kind} reward model does not "
+                f"give (it gives: {have}); pick the model the loss is made for (docs/losses.md names it)"
+            )
+
     def head_report(self, scored: Iterable) -> dict[str, float]:
         """The model's own diagnostics over ``rmlab.models.scoring.Scored`` batches; none by default."""
         return {}
 
     def backbone_replaced(self) -> None:
         """Called after ``self.hf`` was swapped for another object (the LoRA merge): re-find owned parts."""
+
+    def recorded_scoring(self) -> dict[str, Any]:
+        """``config.rmlab.scoring`` of the export this model was loaded from (how its rows were built), else {}."""
+        config = getattr(self.hf, "config", None)  # None for a model made of others (an ensemble)
+        return dict((getattr(config, "rmlab", None) or {}).get("scoring", {}))
 
     def export_meta(self) -> dict[str, Any]:
         """What ``config.rmlab`` records so ``rmlab.models.load_export`` rebuilds this scorer."""

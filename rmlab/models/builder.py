@@ -4,7 +4,9 @@ Heads (``model.head``), each registered with ``register_head``:
 
 - ``scalar``: backbone + one-output head (rmlab.models.scalar); LoRA, packing and compile apply;
 - ``attributes``: one output per attribute, combined into one reward (rmlab.models.attributes);
-- ``verifier`` / ``judge``: a causal LM read through a judge template (rmlab.models.generative).
+- ``verifier`` / ``judge``: a causal LM read through a judge template (rmlab.models.generative); with
+  ``reasoning=true`` it writes a rationale before the answer (rmlab.models.reasoning);
+- ``cloud``: a causal LM that writes a critique, then a reward head reads after it (rmlab.models.cloud).
 
 A new head ``foo`` is one file, ``rmlab/models/foo.py``, that registers its build function with
 ``@register_head("foo", options=(...))``, plus one yaml in conf/model/ with ``head: foo`` (docs/heads.md has a
@@ -19,12 +21,14 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from rmlab.data.templates import REASONING_CUE
 from rmlab.models.attributes import AttributeRewardModel, attribute_options
 from rmlab.models.backbone import build_tokenizer, load_backbone, read_export_meta
 from rmlab.models.base import RewardModel
 from rmlab.models.generative import GenerativeVerifier, PairwiseJudge, check_restricted_head
 from rmlab.models.lora import apply_lora
 from rmlab.models.packing import configure_speed
+from rmlab.models.reasoning import ReasoningJudge, ReasoningVerifier
 from rmlab.models.scalar import ScalarRewardModel
 
 # Options every head takes (conf/model/parts/base.yaml); each head lists its own at registration.
@@ -135,23 +139,38 @@ def build_sequence_head(head: str, tok: Any, backbone: dict[str, Any], options: 
     )
 
 
-@register_head("verifier", ("template", "answers", "answer_ids"))
-@register_head("judge", ("template", "answers", "answer_ids"))
+GENERATIVE_OPTIONS = ("template", "answers", "answer_ids", "reasoning", "reasoning_cue", "max_critique_tokens", "generation")
+
+
+@register_head("verifier", GENERATIVE_OPTIONS)
+@register_head("judge", GENERATIVE_OPTIONS)
 def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dict[str, Any]) -> GenerativeVerifier:
-    """A ``GenerativeVerifier`` (head=verifier) or ``PairwiseJudge`` (head=judge) on a causal LM. Template,
-    answers and answer ids: the config's, else an rmlab export's of the same kind, else the kind's default."""
+    """A ``GenerativeVerifier`` (head=verifier) or ``PairwiseJudge`` (head=judge) on a causal LM; with
+    ``reasoning=true`` the one that writes a rationale before its answer (rmlab.models.reasoning). Template, answers,
+    answer ids and reasoning settings: the config's, else an rmlab export's of the same kind, else the defaults."""
     hf = load_backbone("causal", tok, **backbone)
     meta = getattr(hf.config, "rmlab", None) or {}
-    cls = GenerativeVerifier if head == "verifier" else PairwiseJudge
-    saved = meta if meta.get("head") == cls.kind else {}
+    kind = "verifier" if head == "verifier" else "judge"
+    saved = meta if meta.get("head") == kind else {}
+    reasoning = options.get("reasoning")
+    reasoning = bool(saved.get("reasoning")) if reasoning is None else bool(reasoning)
     answers = options.get("answers")
-    model = cls(
-        hf,
-        tok,
+    common = dict(
         template=options.get("template") or saved.get("template"),
         answers=answers or saved.get("answers"),
         answer_ids=options.get("answer_ids") or (saved.get("answer_ids") if not answers else None),
     )
+    if reasoning:
+        r = saved.get("reasoning") or {}
+        cls = ReasoningVerifier if kind == "verifier" else ReasoningJudge
+        model = cls(
+            hf, tok, **common,
+            cue=options.get("reasoning_cue") or r.get("cue") or REASONING_CUE,
+            max_critique_tokens=options.get("max_critique_tokens") or r.get("max_critique_tokens") or 64,
+            generation={**(r.get("generation") or {}), **(options.get("generation") or {})},
+        )
+    else:
+        model = (GenerativeVerifier if kind == "verifier" else PairwiseJudge)(hf, tok, **common)
     check_restricted_head(model)
     return model
 

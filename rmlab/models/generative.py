@@ -144,6 +144,12 @@ class GenerativeVerifier(RewardModel):
             "template": self.group_template.template,
             "answers": list(self.answers),
             "answer_ids": list(self.answer_ids),
+            "read_with": (
+                "AutoModelForCausalLM: fill template (plain text, tokenizer(text) + eos), then "
+                f"logits[answer_ids[0]] - logits[answer_ids[1]] at the token before the final eos = log P({self.answers[0]}) "
+                f"- log P({self.answers[1]})"
+                + ("; a row shows (response_a, response_b): > 0 prefers A" if self.kind == "judge" else "")
+            ),
         }
 
 

@@ -14,9 +14,12 @@ run packed or prefix-shared (rmlab.models.packing): every unique token forwarded
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from rmlab.models.base import ENCODER_TYPES, RewardModel, backbone_states, pool_index, rows_at
@@ -30,6 +33,7 @@ class ScalarRewardModel(RewardModel):
     # Set by build_model (configure_speed); a bare model stays padded.
     forward_mode: str = "padded"
     row_tokens: int | None = None
+    lm_source: str | None = None  # the LM path for loss=grm: None = off (the default) | tied | loaded (enable_lm)
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any = None, pooling: str = "auto", num_outputs: int = 1):
         super().__init__(hf_model, tokenizer)
@@ -92,11 +96,17 @@ class ScalarRewardModel(RewardModel):
         """The head on pooled hidden states [N, H] -> rewards [N] (shared by every forward mode)."""
         return self.head_outputs(h).reshape(-1).float()
 
+    def head_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Pooled hidden states [N, H] -> what the head's linear layer reads: after an encoder's pooler and the
+        classifier's dropout, as the transformers model does (ODIN's second head reads the same features)."""
+        for name, mod in self.pre_head:
+            h = mod(h[:, None, :]) if name == "pooler" else mod(h)
+        return h
+
     def head_outputs(self, h: torch.Tensor) -> torch.Tensor:
         """The head on pooled hidden states [N, H] -> [N, num_outputs] (multi-output heads read this)."""
         n = h.shape[0]
-        for name, mod in self.pre_head:
-            h = mod(h[:, None, :]) if name == "pooler" else mod(h)
+        h = self.head_features(h)
         r = self.head(h[:, None, :]) if self.head_wants_seq else self.head(h)
         return r.reshape(n, -1)
 
@@ -116,6 +126,122 @@ class ScalarRewardModel(RewardModel):
             return self(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self.reward_from_hidden(packed_hidden(self, batch))
 
+    # ------------------------------------------------------------ the language-modelling path (loss=grm)
+    def require_outputs(self, names) -> None:
+        if "response_logp" in names:
+            self.enable_lm()
+        super().require_outputs(names)
+
+    def enable_lm(self) -> None:
+        """Turn on ``response_logp``, the log-probability of each winning response under the backbone's language
+        model (GRM's regulariser, rmlab.losses.grm). Causal LMs only. The LM head (``self.lm_source``):
+
+        - ``tied``: the input embeddings, when the backbone ties them (``tie_word_embeddings``) or has no LM head
+          to load (built from a config with random weights, or a checkpoint saved without one such as an rmlab
+          export); trained with the backbone;
+        - ``loaded``: the checkpoint's own ``lm_head.weight``, read once from its safetensors and kept frozen (a
+          non-persistent buffer: not trained, not in checkpoints, not exported), as in GRM's LoRA runs.
+        """
+        mt = getattr(self.config, "model_type", "")
+        if mt in ENCODER_TYPES or self.pooling == "first":
+            raise ValueError(
+                f"loss=grm trains a language-modelling loss through the backbone, which needs a causal LM; this "
+                f"backbone is an encoder ({mt}). Use model=tiny_llama, or model=hf model.name_or_path=<a causal LM>"
+            )
+        if self.lm_source is not None:
+            return
+        weight = None
+        if not getattr(self.config, "tie_word_embeddings", False):
+            weight = load_lm_head(getattr(self.config, "_name_or_path", "") or None)
+        if weight is not None:
+            emb = self.hf.get_input_embeddings().weight
+            if weight.shape[1] != emb.shape[1]:
+                raise ValueError(f"lm_head.weight has width {weight.shape[1]}, the backbone's hidden size is {emb.shape[1]}")
+            self.register_buffer("lm_weight", weight.to(emb.dtype), persistent=False)
+            self.lm_source = "loaded"
+        else:
+            self.lm_source = "tied"
+        self.extra_outputs = (*type(self).extra_outputs, "response_logp")
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, H] -> vocabulary logits [T, V] (float32). Rows past the LM head's vocabulary (a pad
+        token rmlab added to the tokenizer) are the resized input embeddings' new rows in the tied case."""
+        w = self.hf.get_input_embeddings().weight if self.lm_source == "tied" else self.lm_weight
+        return (h.to(w.dtype) @ w.T).float()
+
+    def response_logp(self, h: torch.Tensor, batch, rows: torch.Tensor) -> torch.Tensor:
+        """``log pi(response | prompt)`` summed over each response token (the row's end token included), for the
+        rows ``rows``, from the hidden states ``h`` [N, L, H] of a padded forward; NaN for the other rows.
+
+        The token at position p is predicted by the hidden state at p - 1, so only the response's tokens are scored
+        and the prompt is context, as in supervised fine-tuning on the response."""
+        n, length = batch.input_ids.shape
+        out = torch.full((n,), float("nan"), device=h.device, dtype=torch.float32)
+        if rows.numel() == 0:
+            return out
+        if batch.prompt_len is None:
+            raise ValueError("response log-probabilities need batch.prompt_len (rmlab's collator sets it)")
+        mask = batch.attention_mask.bool()
+        first = pool_index(batch.attention_mask, "first")
+        start = (first + batch.prompt_len.to(first.device)).clamp_min(first + 1)  # a token needs one before it
+        pos = torch.arange(length, device=h.device)
+        chosen = torch.zeros(n, dtype=torch.bool, device=h.device)
+        chosen[rows] = True
+        target = mask & (pos[None, :] >= start[:, None]) & chosen[:, None]
+        r, p = target.nonzero(as_tuple=True)
+        logp = torch.log_softmax(self.lm_logits(h[r, p - 1]), -1)
+        tok = logp.gather(1, batch.input_ids[r, p][:, None]).squeeze(1)
+        sums = torch.zeros(n, device=h.device, dtype=tok.dtype).index_add(0, r, tok)
+        return torch.where(chosen, sums, out)
+
+    def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.lm_source is None:
+            return super().score_heads(batch)
+        # One padded forward gives both: the reward at the pooled token, the LM's log-probs at the response tokens.
+        h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
+        rewards = self.reward_from_hidden(rows_at(h, pool_index(batch.attention_mask, self.pooling)))
+        return rewards, {"response_logp": self.response_logp(h, batch, lm_rows(batch))}
+
     def export_meta(self) -> dict[str, Any]:
-        return {"head": self.kind, "pooling": self.pooling}
+        meta = {
+            "head": self.kind,
+            "pooling": self.pooling,
+            "read_with": "AutoModelForSequenceClassification: the reward is logits[:, 0] of the row config.rmlab.scoring "
+            "describes",
+        }
+        if self.lm_source is not None:  # how it was trained: GRM's LM loss, with this LM head (not exported)
+            meta["grm_lm_head"] = self.lm_source
+        return meta
+
+
+def lm_rows(batch) -> torch.Tensor:
+    """The rows whose response the LM loss reads: the winners of the batch's non-tie comparisons (GRM's y_c)."""
+    return torch.unique(batch.winner[~batch.tie])
+
+
+def load_lm_head(name_or_path: str | None) -> torch.Tensor | None:
+    """``lm_head.weight`` of a causal LM checkpoint (a local dir or a hub name, sharded or not), or None when the
+    checkpoint has none (a random-init backbone, a classification-only save)."""
+    if not name_or_path:
+        return None
+    from transformers.utils import cached_file
+
+    def find(fname: str) -> str | None:
+        local = Path(name_or_path) / fname
+        if local.exists():
+            return str(local)
+        if Path(name_or_path).is_dir():
+            return None
+        return cached_file(name_or_path, fname, _raise_exceptions_for_missing_entries=False)
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        shard = json.loads(Path(index).read_text())["weight_map"].get("lm_head.weight")
+        path = find(shard) if shard else None
+    else:
+        path = find("model.safetensors")
+    if path is None:
+        return None
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor("lm_head.weight").detach().clone() if "lm_head.weight" in f.keys() else None
 

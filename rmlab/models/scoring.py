@@ -19,7 +19,7 @@ class Scored:
 
     batch: Any
     rewards: torch.Tensor  # [N] float32
-    heads: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, Any] = field(default_factory=dict)  # tensors [N, ...]; a writing model's texts: lists of [N] str
 
 
 def score_batches(
@@ -28,8 +28,10 @@ def score_batches(
     device: str | torch.device | None = None,
     progress: bool = False,
     desc: str = "scoring",
+    total: int | None = None,
 ) -> Iterator[Scored]:
-    """Score every batch in eval mode without gradients; the model's mode is restored afterwards."""
+    """Score every batch in eval mode without gradients; the model's mode is restored afterwards. ``total``:
+    the number of batches, for the progress bar's ETA when ``batches`` has no length."""
     dev = torch.device(device) if device is not None else model.device
     model.to(dev)
     was = model.training
@@ -38,13 +40,14 @@ def score_batches(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(batches, desc=desc, unit="batch", leave=False)
+        it = tqdm(batches, desc=desc, unit="batch", leave=False, total=total)
     try:
         with torch.inference_mode():
             for batch in it:
                 rewards, heads = model.score_heads(batch.to(dev))
                 if getattr(batch, "packed", None) is not None:  # callers may keep every batch: not its masks
                     batch = dataclasses.replace(batch, packed=None)
-                yield Scored(batch, rewards.float().cpu(), {k: v.float().cpu() for k, v in heads.items()})
+                heads = {k: v.float().cpu() if isinstance(v, torch.Tensor) else v for k, v in heads.items()}
+                yield Scored(batch, rewards.float().cpu(), heads)
     finally:
         model.train(was)
