@@ -203,6 +203,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm.layout = model.batch_layout  # the collator builds the model's packed layout (set here: Hydra would convert it)
     if dm.batches.max_tokens == "auto":  # as in training (rmlab.models.budget)
         dm.batches.max_tokens = token_budget(model, dm.rows.max_length)
+        dm.batches.budget = "packed"
     dm.setup("validate")
     split = pick_split(cfg.split, cfg.data, run_cfg)
     groups = dm.val_groups if split == "val" else dm.train_groups + dm.val_groups

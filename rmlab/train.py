@@ -64,8 +64,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")
     dm.layout = model.batch_layout  # the collator builds the model's packed layout (set here: Hydra would convert it)
-    if dm.batches.max_tokens == "auto":  # sized to the device by a short memory probe (rmlab.models.budget)
+    if dm.batches.max_tokens == "auto":  # sized to the device by a short memory probe, in packed tokens (rmlab.models.budget)
         dm.batches.max_tokens = token_budget(model, dm.rows.max_length, bf16="bf16" in str(cfg.trainer.get("precision")))
+        dm.batches.budget = "packed"
     module = instantiate(cfg.module, model=model, loss=loss, _convert_="all")
 
     # 3. Fit. Wandb is finished whatever fails from here on.

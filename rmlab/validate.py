@@ -377,6 +377,7 @@ def _check_model(c: _Checker) -> None:
                "rmlab/models/<name>.py (docs/heads.md)")
     c.choice("model.forward_mode", ("auto", *MODES))
     c.choice("model.attention", ("auto", *KERNELS))
+    c.choice("data.budget", ("padded", "packed"))
     c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
 
 

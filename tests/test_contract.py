@@ -91,7 +91,7 @@ def test_cache_key_changes_with_every_setting_that_shapes_the_data(tmp_path, mon
     monkeypatch.chdir(tmp_path)  # the sources above do not exist: their file stamps are empty
     tok = build_tokenizer("byt5", None)
     batch_only = {"max_groups": 3, "sort_by_length": False, "padding_side": "left", "num_workers": 2,
-                  "global_batch_comparisons": 8, "pin_memory": False}
+                  "global_batch_comparisons": 8, "pin_memory": False, "budget": "packed"}
     every = {f.name for cls in CONFIGS.values() for f in dataclasses.fields(cls)}
     assert every == set(CHANGED) | set(batch_only), "a new data setting: add it to CHANGED or batch_only"
     assert set(BATCH_KEYS_IN_CACHE) <= set(CHANGED)

@@ -698,9 +698,5 @@ def test_bt_and_logexp_training_curves_agree(runs_dir):
     for key in ("train/loss_step", "train/acc_step", "val/loss", "val/acc"):
         a, b = logged(bt, key), logged(le, key)
         assert len(a) == len(b) > 0, key
-        # The two formulas round differently in float32: equal at first, then the difference grows with
-        # training at lr 1e-3 (0 over the first 3 steps, ~2e-5 by step 15 with packed-token batches).
-        if key == "train/loss_step":
-            assert max(abs(x - y) for x, y in zip(a[:3], b[:3])) <= 1e-6, key
-        assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, key
+        assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, key
     assert len(logged(bt, "train/loss_step")) == STEPS

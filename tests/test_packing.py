@@ -287,3 +287,28 @@ def test_attention_dropout_acts_in_the_prefix_shared_path_and_not_in_eval():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.score_batch(batch), model.score_batch(batch), atol=0, rtol=0)
+
+
+def test_packed_budget_counts_the_packed_row():
+    """data.budget=packed: max_tokens caps the tokens of the packed row (each prompt once), so a batch holds
+    more groups than under the default padded count (rows x longest row), and never more tokens than allowed."""
+    from rmlab.data.datamodule import build_datamodule
+
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared")
+    sizes = {}
+    for budget in ("padded", "packed"):
+        dm = build_datamodule(tokenizer=model.tokenizer, layout=model.batch_layout, cache=False, budget=budget,
+                              simulator={"num_prompts": 40, "k": 3, "seed": 2}, max_tokens=1024, max_groups=None,
+                              max_length=128, min_prompt_tokens=8)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        assert sum(b.num_groups for b in batches) == len(dm.train_groups)  # every group once
+        for b in batches:
+            if budget == "packed":
+                assert b.packed.processed_tokens <= 1024  # the packed row itself (no pad_to on CPU)
+            else:
+                assert b.input_ids.numel() <= 1024
+        sizes[budget] = len(batches)
+    assert sizes["packed"] < sizes["padded"]
+    with pytest.raises(ValueError, match="data.budget"):
+        build_datamodule(tokenizer=model.tokenizer, layout=model.batch_layout, budget="rows").packed_budget()

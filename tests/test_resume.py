@@ -22,7 +22,6 @@ RUN = [
     "model=tiny_llama",
     "model.dropout=0.1",
     "data.simulator.num_prompts=80",
-    "data.max_tokens=2500",  # 10 batches of packed tokens (the budget counts the packed row's tokens)
     "trainer.max_steps=30",
     "trainer.max_epochs=-1",
     "trainer.log_every_n_steps=1",

@@ -172,6 +172,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
         seed=spec["seed"],
         cache=False,
         layout=model.batch_layout,
+        budget=spec.get("budget", "packed"),  # max_tokens counts the tokens the forward runs over
         num_workers=spec.get("num_workers", 0),
     )
     dm.train_groups, dm.val_groups = groups, []  # setup() is skipped: the workload is already tokenized

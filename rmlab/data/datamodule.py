@@ -138,7 +138,10 @@ class RowsConfig:
 class BatchesConfig:
     """How tokenized groups are batched (max_tokens and max_responses also split groups too big for a batch)."""
 
-    max_tokens: int = 8192  # tokens the backbone processes per batch: rows x longest row (padded), or packed tokens
+    max_tokens: int = 8192  # tokens per batch, counted as ``budget`` says
+    # What max_tokens counts: padded = rows x longest row (every mode); packed = the tokens of the packed row the
+    # packed forwards run over (each prompt once under prefix sharing); padded mode counts padded either way.
+    budget: str = "padded"
     max_responses: int = 64  # rows per batch at most
     max_groups: int | None = None  # prompts per batch at most
     sort_by_length: bool = True  # batch similar lengths together
@@ -384,6 +387,12 @@ class RewardDataModule(L.LightningDataModule):
             )
         return self.batches.global_batch_comparisons // parts
 
+    def packed_budget(self) -> bool:
+        """Whether max_tokens counts packed tokens: ``budget=packed`` and a model that packs (a layout)."""
+        if self.batches.budget not in ("padded", "packed"):
+            raise ValueError(f"data.budget must be padded|packed, got {self.batches.budget!r}")
+        return self.batches.budget == "packed" and self.layout is not None
+
     def make_sampler(self, groups: list[TokenizedGroup], train: bool, single: bool = False) -> GroupBatchSampler:
         world, rank = (1, 0) if single else self._world()
         return GroupBatchSampler(
@@ -400,7 +409,7 @@ class RewardDataModule(L.LightningDataModule):
             even=train,
             comparisons=[len(g.winner) for g in groups],
             max_comparisons=self.batches.global_batch_comparisons if single else self.per_rank_comparisons(),
-            tokens=None if self.layout is None else [packed_tokens(g, self.layout.mode) for g in groups],
+            tokens=[packed_tokens(g, self.layout.mode) for g in groups] if self.packed_budget() else None,
         )
 
     def _loader(self, groups: list[TokenizedGroup], train: bool, single: bool = False) -> DataLoader:
