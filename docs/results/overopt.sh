@@ -33,26 +33,23 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   wait
 fi
 
-for loss in $LOSSES; do
-  args=()
-  for e in "$root/$loss"/*/export; do args+=(--model "$e"); done
-  combine=none
-  [ "$loss" = "$ENSEMBLE" ] && combine=mean,min,uwo
-  run_limited bash -c "$PY -m rmlab.bon ${args[*]} --combine $combine --label $loss --prompts $PROMPTS --threads 1 \
-    --out $root/bon/$loss > $root/bon_$loss.log 2>&1"
-done
-wait
+# Best-of-n on each loss's exports (for $ENSEMBLE also their ensembles): bon_pass <out name> [bon options]
+bon_pass() {
+  local name=$1; shift
+  for loss in $LOSSES; do
+    args=()
+    for e in "$root/$loss"/*/export; do args+=(--model "$e"); done
+    combine=none
+    [ "$loss" = "$ENSEMBLE" ] && combine=mean,min,uwo
+    run_limited bash -c "$PY -m rmlab.bon ${args[*]} --combine $combine --label $loss --prompts $PROMPTS --threads 1 \
+      $* --out $root/$name/$loss > $root/${name}_$loss.log 2>&1"
+  done
+  wait
+}
 
+bon_pass bon
 # The same models under a policy that flatters rarely (5%): the full rise-and-fall (docs/results.md#overopt)
-for loss in $LOSSES; do
-  args=()
-  for e in "$root/$loss"/*/export; do args+=(--model "$e"); done
-  combine=none
-  [ "$loss" = "$ENSEMBLE" ] && combine=mean,min,uwo
-  run_limited bash -c "$PY -m rmlab.bon ${args[*]} --combine $combine --label $loss --prompts $PROMPTS --threads 1 \
-    --hack-rate 0.05 --out $root/bon_policy05/$loss > $root/bon_policy05_$loss.log 2>&1"
-done
-wait
+bon_pass bon_policy05 --hack-rate 0.05
 
 mkdir -p "$docs"
 $PY -m rmlab.bon --summarize $(for l in $LOSSES; do echo "$root/bon/$l"; done) --out "$docs"
