@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, compose, needs_shared_data
+from tests.conftest import SHARED_DATA, TINY_LLAMA, compose, needs_shared_data
 
 pytestmark = [
     pytest.mark.slow,
@@ -46,14 +46,7 @@ FAMILY = {
     "phi3_mini_instruct": "phi3",
 }
 NAMES = list(FAMILY)
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
+TINY = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}  # conftest's tiny shape, in each family
 TOL = 1e-4  # fp32 everywhere
 SENSITIVE = 1e-3  # a reward read at another token must differ by at least this, or the comparison proves nothing
 

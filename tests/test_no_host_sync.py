@@ -127,12 +127,7 @@ def _train_strictly(model, steps: int = 2) -> tuple[int, dict, dict]:
     return strict.steps, before, after
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (tests/conftest.py)
 
 
 def test_the_modes_catch_a_read_back():

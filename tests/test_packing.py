@@ -13,14 +13,7 @@ from rmlab.models import build_model
 from rmlab.models.packing import pack_batch, pack_segments, plan_rows, resolve_forward_mode, unique_tokens
 from tests.conftest import TINY_LLAMA
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These forwards are tiny: one thread avoids OpenMP contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (tests/conftest.py)
 
 
 def _groups(tok, k: int, n: int = 3, seed: int = 5):

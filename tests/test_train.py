@@ -140,7 +140,7 @@ def test_one_epoch_by_default(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_moves_every_parameter_and_beats_chance(tmp_path):
+def test_training_moves_every_parameter_and_beats_chance(tmp_path, one_thread):
     from rmlab.train import run
 
     cfg = compose(
@@ -162,11 +162,7 @@ def test_training_moves_every_parameter_and_beats_chance(tmp_path):
 
     torch.manual_seed(1)
     before = {k: v.clone() for k, v in instantiate(cfg.model, _convert_="all").state_dict().items()}
-    threads = torch.get_num_threads()
-    try:
-        summary = run(cfg)
-    finally:
-        torch.set_num_threads(threads)  # threads=1 above is the process's setting: give the other tests theirs back
+    summary = run(cfg)  # threads=1 sets the process's count; the one_thread fixture gives it back
     trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     trained = {k.removeprefix("model."): v for k, v in trained.items() if k.startswith("model.")}
     params = {k for k, _ in instantiate(cfg.model, _convert_="all").named_parameters()}
