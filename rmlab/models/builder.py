@@ -33,7 +33,8 @@ from rmlab.models.scalar import ScalarRewardModel
 
 # Options every head takes (conf/model/parts/base.yaml); each head lists its own at registration.
 COMMON_OPTIONS = (
-    "name_or_path", "config", "tokenizer", "dropout", "trust_remote_code", "gradient_checkpointing", "attn_implementation"
+    "name_or_path", "config", "tokenizer", "dropout", "trust_remote_code", "gradient_checkpointing", "attn_implementation",
+    "liger",
 )
 # A head's build function: (head, tokenizer, backbone keyword arguments for load_backbone, own options) -> model.
 HeadBuilder = Callable[[str, Any, dict[str, Any], dict[str, Any]], RewardModel]
@@ -85,6 +86,7 @@ def build_model(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = "sdpa",
+    liger: bool = False,
     **options: Any,
 ) -> RewardModel:
     """Build a reward model.
@@ -93,7 +95,8 @@ def build_model(
         for the bundled all-MiniLM-L6-v2. config: build from this transformers config with random weights
         instead (``model_type`` plus its fields). tokenizer: ``byt5`` for a file-free byte tokenizer, another
         name/path, or None (= name_or_path). ``options``: the head's own keys (``HEAD_OPTIONS``), documented in
-        conf/model/*.yaml.
+        conf/model/*.yaml. liger: Liger's RMSNorm/RoPE/SwiGLU kernels on the backbone (a GPU and
+        ``rmlab[liger]``; rmlab.models.liger).
     """
     check_options(head, options)
     tok = build_tokenizer(tokenizer, name_or_path, trust_remote_code)
@@ -104,6 +107,7 @@ def build_model(
         trust_remote_code=trust_remote_code,
         gradient_checkpointing=gradient_checkpointing,
         attn_implementation=attn_implementation,
+        liger=bool(liger),
     )
     return BUILDERS[head](head, tok, backbone, options)
 
