@@ -76,7 +76,9 @@ def test_config_check_names_the_key(tmp_path):
         check_config(compose(["model=minilm", "model.liger=true"], tmp_path))
     with pytest.raises(ConfigError, match=r"model.liger=fast.*must be true or false"):
         check_config(compose(["model=tiny_llama", "model.liger=fast"], tmp_path))
-    check_config(compose(["model=tiny_llama", "model.liger=true"], tmp_path))  # a GPU question, asked at build time
+    with pytest.raises(ConfigError, match=r"model.liger=true: .*trainer.accelerator=cpu .*use trainer=gpu"):
+        check_config(compose(["model=tiny_llama", "model.liger=true"], tmp_path))  # trainer=cpu, the default
+    check_config(compose(["model=tiny_llama", "model.liger=true", "trainer=gpu"], tmp_path))  # CUDA: at build time
 
 
 @pytest.mark.slow
@@ -169,3 +171,17 @@ def test_build_model_applies_it_before_lora_and_checkpointing(monkeypatch, resto
     mlp = model.hf.base_model.layers[0].mlp
     assert mlp.forward.__func__ is lk.LigerSwiGLUMLP.forward and isinstance(mlp.gate_proj, LoraLinear)
     assert model.hf.is_activation_checkpointing
+
+
+@needs_liger
+@pytest.mark.parametrize("head", ["verifier", "judge", "cloud"])
+def test_heads_that_read_the_lm_head_get_it_without_the_fused_cross_entropy(head, monkeypatch, restore_transformers):
+    """Verifier and judge run a start-up forward on the CPU (check_restricted_head), so Liger goes on after it (on
+    before, that forward would call a Triton kernel on CPU tensors). Their LM head, and the causal LM's own forward
+    (which generation calls), stay transformers' own: no fused linear cross-entropy."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    options = {"answers": ["Y", "N"] if head == "verifier" else ["A", "B"]} if head != "cloud" else {}
+    model = build_model(head=head, config=TINY_LLAMA, tokenizer="byt5", liger=True, **options)
+    assert liger_report(model)["kernels"] == ["rms_norm", "rope", "swiglu"]
+    assert model.hf.base_model.layers[0].mlp.forward.__func__ is lk.LigerSwiGLUMLP.forward
+    assert "forward" not in vars(model.hf) and "forward" not in vars(model.lm_head)

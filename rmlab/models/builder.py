@@ -26,6 +26,7 @@ from rmlab.models.attributes import AttributeRewardModel, attribute_options
 from rmlab.models.backbone import build_tokenizer, load_backbone, read_export_meta
 from rmlab.models.base import RewardModel
 from rmlab.models.generative import GenerativeVerifier, PairwiseJudge, check_restricted_head
+from rmlab.models.liger import apply_liger
 from rmlab.models.lora import apply_lora
 from rmlab.models.packing import configure_speed
 from rmlab.models.reasoning import ReasoningJudge, ReasoningVerifier
@@ -151,8 +152,10 @@ GENERATIVE_OPTIONS = ("template", "answers", "answer_ids", "reasoning", "reasoni
 def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dict[str, Any]) -> GenerativeVerifier:
     """A ``GenerativeVerifier`` (head=verifier) or ``PairwiseJudge`` (head=judge) on a causal LM; with
     ``reasoning=true`` the one that writes a rationale before its answer (rmlab.models.reasoning). Template, answers,
-    answer ids and reasoning settings: the config's, else an rmlab export's of the same kind, else the defaults."""
-    hf = load_backbone("causal", tok, **backbone)
+    answer ids and reasoning settings: the config's, else an rmlab export's of the same kind, else the defaults.
+    ``liger`` is applied last: ``check_restricted_head`` runs a forward while the model is still on the CPU, where
+    Liger's Triton kernels cannot run (the check is about the LM head, which Liger does not touch)."""
+    hf = load_backbone("causal", tok, **{**backbone, "liger": False})
     meta = getattr(hf.config, "rmlab", None) or {}
     kind = "verifier" if head == "verifier" else "judge"
     saved = meta if meta.get("head") == kind else {}
@@ -176,6 +179,8 @@ def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dic
     else:
         model = (GenerativeVerifier if kind == "verifier" else PairwiseJudge)(hf, tok, **common)
     check_restricted_head(model)
+    if backbone.get("liger"):
+        apply_liger(model.hf)
     return model
 
 

@@ -16,7 +16,9 @@ hidden states themselves and never call the causal LM's ``forward`` with labels,
 fused linear cross-entropy plugs in; asking for it would replace the forward that generation uses and fuse nothing.
 
 Where it runs: in ``load_backbone``, after the weights are loaded and the embeddings resized, before gradient
-checkpointing, LoRA (rmlab.models.lora) and ``torch.compile`` (rmlab.models.packing) wrap the modules. The weights
+checkpointing, LoRA (rmlab.models.lora) and ``torch.compile`` (rmlab.models.packing) wrap the modules. The verifier
+and judge builders apply it themselves, after their start-up check of the LM head (a forward on the CPU, where the
+kernels cannot run); checkpointing calls the layers, which look the patched forwards up at call time. The weights
 are untouched (Liger's modules have the same parameters), so checkpoints and exports load with or without it.
 What was applied is kept on the model (``liger_report``), logged, and written to the run's metrics.json (``liger``).
 """
