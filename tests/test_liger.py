@@ -185,3 +185,12 @@ def test_heads_that_read_the_lm_head_get_it_without_the_fused_cross_entropy(head
     assert liger_report(model)["kernels"] == ["rms_norm", "rope", "swiglu"]
     assert model.hf.base_model.layers[0].mlp.forward.__func__ is lk.LigerSwiGLUMLP.forward
     assert "forward" not in vars(model.hf) and "forward" not in vars(model.lm_head)
+
+
+def test_the_run_summary_names_the_kernels_only_when_on():
+    from rmlab.summary import format_summary
+
+    s = dict(run_dir="r", val_acc=0.5, oracle_acc=0.6, length_acc=0.4, train_steps=3, minutes=0.1, metrics={})
+    assert "Liger" not in format_summary(s)
+    text = format_summary({**s, "liger": {"kernels": ["rms_norm", "rope", "swiglu"], "modules": {}}})
+    assert "  Liger kernels (model.liger)       rms_norm, rope, swiglu" in text.splitlines()
