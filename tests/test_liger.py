@@ -15,6 +15,7 @@ import torch
 
 from rmlab.models import build_model
 from rmlab.models.liger import SUPPORTED, apply_liger, liger_report
+from rmlab.models.scoring import scoring_device
 from tests.conftest import TINY_LLAMA, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +35,7 @@ TINY_GPT2 = dict(model_type="gpt2", n_embd=32, n_layer=1, n_head=2, n_positions=
 
 def test_off_by_default_and_the_yaml_default_is_off(tmp_path):
     model = build_model(config=TINY_LLAMA, tokenizer="byt5")
-    assert liger_report(model) is None
+    assert liger_report(model) is None and scoring_device(model) == model.device
     assert "forward" not in vars(model.hf.base_model.layers[0].mlp)  # the class's own forward
     for name in ("tiny_llama", "hf", "minilm", "generative_verifier", "cloud"):
         assert compose([f"model={name}"], tmp_path).model.liger is False
@@ -168,6 +169,9 @@ def test_build_model_applies_it_before_lora_and_checkpointing(monkeypatch, resto
     model = build_model(config=TINY_LLAMA, tokenizer="byt5", liger=True, gradient_checkpointing=True,
                         lora={"r": 4, "target_modules": "all-linear"})
     assert liger_report(model)["kernels"] == ["rms_norm", "rope", "swiglu"]
+    # After fit Lightning leaves the model on the CPU; the head report and the export's statistics score it on the GPU.
+    assert model.device.type == "cpu" and scoring_device(model).type == "cuda"
+    assert scoring_device(model, "cpu").type == "cpu"  # a device asked for is the device used
     mlp = model.hf.base_model.layers[0].mlp
     assert mlp.forward.__func__ is lk.LigerSwiGLUMLP.forward and isinstance(mlp.gate_proj, LoraLinear)
     assert model.hf.is_activation_checkpointing
