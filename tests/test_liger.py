@@ -198,3 +198,16 @@ def test_the_run_summary_names_the_kernels_only_when_on():
     assert "Liger" not in format_summary(s)
     text = format_summary({**s, "liger": {"kernels": ["rms_norm", "rope", "swiglu"], "modules": {}}})
     assert "  Liger kernels (model.liger)       rms_norm, rope, swiglu" in text.splitlines()
+
+
+def test_liger_is_a_runtime_key_for_resume():
+    """Turning Liger on or off does not change the weights: resuming across it is allowed, and a checkpoint saved
+    before the key existed is not refused for lacking it."""
+    from rmlab.checkpoint import architecture_diff
+
+    saved = {"config": {"hidden_size": 64}, "head": "scalar"}
+    assert architecture_diff(saved, {**saved, "liger": True}) == []
+    assert architecture_diff({**saved, "liger": False}, {**saved, "liger": True}) == []
+    assert architecture_diff(saved, {"config": {"hidden_size": 32}, "head": "scalar", "liger": True}) == [
+        "model.config.hidden_size: checkpoint 64, this config 32"
+    ]
