@@ -239,6 +239,11 @@ def test_smoke_preset_runs_the_gpu_code_on_cpu(tmp_path):
         best = max(r["search"], key=lambda t: t["comparisons_per_s"])
         assert r["batch"] == f"{key}={best[key]}" and r["comparisons_per_s"] == best["comparisons_per_s"]
         assert 0 < r["mfu"] < 1 and r["compiled_graphs"] == 0
+        # Host memory per phase, for each size searched: the run's peak is the largest phase peak.
+        built = "data and module built" if r["side"] == "rmlab" else "data and trainer built"
+        names = [p["phase"] for p in r["rss_phases"]]
+        assert names[0] == "imports" and names.count(built) == names.count("last step") == len(tried)
+        assert r["peak_rss_mb"] == pytest.approx(max(p["peak_mb"] for p in r["rss_phases"]), abs=64)
         if r["side"] == "rmlab":
             assert r["useful_token_fraction"] == pytest.approx(1.0)  # prefix sharing, one packed row
             assert r["vs_trl"]["processed_tokens_per_comparison"] < 0.6

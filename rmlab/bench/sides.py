@@ -226,7 +226,8 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
                 clock.add(comparisons=batch.num_comparisons, unique=batch_unique(batch))
             clock.step()
             if len(clock.steps) == 1:
-                mark("first step")
+                with Timed(clock):
+                    mark("first step")
             if clock.done():
                 trainer.should_stop = True
 
@@ -291,7 +292,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         def on_step_end(self, args, state, control, **kw):
             clock.step()
             if len(clock.steps) == 1:
-                mark("first step")
+                with Timed(clock):
+                    mark("first step")
             if clock.done():
                 control.should_training_stop = True
 
