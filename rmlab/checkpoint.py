@@ -522,6 +522,7 @@ RUNTIME_KEYS = {
     "row_tokens",
     "gradient_checkpointing",
     "trust_remote_code",
+    "liger",
 }
 
 

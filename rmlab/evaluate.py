@@ -93,6 +93,11 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
         if arch is None:
             raise ValueError(f"no model config for {ckpt_path}: pass model=<the one it was trained with>")
         check_checkpoint(ckpt_path, arch)  # readable and of this architecture, before the model builds
+        if arch is not model_cfg and isinstance(arch, DictConfig) and arch.get("liger"):
+            # Liger is how the training run ran, not what the weights are: scoring follows this command's
+            # model.liger (false by default), so a run trained with it on a GPU is scored on any machine.
+            arch = arch.copy()
+            arch.liger = bool(model_cfg.get("liger", False)) if model_cfg is not None else False
         model = instantiate(arch, _convert_="all")
         state = read_checkpoint(ckpt_path)["state_dict"]  # weights_only: tensors and plain types only
         model.load_state_dict(model_state(state), strict=True)

@@ -43,6 +43,8 @@ def format_summary(s: dict) -> str:
         f"  steps {s['train_steps']}, {s['minutes']:.1f} min",
         f"  run dir: {s['run_dir']}",
     ]
+    if s.get("liger"):
+        lines.append(f"  Liger kernels (model.liger)       {', '.join(s['liger']['kernels'])}")
     for k, v in (s.get("head_report") or {}).items():
         lines.append(f"  {k:<33} {v:.3f}")
     if s.get("export_dir"):

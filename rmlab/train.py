@@ -20,6 +20,7 @@ from rmlab.checkpoint import ResumeState, checkpoint_plugins, resume_checkpoint
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
 from rmlab.losses.critique import CritiqueLoss
 from rmlab.models.budget import token_budget
+from rmlab.models.liger import liger_report
 from rmlab.models.scoring import score_batches
 from rmlab.runtime import Loggers, start_run
 from rmlab.summary import run_summary, write_summary
@@ -84,6 +85,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 4. The summary, the model's own report and the export. Every rank runs this part: under FSDP sharding,
     #    gathering the weights for the export is a collective.
     summary = run_summary(trainer, out, (time.time() - t0) / 60, dm.report.get("val_baselines", {}))
+    if liger_report(model):
+        summary["liger"] = liger_report(model)  # which of Liger's kernels ran (model.liger=true)
     whole = None
     if cfg.get("export", True):
         try:

@@ -379,6 +379,14 @@ def _check_model(c: _Checker) -> None:
     c.choice("model.attention", ("auto", *KERNELS))
     c.choice("data.budget", ("padded", "packed"))
     c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
+    if c.boolean("model.liger") is True:
+        name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
+        if name == "minilm" or model_type in ENCODER_TYPES:
+            c.fail("model.liger", True, "Liger's kernels (RMSNorm, RoPE, SwiGLU) are for decoder LMs and this model is "
+                   "an encoder: set model.liger=false, or use a causal LM (model=tiny_llama, model=hf ...)")
+        elif c.get("trainer.accelerator") == "cpu":
+            c.fail("model.liger", True, "Liger's kernels are Triton kernels for a GPU and trainer.accelerator=cpu (the "
+                   "default trainer=cpu): use trainer=gpu (or ddp, fsdp, deepspeed), or set model.liger=false")
 
 
 def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:

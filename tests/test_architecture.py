@@ -27,6 +27,7 @@ LAZY_THIRD_PARTY = {
     "wandb": "optional: only with logger=wandb",
     "trl": "optional (rmlab[bench]): the benchmark's TRL side only",
     "peft": "optional (rmlab[lora]): only with model.lora.r > 0",
+    "liger_kernel": "optional (rmlab[liger]): Liger's Triton kernels, only with model.liger=true (GPU)",
     "datasets": "slow to import; only hub or arrow sources need it",
     "scipy": "slow to import; rank correlations only",
     "tqdm": "progress bars only where long work runs",

@@ -255,3 +255,27 @@ def test_smoke_preset_runs_the_gpu_code_on_cpu(tmp_path):
     assert r["mfu"] == pytest.approx(flops / (meta["peak_tflops"] * 1e12))
     md = (out / "bench.md").read_text()
     assert "| MFU | batch |" in md and "Matmul peak" in md
+
+
+def test_liger_rows_run_the_plain_rows_winning_budget_and_are_labelled():
+    """``--liger`` (on in ``--preset gpu``): one more rmlab row per mode with model.liger=true, at the budget the
+    plain row of that mode won (one size, not the search again), labelled ``, liger`` in the table."""
+    from rmlab.bench.cli import PRESETS, markdown, parse, with_liger
+
+    spec = dict(side="rmlab", mode="prefix_shared", sizes=[16384, 32768, 65536], max_tokens=4096)
+    assert with_liger(spec, {"max_tokens": 32768, "comparisons_per_s": 9.0}) == {**spec, "liger": True, "sizes": [32768]}
+    assert with_liger(spec, {"error": "out of memory"})["sizes"] == spec["sizes"]  # nothing won: search as usual
+    assert with_liger(dict(spec, sizes=[]), None) == {**spec, "sizes": [], "liger": True}  # no search (CPU runs)
+    assert parse(["--preset", "gpu"]).liger and not parse(["--preset", "smoke"]).liger and not parse([]).liger
+    assert not parse(["--preset", "gpu", "--no-liger"]).liger and PRESETS["gpu"]["liger"] is True
+    meta = dict(command="c", date="d", machine="x", torch="t", transformers="tf", trl="r", threads=1,
+                precision="bf16 mixed", seconds=1, warmup=0, peak_tflops=None)
+    trl = _row("trl", 4.0, 600.0, 150.0, 1000.0)
+    plain = {**_row("rmlab", 10.0, 200.0, 160.0, 800.0, mode="prefix_shared"), "liger": []}
+    fused = {**_row("rmlab", 12.0, 200.0, 160.0, 800.0, mode="prefix_shared"), "liger": ["rms_norm", "rope", "swiglu"]}
+    failed = {"side": "rmlab", "mode": "prefix_shared", "model": "m", "workload": "w", "liger_requested": True,
+              "error": "ImportError: model.liger=true needs the liger-kernel package"}
+    lines = markdown({"meta": meta, "runs": [trl, plain, fused, failed]}).splitlines()
+    assert "| rmlab prefix_shared |" in lines[6] and "liger" not in lines[6]
+    assert "| rmlab prefix_shared, liger | 12.0 |" in lines[7]
+    assert "| rmlab prefix_shared, liger | error: ImportError: model.liger=true needs the liger-kernel" in lines[8]

@@ -305,3 +305,51 @@ def test_packed_budget_counts_the_packed_row():
     assert sizes["packed"] < sizes["padded"]
     with pytest.raises(ValueError, match="data.budget"):
         build_datamodule(tokenizer=model.tokenizer, layout=model.batch_layout, budget="rows").packed_budget()
+
+
+TINY_QWEN2_GQA = dict(  # Qwen2: biases on q/k/v, two query heads per key head
+    model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, vocab_size=384,
+)
+
+
+@pytest.mark.parametrize("config", [TINY_LLAMA, TINY_QWEN2_GQA], ids=["llama", "qwen2-gqa-bias"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["last-layer-at-reads", "checkpointing-full"])
+def test_last_layer_runs_at_the_read_tokens_only(config, checkpointing):
+    """The packed forward runs the last layer's attention, o_proj and MLP at the N read tokens only (its other
+    rows are never read), with the padded forward's rewards and gradients; under activation checkpointing (which
+    recomputes the layer without the hooks' rows) it runs every row, with the same results."""
+    from rmlab.data.layout import LayoutSpec
+    from rmlab.models.packing import READ_ROWS
+
+    torch.manual_seed(6)
+    model = build_model(
+        config=config, tokenizer="byt5", forward_mode="prefix_shared", attention="sdpa", gradient_checkpointing=checkpointing
+    )
+    attn, o_proj, mlp = model.read_rows
+    assert attn is model.hf.base_model.layers[-1].self_attn and mlp is model.hf.base_model.layers[-1].mlp
+    groups = _groups(model.tokenizer, 3, n=3)
+    batch = collate(groups, model.tokenizer.pad_token_id, "left", layout=LayoutSpec("prefix_shared", "sdpa"))
+    n, tokens = batch.input_ids.shape[0], batch.packed.processed_tokens
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[-2])) for m in (o_proj, mlp)]
+    w = torch.randn(n)
+
+    def grads(mode: str):
+        model.zero_grad()
+        model.forward_mode = mode
+        r = model.score_batch(batch)
+        (w * r).sum().backward()
+        return r.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    r_ref, g_ref = grads("padded")
+    seen.clear()
+    r_got, g_got = grads("prefix_shared")
+    for h in handles:
+        h.remove()
+    assert seen[:2] == ([tokens, tokens] if checkpointing else [n, n])  # what o_proj and the MLP computed
+    assert getattr(attn, READ_ROWS, None) is None and getattr(mlp, READ_ROWS, None) is None  # cleared after
+    torch.testing.assert_close(r_got, r_ref, atol=1e-5, rtol=0)
+    assert g_ref.keys() == g_got.keys() and len(g_ref) > 5
+    for k in g_ref:
+        torch.testing.assert_close(g_got[k], g_ref[k], atol=1e-5, rtol=1e-4, msg=k)

@@ -85,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         threads=8, seconds=5.0, warmup=3, trl_sizes="8,16,32", rmlab_sizes="16384,32768,65536", mem_cap_gb=60.0,
         measure_peak=True, minilm_workloads="", work=".gpu/work", tokenizer=".gpu/tokenizer", reuse=True,
         out="outputs/bench/gpu", timeout=240.0,
+        liger=True,  # one more rmlab row per model and workload, at the plain row's winning budget (--no-liger drops it)
     ),
 }
 GPU_TOKENIZER = "tokenizers/qwen2_5_instruct"  # under --data-dir: the vocabulary of the Qwen2 shapes
@@ -106,6 +107,30 @@ RATIOS = (
     "useful_token_fraction",
     "peak_rss_mb",
 )
+
+
+def with_liger(spec: dict[str, Any], plain: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``--liger`` row of an rmlab side: the same spec with ``model.liger=true``. When the plain row searched
+    batch sizes, the Liger row runs only the budget that won there (one size: the GPU preset's time budget), so the
+    two rows differ by the kernels alone."""
+    out = dict(spec, liger=True)
+    if spec.get("sizes") and plain and "error" not in plain and plain.get("max_tokens"):
+        out["sizes"] = [int(plain["max_tokens"])]
+    return out
+
+
+def fetch_liger_wheel(folder: Path) -> None:
+    """The liger-kernel wheel (pure Python, a few hundred kB) into ``folder`` for a GPU machine with no package
+    index: there, ``pip install --no-deps .gpu/wheels/liger_kernel-*.whl`` before ``--preset gpu`` (Triton comes
+    with CUDA builds of torch). Without it the Liger rows are error rows that say so; the rest of the run is kept."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "liger-kernel>=0.5", "-d", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(folder.glob("liger_kernel-*.whl"))
+    if proc.returncode == 0 and wheels:
+        print(f"liger-kernel wheel: {wheels[-1]}; on the GPU machine: pip install --no-deps {wheels[-1]}")
+    else:
+        print(f"could not download the liger-kernel wheel ({proc.stderr.strip()[-300:]}); the Liger rows will be "
+              "error rows unless liger-kernel is installed there (--no-liger leaves them out)")
 
 
 def non_embedding_params(model) -> int:
@@ -158,6 +183,7 @@ def prepare(args, work: Path) -> dict[str, Any]:
 
 def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
     tag = f"{spec['model']}-{spec['workload_name']}-{spec['side']}-{spec.get('mode', '')}-{spec.get('ablation', '')}"
+    tag += "-liger" if spec.get("liger") else ""
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
     env = {
@@ -183,6 +209,7 @@ def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]
             "side": spec["side"],
             "mode": spec.get("mode", ""),
             "ablation": spec.get("ablation", ""),
+            **({"liger_requested": True} if spec.get("liger") else {}),
         }
     res = json.loads(out_path.read_text())
     res["wall_s"] = time.time() - t
@@ -258,6 +285,8 @@ def markdown(result: dict[str, Any]) -> str:
         side = r["side"] if r["side"] == "trl" else f"rmlab {r.get('forward_mode') or r['mode']}"
         if r.get("ablation"):
             side += f", {r['ablation']}"
+        if r.get("liger") or r.get("liger_requested"):
+            side += ", liger"
         if "error" in r:
             lines.append(
                 f"| {r['model']} | {r['workload']} | {side} | error: {r['error'][:80]} |" + "|" * (len(head) - 4)
@@ -369,6 +398,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides (GPU)")
     p.add_argument("--attn", default="sdpa", help="attention implementation for both sides")
+    p.add_argument(
+        "--liger", action=argparse.BooleanOptionalAction, default=False,
+        help="add an rmlab row per forward mode with model.liger=true (Liger's RMSNorm/RoPE/SwiGLU: a GPU and "
+        "pip install 'rmlab[liger]'; on by default in --preset gpu). Causal models only",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak, to report MFU")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a side is killed")
     pre = argparse.ArgumentParser(add_help=False)
@@ -409,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.models = []
         prep = prepare(args, work)
         print(f"prepared {sorted(prep['workloads'])} in {work} ({time.time() - t0:.0f}s); carry it to the GPU machine")
+        if args.liger and args.preset == "gpu":
+            fetch_liger_wheel(work.parent / "wheels")
         return prep
     peak = args.peak_tflops
     if args.measure_peak and not peak:
@@ -445,11 +481,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             for mode in args.modes if info["causal"] else ["padded"]:
                 sides.append(dict(rmlab, mode=mode))
+                if args.liger and info["causal"]:
+                    sides.append(dict(rmlab, mode=mode, liger=True))
             for ablation in args.ablations:
                 for mode in args.ablation_modes if info["causal"] else ["padded"]:
                     sides.append(dict(rmlab, mode=mode, ablation=ablation, **ABLATIONS[ablation]))
+            plain: dict[str, Any] = {}  # mode -> the plain rmlab row (its winning budget sizes the Liger row)
             for spec in sides:  # TRL and rmlab one after the other: the same minute of a noisy machine
+                if spec.get("liger"):
+                    spec = with_liger(spec, plain.get(spec["mode"]))
                 res = run_side(spec, work, args.timeout)
+                if spec["side"] == "rmlab" and not spec.get("liger") and not spec.get("ablation"):
+                    plain[spec["mode"]] = res
                 res.update(model=model, workload=wl, ablation=spec.get("ablation", ""))  # the name, not the file
                 runs.append(res)
                 print(
@@ -462,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 "side",
                                 "mode",
                                 "ablation",
+                                "liger",
                                 "comparisons_per_s",
                                 "useful_token_fraction",
                                 "peak_rss_mb",
@@ -497,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_measured": bool(args.measure_peak and not args.peak_tflops),
         "mem_cap_gb": args.mem_cap_gb,
         "preset": args.preset,
+        "liger": bool(args.liger),
         "total_s": time.time() - t0,
     }
     result = {"meta": meta, "models": prep["models"], "workloads": prep["workloads"], "runs": runs}

@@ -175,6 +175,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
     from rmlab.data.datamodule import build_datamodule
     from rmlab.losses import BTLoss
     from rmlab.models import build_model
+    from rmlab.models.liger import liger_report
     from rmlab.models.packing import unique_tokens
     from rmlab.module import RewardModule
 
@@ -188,6 +189,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
         attn_implementation=spec.get("attn", "sdpa"),
         gradient_checkpointing=spec.get("gradient_checkpointing", False),
         compile=spec.get("compile", False),
+        liger=spec.get("liger", False),  # Liger's RMSNorm/RoPE/SwiGLU kernels (GPU, rmlab[liger])
     )
     mark("model built")
     count_backbone_tokens(model.hf.base_model, clock)
@@ -249,8 +251,10 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
     )
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     mark("last step")
+    liger = liger_report(model)
     return {
         "forward_mode": model.forward_mode,
+        "liger": liger["kernels"] if liger else [],
         "pair_batching": spec.get("pair_batching", "grouped"),
         "sort_by_length": spec.get("sort_by_length", True),
         **clock.summary(),

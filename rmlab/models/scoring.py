@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from rmlab.models.base import RewardModel
+from rmlab.models.liger import liger_report
 
 
 @dataclass
@@ -20,6 +21,16 @@ class Scored:
     batch: Any
     rewards: torch.Tensor  # [N] float32
     heads: dict[str, Any] = field(default_factory=dict)  # tensors [N, ...]; a writing model's texts: lists of [N] str
+
+
+def scoring_device(model: RewardModel, device: str | torch.device | None = None) -> torch.device:
+    """``device``, else the model's, except that a model with Liger's kernels (model.liger) scores on the GPU: Lightning
+    leaves a model on the CPU after ``fit``, where Triton kernels cannot run (the head report and the export's
+    reward statistics score it there)."""
+    dev = torch.device(device) if device is not None else model.device
+    if dev.type == "cpu" and device is None and liger_report(model) is not None and torch.cuda.is_available():
+        return torch.device("cuda")
+    return dev
 
 
 def score_batches(
@@ -32,7 +43,7 @@ def score_batches(
 ) -> Iterator[Scored]:
     """Score every batch in eval mode without gradients; the model's mode is restored afterwards. ``total``:
     the number of batches, for the progress bar's ETA when ``batches`` has no length."""
-    dev = torch.device(device) if device is not None else model.device
+    dev = scoring_device(model, device)
     model.to(dev)
     was = model.training
     model.eval()
