@@ -171,6 +171,14 @@ class RewardModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed at once. Lightning zeroes them only inside the next step's
+        closure, after that step's forward, so the forward (the activation peak) would also hold a full set of
+        the last step's gradients: one more copy of the parameters' bytes, on the host on CPU. TRL's trainer
+        frees them after the step, as here. The next backward starts from None either way: same values."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.named_parameters():

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +125,23 @@ def test_rmlab_side_counts_every_token_once(tmp_path, pair_batching):
     assert res["processed_tokens_per_comparison"] == pytest.approx(by_hand)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_a_side_reports_its_own_peak_rss_not_the_benchmarks():
+    """The benchmark spawns each side (vfork + exec), and Linux keeps ``ru_maxrss`` across exec: with it, every
+    side reported at least the spawning process's peak (2.6 GB on the GPU run of 2026-11-26, for both TRL and
+    rmlab). ``peak_rss_mb`` is the side's own high-water mark."""
+    big = torch.ones(400 * 2**20 // 4)  # 400 MB written: this process's peak is at least that
+    del big
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    code = "import resource; from rmlab.bench.sides import peak_rss_mb; " \
+        "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    own, inherited = map(float, out.split())
+    assert inherited >= parent_peak - 1  # what ru_maxrss says in the child: the parent's peak
+    assert 0 < own < parent_peak - 300  # the child itself: the interpreter, torch and rmlab.bench imported
+
+
 def _row(side, cps, processed, unique, rss, mode=""):
     return dict(
         model="m",
@@ -217,6 +239,11 @@ def test_smoke_preset_runs_the_gpu_code_on_cpu(tmp_path):
         best = max(r["search"], key=lambda t: t["comparisons_per_s"])
         assert r["batch"] == f"{key}={best[key]}" and r["comparisons_per_s"] == best["comparisons_per_s"]
         assert 0 < r["mfu"] < 1 and r["compiled_graphs"] == 0
+        # Host memory per phase, for each size searched: the run's peak is the largest phase peak.
+        built = "data and module built" if r["side"] == "rmlab" else "data and trainer built"
+        names = [p["phase"] for p in r["rss_phases"]]
+        assert names[0] == "imports" and names.count(built) == names.count("last step") == len(tried)
+        assert r["peak_rss_mb"] == pytest.approx(max(p["peak_mb"] for p in r["rss_phases"]), abs=64)
         if r["side"] == "rmlab":
             assert r["useful_token_fraction"] == pytest.approx(1.0)  # prefix sharing, one packed row
             assert r["vs_trl"]["processed_tokens_per_comparison"] < 0.6

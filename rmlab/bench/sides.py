@@ -99,8 +99,45 @@ def count_backbone_tokens(module: torch.nn.Module, clock: StepClock) -> None:
     module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def peak_rss_mb() -> float:
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def inherited_rss_mb() -> float:
+    """``ru_maxrss``: on Linux it survives ``execve``, and ``subprocess`` starts a side with vfork + exec, so a
+    side's ``ru_maxrss`` starts at the peak of the benchmark process that spawned it (2.6 GB on the GPU run of
+    2026-11-26, after it built the 0.5B weights; 0.55 GB on CPU), whatever the side does."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (``VmHWM``: the high-water mark of its own address space, which exec
+    starts afresh); ``ru_maxrss`` where /proc is missing (not Linux)."""
+    own = _status_mb("VmHWM")
+    return inherited_rss_mb() if own is None else own
+
+
+def rss_mb() -> float:
+    """Resident memory now (``VmRSS``), or the peak where /proc is missing."""
+    now = _status_mb("VmRSS")
+    return peak_rss_mb() if now is None else now
+
+
+PHASES: list[dict[str, Any]] = []  # host memory after each phase of a side (``rss_phases`` in the JSON)
+
+
+def mark(phase: str) -> None:
+    row = {"phase": phase, "rss_mb": round(rss_mb()), "peak_mb": round(peak_rss_mb())}
+    if torch.cuda.is_initialized():
+        row["gpu_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20)
+    PHASES.append(row)
 
 
 def load_groups(path: str) -> list[TokenizedGroup]:
@@ -154,6 +191,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
         compile=spec.get("compile", False),
         liger=spec.get("liger", False),  # Liger's RMSNorm/RoPE/SwiGLU kernels (GPU, rmlab[liger])
     )
+    mark("model built")
     count_backbone_tokens(model.hf.base_model, clock)
     groups = load_groups(spec["workload"])
     share = None
@@ -179,6 +217,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
     )
     dm.train_groups, dm.val_groups = groups, []  # setup() is skipped: the workload is already tokenized
     module = RewardModule(model, BTLoss(), lr=spec["lr"], weight_decay=0.0, warmup_ratio=0.0, scheduler="constant")
+    mark("data and module built")
 
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -188,6 +227,9 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
             with Timed(clock):
                 clock.add(comparisons=batch.num_comparisons, unique=batch_unique(batch))
             clock.step()
+            if len(clock.steps) == 1:
+                with Timed(clock):
+                    mark("first step")
             if clock.done():
                 trainer.should_stop = True
 
@@ -208,6 +250,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks=[Clock()],
     )
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    mark("last step")
     liger = liger_report(model)
     return {
         "forward_mode": model.forward_mode,
@@ -233,6 +276,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(
         spec["model_dir"], num_labels=1, attn_implementation=spec.get("attn", "sdpa"), dtype=torch.float32
     )
+    mark("model built")
 
     def count(_mod, args, kwargs):
         # TRL's rows are [chosen..., rejected...]: pair row i with row B + i to find each comparison.
@@ -251,6 +295,9 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
         def on_step_end(self, args, state, control, **kw):
             clock.step()
+            if len(clock.steps) == 1:
+                with Timed(clock):
+                    mark("first step")
             if clock.done():
                 control.should_training_stop = True
 
@@ -281,7 +328,9 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
         if len(trainer.train_dataset) != len(ds):
             raise RuntimeError(f"TRL dropped {len(ds) - len(trainer.train_dataset)} pairs: the pre-filter failed")
+        mark("data and trainer built")
         trainer.train()
+        mark("last step")
     return clock.summary()
 
 
@@ -314,6 +363,7 @@ def search(spec: dict[str, Any]) -> dict[str, Any]:
     tried, best = [], None
     for size in spec["sizes"]:
         gc.collect()
+        mark(f"before {key}={size}")
         if spec["device"] == "cuda":
             torch.cuda.empty_cache()
         try:
@@ -365,12 +415,19 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    rss0 = peak_rss_mb()
+    inherited = inherited_rss_mb()
+    mark("imports")
     if spec["side"] == "peak":
         Path(out_path).write_text(json.dumps({"peak_tflops": measure_peak_tflops(spec["device"], spec["bf16"])}))
         return
     res = search(spec) if spec.get("sizes") else run_one(spec)
-    res.update(peak_rss_mb=peak_rss_mb(), rss_at_start_mb=rss0, side=spec["side"], mode=spec.get("mode", ""))
+    res.update(
+        peak_rss_mb=peak_rss_mb(),  # this side's own peak
+        inherited_peak_rss_mb=inherited,  # the spawning process's, which ru_maxrss would have added
+        rss_phases=PHASES,
+        side=spec["side"],
+        mode=spec.get("mode", ""),
+    )
     Path(out_path).write_text(json.dumps(res, indent=2))
 
 
