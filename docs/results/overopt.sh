@@ -2,16 +2,17 @@
 # Reproduce docs/results.md#overopt: each loss over 3 seeds on the hackable simulator (experiment=overopt),
 # then best-of-n on every model and on the ensembles of the BT seeds, then one table and one plot.
 #   bash docs/results/overopt.sh
-#   LOSSES="bt margin odin grm" bash docs/results/overopt.sh   # the anti-hacking slot, once h/antihack is merged
+#   LOSSES="bt odin" EXTRA_odin=model.head=odin ROOT_DIR=outputs/results/overopt_odin \
+#     DOCS_DIR=docs/results/overopt_odin bash docs/results/overopt.sh     # the ODIN arm (docs/results.md)
 #   EXTRA_bt=model=tiny_llama EXTRA_grm=model=tiny_llama LOSSES="bt grm" ROOT_DIR=outputs/results/overopt_llama \
-#     DOCS_DIR=docs/results/overopt_llama bash docs/results/overopt.sh   # per-loss overrides (GRM needs a causal LM)
+#     DOCS_DIR=docs/results/overopt_llama bash docs/results/overopt.sh   # the GRM arm (GRM needs a causal LM)
 #   SKIP_TRAIN=1 bash docs/results/overopt.sh                  # best-of-n and the summary on finished sweeps
 # Sweeps land in outputs/results/overopt/<loss>/, best-of-n in outputs/results/overopt/bon/<loss>/; the summary
 # (bon_summary.md, bon_summary.png) and each loss's bon.png are copied to docs/results/overopt/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-LOSSES=${LOSSES:-bt margin}  # the slot: add odin, grm (their losses come with h/antihack; GRM needs a causal LM)
+LOSSES=${LOSSES:-bt margin}  # the arms; odin and grm need per-loss overrides (EXTRA_<loss>, above)
 ENSEMBLE=${ENSEMBLE:-bt}     # the loss whose 3 seeds also form an ensemble (mean, min, uwo)
 PROMPTS=${PROMPTS:-32}       # held-out prompts for best-of-n, 256 generator samples each
 JOBS=${JOBS:-2}              # sweeps / best-of-n runs at a time, one thread each (2 cores)
