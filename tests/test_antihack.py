@@ -164,6 +164,36 @@ def test_odin_gradcheck():
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
 
 
+def test_odin_keyed_on_a_spurious_feature():
+    """loss.feature=spurious: the same terms with the response's known spurious feature (the simulator's flattery
+    count) in place of its length, by hand; a batch without the feature for every response is refused, named."""
+    b, heads = odin_case()
+    flat = [0.0, 2.0, 1.0, 0.0]
+    b.spurious = t(flat)
+    s = [q + x for q, x in zip(Q4, L4)]
+    bt = (softplus(-(s[0] - s[1])) + softplus(-(s[2] - s[3]))) / 2
+    cos = sum(a * c for a, c in zip(WQ, WL)) / math.sqrt(sum(a * a for a in WQ) * sum(c * c for c in WL))
+    out = OdinLoss(length_coef=0.7, quality_coef=2.0, ortho_coef=0.3, feature="spurious")(t(Q4), b, heads=heads)
+    want = bt - 0.7 * pearson(L4, flat) + 2.0 * abs(pearson(Q4, flat)) + 0.3 * abs(cos)
+    assert out.loss.item() == pytest.approx(want, abs=1e-9)
+    assert want != pytest.approx(OdinLoss(length_coef=0.7, quality_coef=2.0, ortho_coef=0.3)(t(Q4), b, heads=heads).loss.item())
+    b.spurious = t([0.0, NAN, 1.0, 0.0])
+    with pytest.raises(ValueError, match="hack_rate"):
+        OdinLoss(feature="spurious")(t(Q4), b, heads=heads)
+    with pytest.raises(ValueError, match="feature"):
+        OdinLoss(feature="flattery")
+
+
+def test_the_simulator_gives_its_spurious_feature_only_with_the_hack_on():
+    from rmlab.data.simulator import SimulatorConfig, flattery_count, generate
+
+    off = generate(SimulatorConfig(num_prompts=20, k=3, seed=2))
+    on = generate(SimulatorConfig(num_prompts=20, k=3, seed=2, hack_rate=0.5))
+    assert all(g.spurious is None for g in off)
+    feats = [(f, r) for g in on for f, r in zip(g.spurious, g.responses)]
+    assert all(f == flattery_count(r) for f, r in feats) and 0 < sum(f > 0 for f, _ in feats) < len(feats)
+
+
 def test_batch_pearson_edge_cases():
     x = t([1.0, 2.0, 4.0])
     assert batch_pearson(x, t([3.0, 3.0, 3.0])).item() == 0.0  # equal lengths: no correlation to fit

@@ -230,6 +230,8 @@ def generate(cfg: SimulatorConfig) -> list[PreferenceGroup]:
                 ranks=ranks,
                 scores=scores,
                 true_rewards=[d.true_reward for d in drawn],
+                # The spurious feature, with the hack on (off: no field, so the default data are unchanged).
+                spurious=[float(d.flattery) for d in drawn] if cfg.hack_rate > 0 else None,
                 attributes=attrs,
                 labels=labels,
                 subset=prompt.subset,

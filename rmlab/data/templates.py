@@ -102,6 +102,7 @@ class GroupTemplate:
             labels=labels,
             true_rewards=true if truth is not None else None,
             ranks=None,
+            spurious=None,  # a feature of one response, not of the judged pair
             scores=None,
             attributes=None,
             critiques=None,  # read by reasoning judges only (rmlab.models.reasoning)

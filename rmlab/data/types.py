@@ -47,6 +47,11 @@ RESPONSE_FIELDS = (
     BatchField("true_reward", "true_rewards", "float", NAN, "the simulator's hidden truth; NaN = unknown"),
     BatchField("label", "labels", "float", NAN, "a pointwise correct (1) / incorrect (0) label; NaN = none"),
     BatchField(
+        "spurious", "spurious", "float", NAN,
+        "a known spurious feature of the response (the hackable simulator: its flattering sentences), which ODIN's "
+        "second head can key on (loss.feature=spurious); NaN = unknown",
+    ),
+    BatchField(
         "critique_len", "critique_lens", "long", 0,
         "tokens of the critique (or rationale) that ends the row, its end tokens included (rmlab.models.reasoning); "
         "0 = none", False,
@@ -87,6 +92,7 @@ class PreferenceGroup:
     true_rewards: list[float] | None = None  # simulator only: the hidden truth
     attributes: list[list[float]] | None = None  # per-response, per-attribute ratings (NaN = missing)
     labels: list[float] | None = None  # pointwise correct (1) / incorrect (0) labels, NaN = none
+    spurious: list[float] | None = None  # a known spurious feature per response (simulator: flattery), NaN = unknown
     # Per-response critique (or rationale) text, ``data.fields.critique``. A reasoning model's template appends it
     # to the response (after its cue); tokenization then counts its tokens (``critique_len``). "" = none.
     critiques: list[str] | None = None

@@ -8,7 +8,9 @@ r_L. The loss fits the preference labels with their sum and splits the length si
 
 - ``L_pref``: any preference loss (``base``, BT by default, the paper's ranking loss) on r = r_Q + r_L;
 - ``rho``: Pearson's correlation over the batch's responses with their length in tokens (``batch.response_len``;
-  the paper computes it over the global batch, rmlab over each process's batch);
+  the paper computes it over the global batch, rmlab over each process's batch). ``feature=spurious`` keys the
+  second head on a known spurious feature instead (``batch.spurious``: the hackable simulator's flattery count),
+  an extension of the paper's idea to the hack a data set is known to carry;
 - the orthogonality term keeps the two heads reading different directions of the features. The paper writes it
   as |W_Q^T W_L|; rmlab takes it on the unit-normalised weights (the cosine), so it constrains the directions and
   cannot be met by shrinking a head, which the two correlation terms (scale-free) would not notice.
@@ -35,6 +37,9 @@ def batch_pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch
     return (xc * yc).sum() / torch.sqrt((xc * xc).sum() * (yc * yc).sum() + eps)
 
 
+FEATURES = ("length", "spurious")
+
+
 class OdinLoss(RewardLoss):
     """ODIN's loss (see the module docstring): preference loss on r_Q + r_L, the length head correlated with the
     response length, the quality head decorrelated from it, the head weights orthogonal.
@@ -54,8 +59,12 @@ class OdinLoss(RewardLoss):
         length_coef: float = 1.0,
         quality_coef: float = 1.0,
         ortho_coef: float = 1.0,
+        feature: str = "length",
     ):
         super().__init__()
+        if feature not in FEATURES:
+            raise ValueError(f"ODIN's feature must be one of {FEATURES}, got {feature!r}")
+        self.feature = feature
         for name, v in (("length_coef", length_coef), ("quality_coef", quality_coef), ("ortho_coef", ortho_coef)):
             if v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}")
@@ -69,10 +78,9 @@ class OdinLoss(RewardLoss):
             raise ValueError("the ODIN loss reads a quality and a length head: use model.head=odin (rmlab.models.odin)")
         check_rewards(rewards, batch)
         q, ln = heads["quality"], heads["length"]
-        lens = getattr(batch, "response_len", None)
-        if lens is None:
-            raise ValueError("the ODIN loss needs batch.response_len (response tokens per row; rmlab's collator sets it)")
-        lens = lens.to(q.dtype)
+        if not getattr(batch, "host_checked", False):
+            self.check_values(batch)
+        lens = (batch.response_len if self.feature == "length" else batch.spurious).to(q.dtype)
         pref = self.base(q + ln, batch)
         rho_len = batch_pearson(ln, lens)
         rho_q = batch_pearson(q, lens)
@@ -86,3 +94,18 @@ class OdinLoss(RewardLoss):
             "head_cosine": cos.detach(),
         }
         return LossOutput(loss, pref.terms, parts)
+
+    def check_values(self, batch) -> None:
+        """The feature the second head is pulled towards must be there for every response (read on the host copy of
+        the batch before it goes to the device, or here for a batch that was not checked there)."""
+        if self.feature == "length":
+            if getattr(batch, "response_len", None) is None:
+                raise ValueError("the ODIN loss needs batch.response_len (response tokens per row; rmlab's collator sets it)")
+            return
+        f = getattr(batch, "spurious", None)
+        if f is None or bool(torch.isnan(f).any()):
+            raise ValueError(
+                "loss.feature=spurious needs a known spurious feature for every response (batch.spurious): the hackable "
+                "simulator gives its flattery count when data.simulator.hack_rate > 0; other data have none, so use "
+                "loss.feature=length"
+            )
