@@ -86,6 +86,9 @@ RewardBatch = dataclasses.make_dataclass(
         ("prompt_len", torch.Tensor | None, field(default=None)),  # [N] tokens of the shared prefix in each row
         ("last_token", torch.Tensor | None, field(default=None)),  # [N] column of each row's last real token
         ("n_ties", int, field(default=0)),  # tie comparisons, counted on the host (a step never reads it back)
+        # The loss's value checks ran on this batch's host copy (RewardModule.on_before_batch_transfer): a step on
+        # the device need not read the values back to check them (rmlab.losses.base.RewardLoss.check_batch).
+        ("host_checked", bool, field(default=False)),
         ("packed", PackedLayout | None, field(default=None)),  # the packed layout (rmlab.data.layout), when asked
     ],
     bases=(_RewardBatchMethods,),

@@ -117,14 +117,22 @@ class ScalarRewardModel(RewardModel):
         unique token once instead of padding every row to the longest (see rmlab/models/packing.py).
         """
         if self.forward_mode == "padded":
-            attn = getattr(self.config, "_attn_implementation", None)
-            if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
-                # Collated read positions and a mask built on the device: nothing is read back.
-                mask = padded_causal_mask(batch.attention_mask)
-                h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
-                return self.reward_from_hidden(rows_at(h, batch.last_token))
+            h = self.padded_pooled(batch)
+            if h is not None:
+                return self.reward_from_hidden(h)
             return self(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self.reward_from_hidden(packed_hidden(self, batch))
+
+    def padded_pooled(self, batch) -> torch.Tensor | None:
+        """Pooled hidden states [N, H] of a padded forward of a causal LM, read at the collated last tokens under
+        a mask built on the device: nothing is read back. None where that path does not apply (an encoder, an
+        attention implementation that takes no explicit mask, a batch without ``last_token``)."""
+        attn = getattr(self.config, "_attn_implementation", None)
+        if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
+            mask = padded_causal_mask(batch.attention_mask)
+            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
+            return rows_at(h, batch.last_token)
+        return None
 
     # ------------------------------------------------------------ the language-modelling path (loss=grm)
     def require_outputs(self, names) -> None:
