@@ -203,6 +203,11 @@ LOSS_RUNS = [
     *[("odin", [], mode) for mode in MODES],  # the yaml picks model=odin (two heads)
     ("attributes", [], MODES[0]),  # the yaml picks model=attributes (padded forward only)
     ("grm", [], MODES[0]),  # the yaml picks model=tiny_llama; the LM term's forward is padded
+    # Generative heads, one forward each: the pairwise judge's answer cross-entropy (the yaml picks the judge), and
+    # CLoud's critique LM + BT on critiques in the data (stage 1 of experiment=cloud; stage 2 generates critiques
+    # with the critic, a host loop by nature, docs/heads.md).
+    ("answer_ce", [], None),
+    ("cloud", ["model=cloud"], None),
 ]
 # Simulator data every loss has something to read in: ties (tie_band), K = 3..5 responses (rank, group_weight),
 # 1-5 ratings (score), 0/1 labels, attribute ratings, strengths.
@@ -211,7 +216,8 @@ SIM = ["data.simulator.num_prompts=24", "data.simulator.k=3", "data.simulator.k_
        "data.min_prompt_tokens=8", "data.val_fraction=0.2", "data.max_groups=4", "seed=3"]
 
 
-def _train_as_train_py(name: str, overrides: list[str], mode: tuple[str, str], tmp_path, steps: int = 2):
+def _train_as_train_py(name: str, overrides: list[str], mode: tuple[str, str] | None, tmp_path, steps: int = 2,
+                       callbacks: tuple = ()):
     """``python train.py loss=<name> ...`` up to the fit: the config composed by Hydra, the model, loss, data,
     module and Trainer built by rmlab.train's own code, then two steps under the modes."""
     from hydra.utils import instantiate
@@ -221,9 +227,9 @@ def _train_as_train_py(name: str, overrides: list[str], mode: tuple[str, str], t
     from rmlab.train import build_trainer
     from tests.conftest import compose
 
-    forward_mode, attention = mode
-    cfg = compose([f"loss={name}", *overrides, f"model.forward_mode={forward_mode}", f"model.attention={attention}",
-                   *SIM, f"trainer.max_steps={steps}", "+trainer.limit_val_batches=0", "module.lr=1e-2",
+    # Generative heads have one forward (no forward_mode key): mode None.
+    modes = [] if mode is None else [f"model.forward_mode={mode[0]}", f"model.attention={mode[1]}"]
+    cfg = compose([f"loss={name}", *overrides, *modes, *SIM, f"trainer.max_steps={steps}", "+trainer.limit_val_batches=0", "module.lr=1e-2",
                    "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "threads=1"], tmp_path)
     torch.manual_seed(0)
     model = instantiate(cfg.model, _convert_="all")
@@ -237,6 +243,7 @@ def _train_as_train_py(name: str, overrides: list[str], mode: tuple[str, str], t
     trainer = build_trainer(cfg, [CSVLogger(str(tmp_path), name="csv")], resuming=False)
     strict = Strict(close_here=False)
     trainer.callbacks.insert(0, strict)
+    trainer.callbacks[-1:-1] = list(callbacks)  # before the checkpoint callback, which Lightning keeps last
     trainer.callbacks.append(StrictEnd(strict))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
@@ -248,7 +255,7 @@ def _train_as_train_py(name: str, overrides: list[str], mode: tuple[str, str], t
 
 @pytest.mark.parametrize(
     "name,overrides,mode",
-    [pytest.param(n, o, m, id="-".join([n, *(x.split(".")[-1] for x in o if not x.startswith("model=")), *m]))
+    [pytest.param(n, o, m, id="-".join([n, *(x.split(".")[-1] for x in o if not x.startswith("model=")), *(m or ())]))
      for n, o, m in LOSS_RUNS],
 )
 def test_every_loss_trains_without_a_read_back(name, overrides, mode, tmp_path):
@@ -287,3 +294,57 @@ def test_flex_forward_reads_nothing_back():
             got = model.score_batch(batch)
         model.forward_mode = "padded"
         torch.testing.assert_close(got, model.score_batch(batch), atol=1e-4, rtol=0)
+
+
+class ItemLoss(BTLoss):
+    """BT that reads its loss back to the host, as a loss with ``if loss.item() > ...`` would."""
+
+    def objective(self, rewards, batch):
+        out = super().objective(rewards, batch)
+        if out.loss.item() > 1e9:
+            raise AssertionError("unreachable")
+        return out
+
+
+def test_a_read_back_in_a_loss_is_caught(tmp_path):
+    """The harness of the loss runs fails on a loss that reads back: the window covers the loss train.py builds."""
+    with pytest.raises(HostSync, match="Tensor.item"):
+        _train_as_train_py("bt", ["model=tiny_llama", "loss._target_=tests.test_no_host_sync.ItemLoss"],
+                           MODES[0], tmp_path)
+
+
+class PoisonHead(L.Callback):
+    """NaN reward-head weights from optimizer step ``step`` on; keeps the other weights as they were then."""
+
+    def __init__(self, step: int):
+        self.step, self.kept = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.head.weight.fill_(float("nan"))
+            self.kept = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_nonfinite_guard_reads_after_the_step(fused, tmp_path, monkeypatch):
+    """The guard's flag is made on the device in the step and read after the optimizer step (outside the
+    window): the run still stops naming the step that went bad, before any checkpoint of it. With a fused AdamW
+    (CUDA's; forced here on the CPU) the bad step's update is skipped on the device: every weight is as it was."""
+    import rmlab.module
+
+    if fused:
+        monkeypatch.setattr(rmlab.module, "fused_adamw", lambda params: {"fused": True})
+    poison = PoisonHead(step=1)
+    with pytest.raises(FloatingPointError, match="at global step 1;") as err:
+        _train_as_train_py("bt", ["model=tiny_llama"], MODES[2], tmp_path, steps=3, callbacks=(poison,))
+    assert "nonfinite-step1.ckpt" in str(err.value)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # no checkpoint of the bad step
+    state = torch.load(tmp_path / "checkpoints" / "nonfinite-step1.ckpt", weights_only=False)
+    assert state["nonfinite"]["global_step"] == 1
+    weights = state["state_dict"]
+    if fused:  # the update was skipped: the state is the one that produced the NaN
+        for n, before in poison.kept.items():
+            torch.testing.assert_close(weights[f"model.{n}"], before, rtol=0, atol=0, equal_nan=True, msg=n)
+    else:  # the CPU's foreach AdamW stepped on NaN gradients
+        assert torch.isnan(weights["model.hf.model.norm.weight"]).all()

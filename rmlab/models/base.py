@@ -110,6 +110,12 @@ class RewardModel(nn.Module):
         """Rewards [N] and the named extra outputs (none for a one-output model)."""
         return self.score_batch(batch), {}
 
+    def prepare_batch(self, batch):
+        """Host-side work on a collated training batch before it goes to the device
+        (``RewardModule.on_before_batch_transfer``): index tensors whose size depends on the data, which the
+        device would otherwise have to report back mid-step. Nothing by default."""
+        return batch
+
     def require_outputs(self, names: Iterable[str]) -> None:
         """Called once before training with the extra outputs the loss reads (``RewardLoss.required_outputs``).
         A model that can compute an optional output turns it on here (the scalar head's ``response_logp``);
