@@ -191,7 +191,8 @@ def test_training_step_reads_nothing_back(mode, attention):
 # judge; cloud: critique LM) are below.
 SCALAR_LOSSES = ["bt", "logexp", "margin", "hinge", "center", "davidson", "rao_kupper", "plackett_luce", "grouped",
                  "regression", "scaled_bt"]
-MODES = [("padded", "auto"), ("packed", "sdpa"), ("prefix_shared", "sdpa"), ("auto", "sdpa"), ("prefix_shared", "varlen")]
+MODES = [("padded", "auto"), ("packed", "sdpa"), ("prefix_shared", "sdpa"), ("auto", "sdpa"),
+         ("prefix_shared", "varlen")]
 LOSS_RUNS = [
     *[(loss, ["model=tiny_llama"], mode) for loss in SCALAR_LOSSES for mode in MODES],
     # Centering by prompt (group sums of the rewards) and the other margin sources that read the batch.
@@ -218,19 +219,22 @@ SIM = ["data.simulator.num_prompts=24", "data.simulator.k=3", "data.simulator.k_
 
 def _train_as_train_py(name: str, overrides: list[str], mode: tuple[str, str] | None, tmp_path, steps: int = 2,
                        callbacks: tuple = ()):
-    """``python train.py loss=<name> ...`` up to the fit: the config composed by Hydra, the model, loss, data,
-    module and Trainer built by rmlab.train's own code, then two steps under the modes."""
+    """``python train.py loss=<name> ...`` up to the fit: the config composed by Hydra and checked as train.py
+    checks it, the model, loss, data and module instantiated as rmlab.train.run does, its ``build_trainer`` (with
+    its callbacks), then ``steps`` steps under the modes."""
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
     from rmlab.losses.critique import CritiqueLoss
     from rmlab.train import build_trainer
+    from rmlab.validate import check_config
     from tests.conftest import compose
 
     # Generative heads have one forward (no forward_mode key): mode None.
     modes = [] if mode is None else [f"model.forward_mode={mode[0]}", f"model.attention={mode[1]}"]
-    cfg = compose([f"loss={name}", *overrides, *modes, *SIM, f"trainer.max_steps={steps}", "+trainer.limit_val_batches=0", "module.lr=1e-2",
-                   "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "threads=1"], tmp_path)
+    cfg = compose([f"loss={name}", *overrides, *modes, *SIM, f"trainer.max_steps={steps}", "+trainer.limit_val_batches=0",
+                   "module.lr=1e-2", "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "threads=1"], tmp_path)
+    check_config(cfg, entry="train")
     torch.manual_seed(0)
     model = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")

@@ -113,7 +113,9 @@ class AttributeRewardModel(ScalarRewardModel):
         hp = backbone_states(self.hf, input_ids, pmask)
         return rows_at(hp, pool_index(pmask, self.pooling))
 
-    def heads(self, input_ids, attention_mask, position_ids=None, prompt_len=None, last_token=None) -> dict[str, torch.Tensor]:
+    def heads(
+        self, input_ids, attention_mask, position_ids=None, prompt_len=None, last_token=None
+    ) -> dict[str, torch.Tensor]:
         """``last_token``: a collated batch's read positions. With them a causal LM reads the rewards as the scalar
         head's padded forward does (a mask built on the device, no row check): the step reads nothing back."""
         attn = getattr(self.config, "_attn_implementation", None)

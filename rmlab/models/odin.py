@@ -68,7 +68,9 @@ class OdinRewardModel(ScalarRewardModel):
         """Pooled hidden states [N, H] in the model's forward mode."""
         if self.forward_mode == "padded":
             h = self.padded_pooled(batch)  # the scalar head's sync-free padded path, where it applies
-            return h if h is not None else self.hidden_at_pool(batch.input_ids, batch.attention_mask, batch.position_ids)
+            if h is None:
+                h = self.hidden_at_pool(batch.input_ids, batch.attention_mask, batch.position_ids)
+            return h
         return packed_hidden(self, batch)
 
     def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
