@@ -128,27 +128,58 @@ def final_val_rewards(trainer) -> Any:
 class NonFiniteGuard(L.Callback):
     """Stop on a NaN/inf loss or reward, naming the step and the batch's prompts (rmlab.train always adds it).
 
-    Training: checked before the backward, so the step's update and any checkpoint of this step never happen;
-    the state is saved to ``nonfinite-step<N>.ckpt`` for a post-mortem and the last good checkpoint is
-    untouched. Under DDP every rank decides together each step (train batches are even across ranks), so no
-    rank is left alone in the next all-reduce. Val/test batches may be uneven across ranks: no collective per
-    step; the first bad batch is kept and every rank decides together at the epoch's end.
+    Training: the check is made on the device inside the step (before the backward: a flag, no read-back, so
+    the GPU never waits for the host) and read once the step is over, in ``on_train_batch_end``, before any
+    checkpoint of this step (Lightning runs checkpoint callbacks last). With a fused optimizer (AdamW on CUDA,
+    rmlab.module.fused_adamw) the flag is handed to the optimizer as ``found_inf``, as torch's GradScaler does,
+    so the bad step's update is skipped on the device; with the CPU's foreach AdamW the update has happened
+    (its weights are what a non-finite gradient made them). The state is saved to ``nonfinite-step<N>.ckpt``
+    for a post-mortem, N the step that went bad, and the last good checkpoint is untouched. Under DDP every rank
+    decides together each step (train batches are even across ranks), so no rank is left alone in the next
+    all-reduce. Val/test batches may be uneven across ranks: no collective per step; the first bad batch is
+    kept and every rank decides together at the epoch's end.
     """
 
     def __init__(self):
         self._eval_bad = None  # the first non-finite val/test StepOutput of this epoch, under DDP
+        self._train = None  # (device flag, StepOutput, global step) of the step in flight
+        self._skip_set = None  # the optimizer given found_inf for this step
 
     @staticmethod
-    def is_bad(step) -> bool:
-        return not bool(torch.isfinite(step.loss) and torch.isfinite(step.rewards).all())
+    def bad_flag(step) -> torch.Tensor:
+        """True (a 0-d bool tensor on the step's device) when the loss or a reward is not finite: no read-back."""
+        return ~(torch.isfinite(step.loss) & torch.isfinite(step.rewards).all())
+
+    @classmethod
+    def is_bad(cls, step) -> bool:
+        return bool(cls.bad_flag(step))
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         step = pl_module.last_step
-        bad = self.is_bad(step)
+        self._train = (self.bad_flag(step), step, trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._train is not None and _fused(optimizer) and not hasattr(optimizer, "found_inf"):
+            # The fused kernel skips the update (and its step count) where found_inf is 1, on the device. A
+            # GradScaler (fp16) sets its own found_inf for the step and removes it; it already skips inf steps.
+            optimizer.found_inf = self._train[0].to(torch.float32)
+            self._skip_set = optimizer
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        opt = getattr(self, "_skip_set", None)
+        if opt is not None:
+            if hasattr(opt, "found_inf"):
+                del opt.found_inf
+            self._skip_set = None
+        if self._train is None:
+            return
+        flag, step, gstep = self._train
+        self._train = None
+        bad = bool(flag)  # the step's one read-back, after its optimizer step
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            stop_on_nonfinite(trainer, step)
+            stop_on_nonfinite(trainer, step, gstep)
 
     def _eval_batch_end(self, trainer, pl_module) -> None:
         step = pl_module.last_step
@@ -182,9 +213,15 @@ class NonFiniteGuard(L.Callback):
         self._eval_epoch_end(trainer)
 
 
-def stop_on_nonfinite(trainer, step) -> None:
-    """Raise FloatingPointError naming the stage, step and prompt ids; a train step's state is saved first."""
-    ids, gstep = list(step.batch.group_ids), trainer.global_step
+def _fused(optimizer) -> bool:
+    return any(g.get("fused") for g in getattr(optimizer, "param_groups", ()))
+
+
+def stop_on_nonfinite(trainer, step, global_step: int | None = None) -> None:
+    """Raise FloatingPointError naming the stage, step and prompt ids; a train step's state is saved first.
+    ``global_step``: the step that went bad, when the check is read after its optimizer step."""
+    ids = list(step.batch.group_ids)
+    gstep = trainer.global_step if global_step is None else global_step
     bad = int((~torch.isfinite(step.rewards)).sum())
     info = {"stage": step.stage, "global_step": gstep, "group_ids": ids, "loss": float(step.loss),
             "nonfinite_rewards": bad}

@@ -115,6 +115,16 @@ class RewardModule(L.LightningModule):
     def forward(self, batch) -> torch.Tensor:
         return self.model.score_batch(batch)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """The loss's checks of the batch's values (a margin source's range) and the model's data-dependent indices
+        (GRM's LM targets) are made here, on the collated host copy, before the batch goes to the device: the
+        step then reads nothing back for them."""
+        if hasattr(batch, "host_checked") and not batch.host_checked:
+            self.loss_fn.check_batch(batch)
+            batch.host_checked = True
+            batch = self.model.prepare_batch(batch)
+        return batch
+
     def shared_step(self, batch, stage: str) -> torch.Tensor:
         if self.loss_fn.needs_heads:
             # The loss also reads the model's extra outputs (attributes, ODIN's heads, GRM's response log-probs),

@@ -19,6 +19,7 @@ Each response appears once however many comparisons it is in; ``winner``/``loser
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import field
 
 import torch
@@ -86,6 +87,13 @@ RewardBatch = dataclasses.make_dataclass(
         ("prompt_len", torch.Tensor | None, field(default=None)),  # [N] tokens of the shared prefix in each row
         ("last_token", torch.Tensor | None, field(default=None)),  # [N] column of each row's last real token
         ("n_ties", int, field(default=0)),  # tie comparisons, counted on the host (a step never reads it back)
+        # The loss's value checks ran on this batch's host copy (RewardModule.on_before_batch_transfer): a step on
+        # the device need not read the values back to check them (rmlab.losses.base.RewardLoss.check_batch).
+        ("n_labels", int | None, field(default=None)),  # rows with a finite label, counted on the host, as n_ties
+        ("host_checked", bool, field(default=False)),
+        # [2, T] (row, position) of the response tokens an LM loss scores (loss=grm), built on the host copy by the
+        # model (RewardModel.prepare_batch) when it needs them; None otherwise.
+        ("lm_target", torch.Tensor | None, field(default=None)),
         ("packed", PackedLayout | None, field(default=None)),  # the packed layout (rmlab.data.layout), when asked
     ],
     bases=(_RewardBatchMethods,),
@@ -150,6 +158,7 @@ def collate(
         prompt_len=torch.tensor(plen),
         last_token=torch.tensor([longest - 1 if padding_side == "left" else len(r) - 1 for r in rows]),
         n_ties=sum(bool(t) for t in per_cmp["tie"]),
+        n_labels=sum(math.isfinite(x) for x in per_resp["label"]),
         packed=None
         if layout is None
         else build_layout([r[:p] for r, p in zip(rows, plen)], [r[p:] for r, p in zip(rows, plen)], gidx, layout, pad_id),

@@ -115,9 +115,16 @@ def tie_term(d: torch.Tensor) -> torch.Tensor:
     return -0.5 * (F.logsigmoid(d) + F.logsigmoid(-d))
 
 
-def group_sums(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Sum of ``values`` [N] per group id in ``group`` [N] -> [G], G = max id + 1."""
-    g = int(group.max()) + 1 if group.numel() else 0
+def num_groups(batch) -> int | None:
+    """The batch's number of groups when it is known on the host (a RewardBatch's ``group_ids``), else None."""
+    ids = getattr(batch, "group_ids", None)
+    return len(ids) if ids else None
+
+
+def group_sums(values: torch.Tensor, group: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Sum of ``values`` [N] per group id in ``group`` [N] -> [G]. G = ``size`` when the caller knows it on the
+    host (``num_groups``: no read-back from the device), else max id + 1 (read from ``group``)."""
+    g = size if size is not None else (int(group.max()) + 1 if group.numel() else 0)
     return values.new_zeros(g).index_add(0, group, values)
 
 
@@ -137,9 +144,12 @@ def center_term(rewards: torch.Tensor, batch, mode: str = "pair") -> torch.Tenso
         gi = batch.group_index
         if gi is None or gi.numel() == 0:
             return rewards.sum() * 0.0
-        sums, counts = group_sums(rewards, gi), group_sums(torch.ones_like(rewards), gi)
+        g = num_groups(batch)
+        sums, counts = group_sums(rewards, gi, g), group_sums(torch.ones_like(rewards), gi, g)
         present = counts > 0  # group ids need not be contiguous
-        return ((sums[present] / counts[present]) ** 2).mean()
+        # The mean over present groups as a masked sum: no boolean indexing (a read-back of its size).
+        sq = torch.where(present, (sums / counts.clamp_min(1)) ** 2, 0.0)
+        return sq.sum() / present.sum().clamp_min(1)
     raise ValueError(f"center must be one of {CENTER_MODES}, got {mode!r}")
 
 
@@ -167,6 +177,16 @@ class RewardLoss(nn.Module):
 
     def objective(self, rewards: torch.Tensor, batch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_batch(self, batch) -> None:
+        """Checks of the batch's values that need them on the host (a margin source's range), run by
+        ``RewardModule.on_before_batch_transfer`` on the collated CPU batch, before it goes to the device, so a
+        training step never reads them back. Every submodule with a ``check_values(batch)`` is asked (a wrapped
+        loss's margin source too). A batch not checked there (``host_checked`` unset) is checked in the loss."""
+        for m in self.modules():
+            check = getattr(m, "check_values", None)
+            if check is not None:
+                check(batch)
 
     def forward(self, rewards: torch.Tensor, batch) -> LossOutput:
         check_rewards(rewards, batch)

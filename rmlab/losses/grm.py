@@ -52,13 +52,14 @@ class GRMLoss(RewardLoss):
                              "(model.require_outputs); a causal LM with the scalar head gives them")
         check_rewards(rewards, batch)
         pref = self.base(rewards, batch, heads=heads) if self.base.needs_heads else self.base(rewards, batch)
-        winners = batch.winner[~batch.tie]
-        if winners.numel():
-            logp = heads["response_logp"][winners]
-            if not torch.isfinite(logp).all():
-                raise ValueError("a winning response has no log-probability: the model scored other rows")
-            sft = self.sft_terms(logp).mean()
-        else:
-            sft = rewards.sum() * 0.0
+        # The mean over non-tie comparisons as a masked sum: no boolean indexing and no branch on the device's
+        # values, so a training step reads nothing back. No such comparison: 0, still attached.
+        keep = ~batch.tie
+        logp = heads["response_logp"][batch.winner]
+        if not getattr(batch, "indices_checked", False) and not bool(torch.isfinite(logp[keep]).all()):
+            # A collated batch's model scored exactly these rows (rmlab.models.scalar.lm_chosen): checked elsewhere.
+            raise ValueError("a winning response has no log-probability: the model scored other rows")
+        w = keep.to(logp.dtype)
+        sft = (w * self.sft_terms(torch.where(keep, logp, 0.0))).sum() / w.sum().clamp_min(1)
         loss = (1.0 - self.alpha) * pref.loss + self.alpha * sft
         return LossOutput(loss, pref.terms, {**pref.parts, "preference": pref.loss.detach(), "sft": sft.detach()})

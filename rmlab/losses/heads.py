@@ -28,9 +28,17 @@ class AnswerCELoss(RewardLoss):
         if y is None:
             raise ValueError("answer cross-entropy needs batch.label (one 0/1 label per row)")
         keep = torch.isfinite(y)
-        if not keep.any():
-            return LossOutput(rewards.sum() * 0.0, rewards.new_zeros(0))
-        terms = F.binary_cross_entropy_with_logits(rewards[keep], y[keep].to(rewards.dtype), reduction="none")
+        n = getattr(batch, "n_labels", None)  # a collated batch counted its labels on the host
+        if n is None:  # any other batch asks the device
+            if not keep.any():
+                return LossOutput(rewards.sum() * 0.0, rewards.new_zeros(0))
+            rows = keep.nonzero().squeeze(1)
+        else:
+            if n == 0:
+                return LossOutput(rewards.sum() * 0.0, rewards.new_zeros(0))
+            # The labelled rows with their count known: no read-back of the output size (a plain nonzero's).
+            rows = torch.nonzero_static(keep, size=n).squeeze(1)
+        terms = F.binary_cross_entropy_with_logits(rewards[rows], y[rows].to(rewards.dtype), reduction="none")
         return LossOutput(terms.mean(), terms.detach())
 
 

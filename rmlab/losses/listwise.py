@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rmlab.losses.base import LossOutput, RewardLoss, group_sums
+from rmlab.losses.base import LossOutput, RewardLoss, group_sums, num_groups
 
 PL_TIES = ("breslow", "efron")
 
@@ -24,8 +24,9 @@ class PlackettLuceLoss(RewardLoss):
 
     Partial rankings: a NaN rank leaves that response out of the ranking. The loss is then the PL
     likelihood of the order of the ranked subset, which is exact: PL's marginal over a subset is PL
-    over that subset. A prompt with fewer than 2 ranked responses contributes nothing; a batch with no
-    ranked prompt gives 0 (still attached to the graph). K is the number of ranked responses.
+    over that subset. A prompt with fewer than 2 ranked responses contributes nothing (its entry of the
+    logged ``terms`` [G] is NaN); a batch with no ranked prompt gives 0 (still attached to the graph). K is
+    the number of ranked responses.
 
     Ties in the ranking (equal ranks) are treated as in Cox regression with tied event times:
     - ``breslow`` (default): every tied response shares the same risk set, all responses ranked at or
@@ -66,9 +67,11 @@ class PlackettLuceLoss(RewardLoss):
             # log(S - (l/m) S_T) = log S + log1p(-(l/m) S_T / S); S_T <= S and l/m < 1 keep it finite.
             log_risk = log_risk + torch.log1p(-(before / m) * torch.exp(log_tied - log_risk))
         terms = torch.where(ranked, log_risk - rewards, torch.zeros_like(rewards))
-        per_group, counts = group_sums(terms, g), group_sums(ranked.to(rewards.dtype), g)
+        size = num_groups(batch)
+        per_group, counts = group_sums(terms, g, size), group_sums(ranked.to(rewards.dtype), g, size)
         valid = counts >= 2
-        if not bool(valid.any()):
-            return LossOutput(rewards.sum() * 0.0, rewards.new_zeros(0))
-        group_loss = per_group[valid] / (counts[valid] - 1)
-        return LossOutput(group_loss.mean(), group_loss.detach())
+        # The mean over valid prompts as a masked sum over all of them: no branch on the device's values and no
+        # boolean indexing, so a training step reads nothing back. No valid prompt: 0, still attached.
+        group_loss = torch.where(valid, per_group / (counts - 1).clamp_min(1), 0.0)
+        loss = group_loss.sum() / valid.sum().clamp_min(1)
+        return LossOutput(loss, torch.where(valid, group_loss, float("nan")).detach())

@@ -40,14 +40,26 @@ class MarginSource(nn.Module):
         # float64 so that 1/3 is exact in float64 tests; cast to the rewards' dtype on use.
         self.register_buffer("_table", torch.tensor(LLAMA2_MARGINS[table], dtype=torch.float64), persistent=False)
 
-    def forward(self, batch, like: torch.Tensor) -> torch.Tensor:
-        """Margins [C] in the dtype and device of ``like`` (the reward differences)."""
-        if self.source == "none":
-            return torch.zeros_like(like)
+    def check_values(self, batch) -> None:
+        """The source's range checks, which read the batch's values: on the host, before the batch goes to the
+        device (``RewardLoss.check_batch``), or in ``forward`` for a batch that was not checked there."""
         if self.source == "strength":
             s = batch.strength
             if s.numel() and int(s.max()) > 3:
                 raise ValueError(f"strength levels must be 0..3 for the Llama 2 table, got {int(s.max())}")
+        elif self.source == "prob":
+            m = batch.margin
+            if bool(((m < 0) | (m > 1)).any()):
+                raise ValueError("margin source `prob` needs probabilities in [0, 1] in the margin field")
+
+    def forward(self, batch, like: torch.Tensor) -> torch.Tensor:
+        """Margins [C] in the dtype and device of ``like`` (the reward differences)."""
+        if self.source == "none":
+            return torch.zeros_like(like)
+        if not getattr(batch, "host_checked", False):
+            self.check_values(batch)
+        if self.source == "strength":
+            s = batch.strength
             m = torch.where(s >= 0, self._table.to(like)[s.clamp(0, 3)], torch.zeros_like(like))
         elif self.source == "rating":
             if batch.score is None:
@@ -57,8 +69,6 @@ class MarginSource(nn.Module):
         else:
             m = batch.margin.to(like)
             if self.source == "prob":
-                if bool(((m < 0) | (m > 1)).any()):
-                    raise ValueError("margin source `prob` needs probabilities in [0, 1] in the margin field")
                 m = torch.logit(m, eps=self.eps)
             m = torch.nan_to_num(m, nan=0.0)
         return self.scale * m

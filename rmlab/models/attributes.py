@@ -32,6 +32,7 @@ from torch import nn
 from rmlab.metrics import pearson
 from rmlab.models.backbone import read_export_meta
 from rmlab.models.base import RewardModel, backbone_states, pool_index, rows_at
+from rmlab.models.packing import PACKED_ATTN, padded_causal_mask
 from rmlab.models.scalar import ScalarRewardModel
 
 GATING_FILE = "rmlab_gating.safetensors"
@@ -98,12 +99,12 @@ class AttributeRewardModel(ScalarRewardModel):
     # The LM path of the scalar head (loss=grm) is not wired into the attribute forward: refuse it, named.
     require_outputs = RewardModel.require_outputs
 
-    def prompt_hidden(self, h: torch.Tensor, input_ids, attention_mask, prompt_len) -> torch.Tensor:
+    def prompt_hidden(self, h: torch.Tensor, input_ids, attention_mask, prompt_len, check: bool = True) -> torch.Tensor:
         """Hidden state at the prompt's last token. A causal LM's is already in ``h`` (it never sees the
         response); an encoder's would, so it gets a second, prompt-only forward."""
         if prompt_len is None:
             raise ValueError("combine=gating reads the prompt embedding: the batch needs prompt_len")
-        first = pool_index(attention_mask, "first")
+        first = pool_index(attention_mask, "first", check=check)
         end = first + prompt_len.to(first.device) - 1
         if self.pooling == "last":
             return rows_at(h, end)
@@ -112,20 +113,32 @@ class AttributeRewardModel(ScalarRewardModel):
         hp = backbone_states(self.hf, input_ids, pmask)
         return rows_at(hp, pool_index(pmask, self.pooling))
 
-    def heads(self, input_ids, attention_mask, position_ids=None, prompt_len=None) -> dict[str, torch.Tensor]:
-        h = backbone_states(self.hf, input_ids, attention_mask, position_ids)
-        pooled = rows_at(h, pool_index(attention_mask, self.pooling))
+    def heads(
+        self, input_ids, attention_mask, position_ids=None, prompt_len=None, last_token=None
+    ) -> dict[str, torch.Tensor]:
+        """``last_token``: a collated batch's read positions. With them a causal LM reads the rewards as the scalar
+        head's padded forward does (a mask built on the device, no row check): the step reads nothing back."""
+        attn = getattr(self.config, "_attn_implementation", None)
+        collated = last_token is not None and self.pooling == "last" and attn in ("sdpa", PACKED_ATTN)
+        if collated:
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            h = backbone_states(self.hf, input_ids, padded_causal_mask(attention_mask), position_ids, use_cache=False)
+            pooled = rows_at(h, last_token)
+        else:
+            h = backbone_states(self.hf, input_ids, attention_mask, position_ids)
+            pooled = rows_at(h, pool_index(attention_mask, self.pooling))
         attrs = self.head_outputs(pooled).float()
         if self.gate is None:
             w = self.fixed_weights.to(attrs).expand_as(attrs)
         else:
             # Detached: the preference signal shapes the gate, not the embedding the attributes read.
-            ph = self.prompt_hidden(h, input_ids, attention_mask, prompt_len).detach()
+            ph = self.prompt_hidden(h, input_ids, attention_mask, prompt_len, check=not collated).detach()
             w = torch.softmax(self.gate(ph.to(self.gate[0].weight.dtype)).float(), -1)
         return {"attributes": attrs, "weights": w}
 
     def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.heads(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+        out = self.heads(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len, batch.last_token)
         return (out["weights"] * out["attributes"]).sum(-1), out
 
     def score_batch(self, batch) -> torch.Tensor:

@@ -38,10 +38,11 @@ ENCODER_TYPES = {
 }
 
 
-def pool_index(attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Index of the first or last real token of each row, from the mask alone."""
+def pool_index(attention_mask: torch.Tensor, pooling: str, check: bool = True) -> torch.Tensor:
+    """Index of the first or last real token of each row, from the mask alone. ``check=False`` skips the test
+    that every row has a real token (a read-back): for collated batches, which always do."""
     mask = attention_mask.bool()
-    if not mask.any(-1).all():
+    if check and not mask.any(-1).all():
         raise ValueError("a row of the batch has no real token (all padding)")
     if pooling == "first":
         return mask.int().argmax(-1)
@@ -108,6 +109,12 @@ class RewardModel(nn.Module):
     def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Rewards [N] and the named extra outputs (none for a one-output model)."""
         return self.score_batch(batch), {}
+
+    def prepare_batch(self, batch):
+        """Host-side work on a collated training batch before it goes to the device
+        (``RewardModule.on_before_batch_transfer``): index tensors whose size depends on the data, which the
+        device would otherwise have to report back mid-step. Nothing by default."""
+        return batch
 
     def require_outputs(self, names: Iterable[str]) -> None:
         """Called once before training with the extra outputs the loss reads (``RewardLoss.required_outputs``).

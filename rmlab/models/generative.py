@@ -34,6 +34,7 @@ from torch import nn
 from rmlab.data.templates import JUDGE_TEMPLATE, VERIFIER_TEMPLATE, GroupTemplate
 from rmlab.data.tokenize import special_tokens
 from rmlab.models.base import RewardModel, backbone_states, pool_index, rows_at
+from rmlab.models.packing import PACKED_ATTN, padded_causal_mask
 
 
 def answer_token_ids(
@@ -134,7 +135,20 @@ class GenerativeVerifier(RewardModel):
         return self.head_diff(h)
 
     def score_batch(self, batch) -> torch.Tensor:
+        attn = getattr(self.config, "_attn_implementation", None)
+        if getattr(batch, "host_checked", False) and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
+            # A training batch, its rows checked on the host (prepare_batch): the collated read positions and a mask
+            # built on the device, so the step reads nothing back.
+            mask = padded_causal_mask(batch.attention_mask)
+            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
+            return self.head_diff(rows_at(h, batch.last_token - self.n_end))
         return self(batch.input_ids, batch.attention_mask, batch.position_ids)
+
+    def prepare_batch(self, batch):
+        """The row-length check of ``answer_index``, on the host copy of a training batch."""
+        if batch.last_token is not None and bool((batch.last_token < self.n_end).any()):
+            raise ValueError("a row is shorter than its end tokens; it holds no template")
+        return batch
 
     def export_meta(self) -> dict[str, Any]:
         """A plain causal LM (AutoModelForCausalLM loads it) + tokenizer; the template and answer ids sit in

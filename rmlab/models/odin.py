@@ -67,7 +67,10 @@ class OdinRewardModel(ScalarRewardModel):
     def pooled(self, batch) -> torch.Tensor:
         """Pooled hidden states [N, H] in the model's forward mode."""
         if self.forward_mode == "padded":
-            return self.hidden_at_pool(batch.input_ids, batch.attention_mask, batch.position_ids)
+            h = self.padded_pooled(batch)  # the scalar head's sync-free padded path, where it applies
+            if h is None:
+                h = self.hidden_at_pool(batch.input_ids, batch.attention_mask, batch.position_ids)
+            return h
         return packed_hidden(self, batch)
 
     def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from rmlab.data.templates import REASONING_CUE, ReasoningTemplate
 from rmlab.models.base import backbone_states, pool_index, rows_at
 from rmlab.models.generative import GenerativeVerifier, PairwiseJudge
+from rmlab.models.packing import PACKED_ATTN, padded_causal_mask
 
 
 @dataclass
@@ -250,26 +251,52 @@ class ReasoningMixin:
             )
 
     # -------------------------------------------------------------- the LM loss
+    def critique_counts(self, batch, check: bool = True) -> torch.Tensor:
+        """Per row, how many critique tokens the LM loss scores: the last ``critique_len - lm_skip_end`` tokens
+        before the row's end skip, none where a row has no critique. Elementwise: no read-back with check=False."""
+        last = pool_index(batch.attention_mask, "last", check)
+        first = pool_index(batch.attention_mask, "first", check)
+        c = self.critique_lengths(batch).to(last.device)
+        k = torch.minimum((c - self.lm_skip_end).clamp(min=0), (last - first - self.lm_skip_end).clamp(min=0))
+        return torch.where(c > 0, k, torch.zeros_like(k))
+
+    def critique_targets(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) of every critique token the LM loss scores. Its size depends on the data (a
+        repeat_interleave of the counts), so a training batch gets it on its host copy (``prepare_batch``)."""
+        k = self.critique_counts(batch)
+        n = k.shape[0]
+        rows = torch.repeat_interleave(torch.arange(n, device=k.device), k)
+        # target positions: end - k + 1 .. end, end = last - lm_skip_end
+        offs = torch.arange(rows.numel(), device=k.device) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k)
+        end = (pool_index(batch.attention_mask, "last") - self.lm_skip_end)[rows]
+        return rows, end - k[rows] + 1 + offs
+
+    def prepare_batch(self, batch):
+        """On the host copy of a batch: the eos check of ``check_ends`` and the critique targets (``lm_target``),
+        so the step reads nothing back for them."""
+        self.check_ends(batch)
+        batch.lm_target = torch.stack(self.critique_targets(batch))
+        return batch
+
     def critique_nll(self, h: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: the summed NLL of its critique tokens under the LM head, and their count (teacher-forced).
 
         The targets are the last ``critique_len - lm_skip_end`` tokens before the row's end skip (for CLoud the
         critique and its eos; for a judge the rationale and the answer cue, not the eos where the answer is read);
-        each is predicted from the position before it. Only those positions meet the LM head."""
+        each is predicted from the position before it. Only those positions meet the LM head. A batch prepared on
+        the host (``prepare_batch``) brings them (``lm_target``): the device then reads nothing back."""
         n = h.shape[0]
-        last = pool_index(batch.attention_mask, "last")
-        first = pool_index(batch.attention_mask, "first")
-        c = self.critique_lengths(batch).to(h.device)
-        k = torch.minimum((c - self.lm_skip_end).clamp(min=0), (last - first - self.lm_skip_end).clamp(min=0))
-        k = torch.where(c > 0, k, torch.zeros_like(k))
-        rows = torch.repeat_interleave(torch.arange(n, device=h.device), k)
+        target = getattr(batch, "lm_target", None)
+        if target is not None:
+            k = self.critique_counts(batch, check=False)
+            rows, pos = target[0], target[1]
+        else:
+            k = self.critique_counts(batch)
+            rows, pos = self.critique_targets(batch)
+        k = k.to(h.device)
         if rows.numel() == 0:
             z = h.sum() * 0.0
             return z.expand(n).clone(), torch.zeros(n, device=h.device)
-        # target positions: end - k + 1 .. end, end = last - lm_skip_end
-        offs = torch.arange(rows.numel(), device=h.device) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k)
-        end = (last - self.lm_skip_end)[rows]
-        pos = end - k[rows] + 1 + offs
         logits = self.lm_head(h[rows, pos - 1].to(self.lm_head.weight.dtype)).float()
         nll = F.cross_entropy(logits, batch.input_ids[rows, pos], reduction="none")
         return h.new_zeros(n, dtype=torch.float32).index_add(0, rows, nll), k.float()
@@ -360,14 +387,24 @@ class ReasoningMixin:
     def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, Any]]:
         """Training: the rows as they are (or, in stage 2, the reward after the critic's critique) + the LM
         loss's parts. Eval: the critique generated (k samples), the reward read after it, and the texts."""
-        self.check_ends(batch)
+        prepared = getattr(batch, "host_checked", False) and getattr(batch, "lm_target", None) is not None
+        if not prepared:  # else checked on the host copy (prepare_batch)
+            self.check_ends(batch)
         if self.training:  # the weights change with each step (Lightning restores train mode without .train())
             self._fingerprint = None
-        h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
+        attn = getattr(self.config, "_attn_implementation", None)
+        if prepared and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
+            # The collated read positions and a mask built on the device: the forward reads nothing back.
+            mask = padded_causal_mask(batch.attention_mask)
+            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
+            last = batch.last_token
+        else:
+            h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
+            last = pool_index(batch.attention_mask, "last")
         nll, count = self.critique_nll(h, batch)
         heads: dict[str, Any] = {"critique_nll": nll, "critique_tokens": count}
         if (self.training and self.critic is None) or (not self.training and self.generation.source == "data"):
-            return self.read(h, pool_index(batch.attention_mask, "last")), heads  # the critique in the row
+            return self.read(h, last), heads  # the critique in the row
         inputs = self.input_rows(batch)
         writer = self.critic if self.training else None
         k = 1 if self.training else int(self.generation.samples)

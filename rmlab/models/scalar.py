@@ -117,14 +117,22 @@ class ScalarRewardModel(RewardModel):
         unique token once instead of padding every row to the longest (see rmlab/models/packing.py).
         """
         if self.forward_mode == "padded":
-            attn = getattr(self.config, "_attn_implementation", None)
-            if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
-                # Collated read positions and a mask built on the device: nothing is read back.
-                mask = padded_causal_mask(batch.attention_mask)
-                h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
-                return self.reward_from_hidden(rows_at(h, batch.last_token))
+            h = self.padded_pooled(batch)
+            if h is not None:
+                return self.reward_from_hidden(h)
             return self(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self.reward_from_hidden(packed_hidden(self, batch))
+
+    def padded_pooled(self, batch) -> torch.Tensor | None:
+        """Pooled hidden states [N, H] of a padded forward of a causal LM, read at the collated last tokens under
+        a mask built on the device: nothing is read back. None where that path does not apply (an encoder, an
+        attention implementation that takes no explicit mask, a batch without ``last_token``)."""
+        attn = getattr(self.config, "_attn_implementation", None)
+        if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
+            mask = padded_causal_mask(batch.attention_mask)
+            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
+            return rows_at(h, batch.last_token)
+        return None
 
     # ------------------------------------------------------------ the language-modelling path (loss=grm)
     def require_outputs(self, names) -> None:
@@ -169,38 +177,45 @@ class ScalarRewardModel(RewardModel):
         w = self.hf.get_input_embeddings().weight if self.lm_source == "tied" else self.lm_weight
         return (h.to(w.dtype) @ w.T).float()
 
-    def response_logp(self, h: torch.Tensor, batch, rows: torch.Tensor) -> torch.Tensor:
+    def response_logp(self, h: torch.Tensor, batch) -> torch.Tensor:
         """``log pi(response | prompt)`` summed over each response token (the row's end token included), for the
-        rows ``rows``, from the hidden states ``h`` [N, L, H] of a padded forward; NaN for the other rows.
+        rows ``lm_chosen`` marks, from the hidden states ``h`` [N, L, H] of a padded forward; NaN for the other rows.
 
         The token at position p is predicted by the hidden state at p - 1, so only the response's tokens are scored
-        and the prompt is context, as in supervised fine-tuning on the response."""
-        n, length = batch.input_ids.shape
+        and the prompt is context, as in supervised fine-tuning on the response. The (row, position) pairs come
+        from the batch (``lm_target``, built on its host copy by ``prepare_batch``: no read-back), else here."""
+        n = batch.input_ids.shape[0]
         out = torch.full((n,), float("nan"), device=h.device, dtype=torch.float32)
-        if rows.numel() == 0:
-            return out
         if batch.prompt_len is None:
             raise ValueError("response log-probabilities need batch.prompt_len (rmlab's collator sets it)")
-        mask = batch.attention_mask.bool()
-        first = pool_index(batch.attention_mask, "first")
-        start = (first + batch.prompt_len.to(first.device)).clamp_min(first + 1)  # a token needs one before it
-        pos = torch.arange(length, device=h.device)
-        chosen = torch.zeros(n, dtype=torch.bool, device=h.device)
-        chosen[rows] = True
-        target = mask & (pos[None, :] >= start[:, None]) & chosen[:, None]
-        r, p = target.nonzero(as_tuple=True)
+        chosen = lm_chosen(batch)
+        target = getattr(batch, "lm_target", None)
+        r, p = (target[0], target[1]) if target is not None else lm_targets(batch, chosen)
         logp = torch.log_softmax(self.lm_logits(h[r, p - 1]), -1)
         tok = logp.gather(1, batch.input_ids[r, p][:, None]).squeeze(1)
         sums = torch.zeros(n, device=h.device, dtype=tok.dtype).index_add(0, r, tok)
         return torch.where(chosen, sums, out)
 
+    def prepare_batch(self, batch):
+        if self.lm_source is None or getattr(batch, "lm_target", None) is not None or batch.prompt_len is None:
+            return batch
+        batch.lm_target = torch.stack(lm_targets(batch, lm_chosen(batch)))  # on the host copy: a nonzero costs nothing
+        return batch
+
     def score_heads(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.lm_source is None:
             return super().score_heads(batch)
         # One padded forward gives both: the reward at the pooled token, the LM's log-probs at the response tokens.
-        h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
-        rewards = self.reward_from_hidden(rows_at(h, pool_index(batch.attention_mask, self.pooling)))
-        return rewards, {"response_logp": self.response_logp(h, batch, lm_rows(batch))}
+        attn = getattr(self.config, "_attn_implementation", None)
+        if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
+            # As score_batch's padded path: a mask built on the device and the collated read positions.
+            mask = padded_causal_mask(batch.attention_mask)
+            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
+            rewards = self.reward_from_hidden(rows_at(h, batch.last_token))
+        else:
+            h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
+            rewards = self.reward_from_hidden(rows_at(h, pool_index(batch.attention_mask, self.pooling)))
+        return rewards, {"response_logp": self.response_logp(h, batch)}
 
     def export_meta(self) -> dict[str, Any]:
         meta = {
@@ -214,9 +229,25 @@ class ScalarRewardModel(RewardModel):
         return meta
 
 
-def lm_rows(batch) -> torch.Tensor:
-    """The rows whose response the LM loss reads: the winners of the batch's non-tie comparisons (GRM's y_c)."""
-    return torch.unique(batch.winner[~batch.tie])
+def lm_chosen(batch) -> torch.Tensor:
+    """[N] bool, the rows whose response the LM loss reads: the winners of the batch's non-tie comparisons (GRM's
+    y_c). Counted on the device (an integer index_add, deterministic): no read-back."""
+    n = batch.input_ids.shape[0]
+    hits = torch.zeros(n, dtype=torch.long, device=batch.winner.device).index_add_(0, batch.winner, (~batch.tie).long())
+    return hits > 0
+
+
+def lm_targets(batch, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every response token the LM loss scores, in row-major order: the chosen rows' real
+    tokens from the end of the prompt on. Its size depends on the data (a nonzero), so a training batch gets it
+    on its host copy (``ScalarRewardModel.prepare_batch``)."""
+    length = batch.input_ids.shape[1]
+    mask = batch.attention_mask.bool()
+    first = pool_index(batch.attention_mask, "first")
+    start = (first + batch.prompt_len.to(first.device)).clamp_min(first + 1)  # a token needs one before it
+    pos = torch.arange(length, device=mask.device)
+    target = mask & (pos[None, :] >= start[:, None]) & chosen.to(mask.device)[:, None]
+    return target.nonzero(as_tuple=True)
 
 
 def load_lm_head(name_or_path: str | None) -> torch.Tensor | None:
