@@ -8,6 +8,7 @@ as objects so that DDP syncs their state. Names are ``stage/name``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,11 @@ def model_state(state: dict) -> dict:
     """The reward model's own entries of a RewardModule state dict (it stores the model as ``model``; the
     loss may own buffers, which are not the model's)."""
     return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+
+
+# The module's on_before_batch_transfer (host-side checks, above) is meant to run with rmlab's datamodule, which has
+# none of its own: Lightning's notice that the module's hook is the one used says nothing the user must act on.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class RewardModule(L.LightningModule):
