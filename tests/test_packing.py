@@ -314,13 +314,13 @@ TINY_QWEN2_GQA = dict(  # Qwen2: biases on q/k/v, two query heads per key head
 
 
 @pytest.mark.parametrize("config", [TINY_LLAMA, TINY_QWEN2_GQA], ids=["llama", "qwen2-gqa-bias"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["last-layer-at-reads", "checkpointing-full"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
 def test_last_layer_runs_at_the_read_tokens_only(config, checkpointing):
     """The packed forward runs the last layer's attention, o_proj and MLP at the N read tokens only (its other
-    rows are never read), with the padded forward's rewards and gradients; under activation checkpointing (which
-    recomputes the layer without the hooks' rows) it runs every row, with the same results."""
+    rows are never read), with the padded forward's rewards and gradients; under activation checkpointing too (the
+    recompute replays the layer's kwargs, from which the hooks take the rows)."""
     from rmlab.data.layout import LayoutSpec
-    from rmlab.models.packing import READ_ROWS
+    from rmlab.models.packing import read_rows_of
 
     torch.manual_seed(6)
     model = build_model(
@@ -347,9 +347,33 @@ def test_last_layer_runs_at_the_read_tokens_only(config, checkpointing):
     r_got, g_got = grads("prefix_shared")
     for h in handles:
         h.remove()
-    assert seen[:2] == ([tokens, tokens] if checkpointing else [n, n])  # what o_proj and the MLP computed
-    assert getattr(attn, READ_ROWS, None) is None and getattr(mlp, READ_ROWS, None) is None  # cleared after
+    assert tokens > 2 * n and seen[:2] == [n, n]  # what o_proj and the MLP computed (forward; then the recompute)
+    assert seen[2:] == ([n, n] if checkpointing else [])
+    assert read_rows_of(attn) is None and read_rows_of(o_proj) is None  # cleared after the layer
     torch.testing.assert_close(r_got, r_ref, atol=1e-5, rtol=0)
     assert g_ref.keys() == g_got.keys() and len(g_ref) > 5
     for k in g_ref:
         torch.testing.assert_close(g_got[k], g_ref[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_the_last_layer_hooks_copy_and_pickle_with_the_model():
+    """A deep copy (ensembles, EMA) gets its own row slot, shared by its own three modules; the model pickles
+    (spawned DDP workers); and the copy gives the original's packed rewards."""
+    import copy
+    import pickle
+
+    from rmlab.data.layout import LayoutSpec
+    from rmlab.models.packing import READ_ROWS
+
+    torch.manual_seed(7)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared", attention="sdpa").eval()
+    clone = copy.deepcopy(model)
+    slots = [getattr(m, READ_ROWS) for m in clone.read_rows]
+    assert slots[0] is slots[1] is slots[2] and slots[0] is not getattr(model.read_rows[0], READ_ROWS)
+    restored = pickle.loads(pickle.dumps(model))
+    batch = collate(_groups(model.tokenizer, 3, n=2), model.tokenizer.pad_token_id, "left",
+                    layout=LayoutSpec("prefix_shared", "sdpa"))
+    with torch.no_grad():
+        want = model.score_batch(batch)
+        torch.testing.assert_close(clone.score_batch(batch), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(restored.score_batch(batch), want, atol=1e-6, rtol=0)

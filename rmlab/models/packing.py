@@ -419,7 +419,7 @@ def packed_attention(
         return out.transpose(1, 2).contiguous(), None
     # [1, H, T, D] -> [T, H, D]: varlen kernels' token-major layout.
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
-    rows = getattr(module, READ_ROWS, None)
+    rows = read_rows_of(module)
     if rows is not None and layout.read_mask is not None:
         return read_attention(q, k, v, rows, layout.read_mask, dropout, scaling)[None], None
     if layout.kernel == "varlen":
@@ -434,8 +434,21 @@ def packed_attention(
 # the read queries (one SDPA call over ``layout.read_mask``), its output projection and MLP on those rows. The
 # other rows of the last layer's output are the residual stream alone, and never read. Exact: the rows read are
 # computed as before (tests/test_packing.py). Saves up to the last layer's attention, output projection and MLP:
-# about half the compute of a 2-layer model, 1/L of an L-layer one.
+# about half the compute of a 2-layer model, 1/L of an L-layer one (``ReadRows``: activation checkpointing too).
 READ_ROWS = "_rmlab_read_rows"
+
+
+class ReadRows:
+    """The rows the last layer computes, shared by its attention, o_proj and MLP (a plain object, not a module or a
+    tensor: no state-dict entry). Set from the ``rmlab_layout`` kwarg when the attention is called, which happens
+    inside the layer's forward and so also in activation checkpointing's recompute; cleared after the MLP."""
+
+    rows: torch.Tensor | None = None
+
+
+def read_rows_of(module) -> torch.Tensor | None:
+    slot = getattr(module, READ_ROWS, None)
+    return None if slot is None else slot.rows
 
 
 def read_attention(q, k, v, rows, mask, dropout, scaling):
@@ -447,8 +460,13 @@ def read_attention(q, k, v, rows, mask, dropout, scaling):
     return q.new_zeros(q.shape[0], q.shape[1], v.shape[2]).index_copy(0, rows, o[0].transpose(0, 1))
 
 
+def _attn_enter(module, args, kwargs):
+    layout = kwargs.get("rmlab_layout")
+    getattr(module, READ_ROWS).rows = None if layout is None else layout.read_index
+
+
 def _rows_in(module, args):
-    rows = getattr(module, READ_ROWS, None)
+    rows = read_rows_of(module)
     if rows is None:
         return None
     x = args[0]
@@ -457,22 +475,20 @@ def _rows_in(module, args):
 
 
 def _rows_out(module, args, out):
-    rows = getattr(module, READ_ROWS, None)
+    rows = read_rows_of(module)
     if rows is None:
         return None
     full = out.new_zeros(*out.shape[:-2], module._rmlab_width, out.shape[-1])
     return full.index_copy(full.dim() - 2, rows, out)
 
 
-def checkpointing(hf) -> bool:
-    """Whether activation checkpointing is on (transformers 5 renamed the property)."""
-    on = getattr(type(hf), "is_activation_checkpointing", None)
-    return bool(hf.is_activation_checkpointing if on is not None else getattr(hf, "is_gradient_checkpointing", False))
+def _mlp_leave(module, args, out):
+    getattr(module, READ_ROWS).rows = None  # the layer is done: nothing else runs at the read rows
 
 
 def read_rows_modules(model) -> tuple[torch.nn.Module, ...]:
-    """The last decoder layer's attention, output projection and MLP, hooked so that a packed forward can run
-    them at the read tokens only; () where the backbone does not have that shape (then nothing changes)."""
+    """The last decoder layer's attention, output projection and MLP, hooked so that a packed forward runs them at
+    the read tokens only; () where the backbone does not have that shape (then nothing changes)."""
     layers = getattr(model.hf.base_model, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         return ()
@@ -481,9 +497,14 @@ def read_rows_modules(model) -> tuple[torch.nn.Module, ...]:
     o_proj = getattr(attn, "o_proj", None)
     if not all(isinstance(m, torch.nn.Module) for m in (attn, mlp, o_proj)):
         return ()
+    slot = ReadRows()
+    for m in (attn, o_proj, mlp):
+        setattr(m, READ_ROWS, slot)
+    attn.register_forward_pre_hook(_attn_enter, with_kwargs=True)
     for m in (o_proj, mlp):
         m.register_forward_pre_hook(_rows_in)
         m.register_forward_hook(_rows_out)
+    mlp.register_forward_hook(_mlp_leave, always_call=True)
     return attn, o_proj, mlp
 
 
@@ -580,21 +601,13 @@ def packed_hidden(model, batch) -> torch.Tensor:
         # A 4D placeholder: transformers passes a 4D mask through untouched, and packed_attention reads
         # the layout instead, so no [T, T] mask is ever built.
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=layout.input_ids.device)
-        # The last layer at the read rows (READ_ROWS) unless activation checkpointing would recompute it without.
-        hooked = () if checkpointing(model.hf) else getattr(model, "read_rows", ())
-        for m in hooked:
-            setattr(m, READ_ROWS, layout.read_index)
-        try:
-            out = model.hf.base_model(
-                input_ids=layout.input_ids,
-                attention_mask=mask,
-                position_ids=layout.position_ids,
-                rmlab_layout=layout,
-                use_cache=False,  # no KV cache to fill in a training forward
-            )
-        finally:
-            for m in hooked:
-                setattr(m, READ_ROWS, None)
+        out = model.hf.base_model(
+            input_ids=layout.input_ids,
+            attention_mask=mask,
+            position_ids=layout.position_ids,
+            rmlab_layout=layout,  # the attention reads it, and the last layer's hooks (READ_ROWS)
+            use_cache=False,  # no KV cache to fill in a training forward
+        )
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return h[0][layout.read_index]
     # Other attention implementations (eager, transformers' flex_attention, flash_attention_2): rows
