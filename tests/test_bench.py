@@ -258,7 +258,7 @@ def test_smoke_preset_runs_the_gpu_code_on_cpu(tmp_path):
 
 
 def test_liger_rows_run_the_plain_rows_winning_budget_and_are_labelled():
-    """``--liger`` (on in ``--preset gpu``): one more rmlab row per mode with model.liger=true, at the budget the
+    """``--liger`` (opt-in, also with ``--preset gpu``): one more rmlab row per mode with model.liger=true, at the budget the
     plain row of that mode won (one size, not the search again), labelled ``, liger`` in the table."""
     from rmlab.bench.cli import PRESETS, markdown, parse, with_liger
 
@@ -266,8 +266,8 @@ def test_liger_rows_run_the_plain_rows_winning_budget_and_are_labelled():
     assert with_liger(spec, {"max_tokens": 32768, "comparisons_per_s": 9.0}) == {**spec, "liger": True, "sizes": [32768]}
     assert with_liger(spec, {"error": "out of memory"})["sizes"] == spec["sizes"]  # nothing won: search as usual
     assert with_liger(dict(spec, sizes=[]), None) == {**spec, "sizes": [], "liger": True}  # no search (CPU runs)
-    assert parse(["--preset", "gpu"]).liger and not parse(["--preset", "smoke"]).liger and not parse([]).liger
-    assert not parse(["--preset", "gpu", "--no-liger"]).liger and PRESETS["gpu"]["liger"] is True
+    assert not parse(["--preset", "gpu"]).liger and not parse(["--preset", "smoke"]).liger and not parse([]).liger
+    assert parse(["--preset", "gpu", "--liger"]).liger and PRESETS["gpu"]["liger"] is False
     meta = dict(command="c", date="d", machine="x", torch="t", transformers="tf", trl="r", threads=1,
                 precision="bf16 mixed", seconds=1, warmup=0, peak_tflops=None)
     trl = _row("trl", 4.0, 600.0, 150.0, 1000.0)
