@@ -377,3 +377,22 @@ def test_the_last_layer_hooks_copy_and_pickle_with_the_model():
         want = model.score_batch(batch)
         torch.testing.assert_close(clone.score_batch(batch), want, atol=1e-6, rtol=0)
         torch.testing.assert_close(restored.score_batch(batch), want, atol=1e-6, rtol=0)
+
+
+def test_last_layer_at_reads_can_be_turned_off():
+    """model.last_layer_at_reads=false: the last layer's MLP runs every row of the packed forward again, same rewards."""
+    from rmlab.data.layout import LayoutSpec
+
+    torch.manual_seed(8)
+    on = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared", attention="sdpa").eval()
+    off = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared", attention="sdpa",
+                      last_layer_at_reads=False).eval()
+    off.load_state_dict(on.state_dict())
+    batch = collate(_groups(on.tokenizer, 3, n=2), on.tokenizer.pad_token_id, "left",
+                    layout=LayoutSpec("prefix_shared", "sdpa"))
+    seen = {}
+    for name, m in (("on", on), ("off", off)):
+        m.read_rows[2].register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: args[0].shape[-2]}))
+    with torch.no_grad():
+        torch.testing.assert_close(off.score_batch(batch), on.score_batch(batch), atol=1e-5, rtol=0)
+    assert seen == {"on": batch.input_ids.shape[0], "off": batch.packed.processed_tokens}

@@ -99,6 +99,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "pairs_expanded": {"pair_batching": "shuffled"},
     # data.sort_by_length=false: token-budget batches drawn from the shuffled order, not length-sorted pools.
     "no_sort": {"sort_by_length": False},
+    # model.last_layer_at_reads=false: the last layer computes every row (its share shrinks as 1/layers).
+    "full_last_layer": {"last_layer_at_reads": False},
 }
 # The figures each rmlab row is divided by TRL's (same model and workload): ``vs_trl`` in the JSON.
 RATIOS = (

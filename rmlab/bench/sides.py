@@ -189,6 +189,7 @@ def run_rmlab(spec: dict[str, Any]) -> dict[str, Any]:
         attn_implementation=spec.get("attn", "sdpa"),
         gradient_checkpointing=spec.get("gradient_checkpointing", False),
         compile=spec.get("compile", False),
+        last_layer_at_reads=spec.get("last_layer_at_reads", True),
         liger=spec.get("liger", False),  # Liger's RMSNorm/RoPE/SwiGLU kernels (GPU, rmlab[liger])
     )
     mark("model built")

@@ -113,7 +113,9 @@ def build_model(
     return BUILDERS[head](head, tok, backbone, options)
 
 
-SEQUENCE_HEAD_OPTIONS = ("pooling", "lora", "forward_mode", "row_tokens", "compile", "attention", "head_options")
+SEQUENCE_HEAD_OPTIONS = (
+    "pooling", "lora", "forward_mode", "row_tokens", "compile", "attention", "last_layer_at_reads", "head_options"
+)
 
 
 @register_head("scalar", SEQUENCE_HEAD_OPTIONS)
@@ -141,6 +143,7 @@ def build_sequence_head(head: str, tok: Any, backbone: dict[str, Any], options: 
         options.get("row_tokens"),
         bool(options.get("compile") or False),
         options.get("attention") or "auto",
+        options.get("last_layer_at_reads", True) is not False,
     )
 
 

@@ -144,4 +144,5 @@ def build(head: str, tok: Any, backbone: dict[str, Any], options: dict[str, Any]
         options.get("row_tokens"),
         bool(options.get("compile") or False),
         options.get("attention") or "auto",
+        options.get("last_layer_at_reads", True) is not False,
     )

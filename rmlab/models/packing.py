@@ -444,6 +444,7 @@ class ReadRows:
     inside the layer's forward and so also in activation checkpointing's recompute; cleared after the MLP."""
 
     rows: torch.Tensor | None = None
+    enabled: bool = True  # model.last_layer_at_reads (false: the last layer runs every row, as before)
 
 
 def read_rows_of(module) -> torch.Tensor | None:
@@ -461,8 +462,8 @@ def read_attention(q, k, v, rows, mask, dropout, scaling):
 
 
 def _attn_enter(module, args, kwargs):
-    layout = kwargs.get("rmlab_layout")
-    getattr(module, READ_ROWS).rows = None if layout is None else layout.read_index
+    layout, slot = kwargs.get("rmlab_layout"), getattr(module, READ_ROWS)
+    slot.rows = None if layout is None or not slot.enabled else layout.read_index
 
 
 def _rows_in(module, args):
@@ -517,7 +518,12 @@ def _register_packed_attention() -> None:
 
 
 def configure_speed(
-    model, forward_mode: str = "padded", row_tokens: int | None = None, compile: bool = False, attention: str = "auto"
+    model,
+    forward_mode: str = "padded",
+    row_tokens: int | None = None,
+    compile: bool = False,
+    attention: str = "auto",
+    last_layer_at_reads: bool = True,
 ):
     """Set the forward mode (resolved for this backbone), the attention kernel, and optionally compile.
 
@@ -540,6 +546,8 @@ def configure_speed(
         model.batch_layout = LayoutSpec(mode=model.forward_mode, kernel=kernel, pad_to=pad_to)
         if not compile and not getattr(model, "read_rows", ()):
             model.read_rows = read_rows_modules(model)  # not under compile: the hooks would be traced per batch
+        for m in getattr(model, "read_rows", ())[:1]:
+            getattr(m, READ_ROWS).enabled = bool(last_layer_at_reads)
     if compile:
         # Bucketed lengths (pad_to) keep the packed row's shapes few; dynamic=None lets dynamo mark a
         # dimension dynamic once it has seen two sizes instead of recompiling for each.
