@@ -256,7 +256,7 @@ def build_layout(prompts, responses, group_of, spec: LayoutSpec, pad_id: int) ->
 def read_mask(seqs, read: list[int], width: int) -> torch.Tensor:
     """[N, width] bool: the keys each response's read token (its last) attends to: its prompt and its own
     tokens. The last layer's attention for the reward needs these rows only (rmlab.models.packing)."""
-    by_end = {q0 + n - 1: s for s in seqs for q0, n, _, _ in (s,)}
+    by_end = {s[0] + s[1] - 1: s for s in seqs}  # a sequence by its last token
     q0, n, p0, p = torch.tensor([by_end[r] for r in read], dtype=torch.long).reshape(-1, 4).unbind(1)
     k = torch.arange(width)[None, :]
     own = (k >= q0[:, None]) & (k < (q0 + n)[:, None])

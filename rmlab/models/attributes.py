@@ -32,7 +32,7 @@ from torch import nn
 from rmlab.metrics import pearson
 from rmlab.models.backbone import read_export_meta
 from rmlab.models.base import RewardModel, backbone_states, pool_index, rows_at
-from rmlab.models.packing import PACKED_ATTN, padded_causal_mask
+from rmlab.models.packing import collated_states
 from rmlab.models.scalar import ScalarRewardModel
 
 GATING_FILE = "rmlab_gating.safetensors"
@@ -118,12 +118,9 @@ class AttributeRewardModel(ScalarRewardModel):
     ) -> dict[str, torch.Tensor]:
         """``last_token``: a collated batch's read positions. With them a causal LM reads the rewards as the scalar
         head's padded forward does (a mask built on the device, no row check): the step reads nothing back."""
-        attn = getattr(self.config, "_attn_implementation", None)
-        collated = last_token is not None and self.pooling == "last" and attn in ("sdpa", PACKED_ATTN)
+        h = collated_states(self, input_ids, attention_mask, position_ids, last_token) if self.pooling == "last" else None
+        collated = h is not None
         if collated:
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            h = backbone_states(self.hf, input_ids, padded_causal_mask(attention_mask), position_ids, use_cache=False)
             pooled = rows_at(h, last_token)
         else:
             h = backbone_states(self.hf, input_ids, attention_mask, position_ids)

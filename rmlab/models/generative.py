@@ -34,7 +34,7 @@ from torch import nn
 from rmlab.data.templates import JUDGE_TEMPLATE, VERIFIER_TEMPLATE, GroupTemplate
 from rmlab.data.tokenize import special_tokens
 from rmlab.models.base import RewardModel, backbone_states, pool_index, rows_at
-from rmlab.models.packing import PACKED_ATTN, padded_causal_mask
+from rmlab.models.packing import collated_states
 
 
 def answer_token_ids(
@@ -135,13 +135,12 @@ class GenerativeVerifier(RewardModel):
         return self.head_diff(h)
 
     def score_batch(self, batch) -> torch.Tensor:
-        attn = getattr(self.config, "_attn_implementation", None)
-        if getattr(batch, "host_checked", False) and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
+        if getattr(batch, "host_checked", False):
             # A training batch, its rows checked on the host (prepare_batch): the collated read positions and a mask
             # built on the device, so the step reads nothing back.
-            mask = padded_causal_mask(batch.attention_mask)
-            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
-            return self.head_diff(rows_at(h, batch.last_token - self.n_end))
+            h = collated_states(self, batch.input_ids, batch.attention_mask, batch.position_ids, batch.last_token)
+            if h is not None:
+                return self.head_diff(rows_at(h, batch.last_token - self.n_end))
         return self(batch.input_ids, batch.attention_mask, batch.position_ids)
 
     def prepare_batch(self, batch):

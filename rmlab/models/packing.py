@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from rmlab.data.layout import KERNELS, LayoutSpec, build_layout
-from rmlab.models.base import ENCODER_TYPES
+from rmlab.models.base import ENCODER_TYPES, backbone_states
 
 log = logging.getLogger(__name__)
 MODES = ("padded", "packed", "prefix_shared")
@@ -546,8 +546,8 @@ def configure_speed(
         model.batch_layout = LayoutSpec(mode=model.forward_mode, kernel=kernel, pad_to=pad_to)
         if not compile and not getattr(model, "read_rows", ()):
             model.read_rows = read_rows_modules(model)  # not under compile: the hooks would be traced per batch
-        for m in getattr(model, "read_rows", ())[:1]:
-            getattr(m, READ_ROWS).enabled = bool(last_layer_at_reads)
+        if getattr(model, "read_rows", ()):
+            getattr(model.read_rows[0], READ_ROWS).enabled = bool(last_layer_at_reads)  # one slot for the three
     if compile:
         # Bucketed lengths (pad_to) keep the packed row's shapes few; dynamic=None lets dynamo mark a
         # dimension dynamic once it has seen two sizes instead of recompiling for each.
@@ -626,6 +626,16 @@ def packed_hidden(model, batch) -> torch.Tensor:
     out = model.hf.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
     h = out[0] if isinstance(out, tuple) else out.last_hidden_state
     return h.reshape(-1, h.shape[-1])[packed.read_index]
+
+
+def collated_states(model, input_ids, attention_mask, position_ids, last_token) -> torch.Tensor | None:
+    """Hidden states [N, L, H] of a padded causal forward of a collated batch (its read positions ``last_token``
+    known), under a mask built on the device (``padded_causal_mask``): nothing is read back. None where that path
+    does not apply: no ``last_token``, or an attention implementation that takes no explicit boolean mask."""
+    attn = getattr(model.config, "_attn_implementation", None)
+    if last_token is None or attn not in ("sdpa", PACKED_ATTN):
+        return None
+    return backbone_states(model.hf, input_ids, padded_causal_mask(attention_mask), position_ids, use_cache=False)
 
 
 def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from rmlab.data.templates import REASONING_CUE, ReasoningTemplate
 from rmlab.models.base import backbone_states, pool_index, rows_at
 from rmlab.models.generative import GenerativeVerifier, PairwiseJudge
-from rmlab.models.packing import PACKED_ATTN, padded_causal_mask
+from rmlab.models.packing import collated_states
 
 
 @dataclass
@@ -392,11 +392,11 @@ class ReasoningMixin:
             self.check_ends(batch)
         if self.training:  # the weights change with each step (Lightning restores train mode without .train())
             self._fingerprint = None
-        attn = getattr(self.config, "_attn_implementation", None)
-        if prepared and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
-            # The collated read positions and a mask built on the device: the forward reads nothing back.
-            mask = padded_causal_mask(batch.attention_mask)
-            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
+        # The collated read positions and a mask built on the device: the forward reads nothing back.
+        h = None
+        if prepared:
+            h = collated_states(self, batch.input_ids, batch.attention_mask, batch.position_ids, batch.last_token)
+        if h is not None:
             last = batch.last_token
         else:
             h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)

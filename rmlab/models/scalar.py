@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from rmlab.models.base import ENCODER_TYPES, RewardModel, backbone_states, pool_index, rows_at
-from rmlab.models.packing import PACKED_ATTN, packed_hidden, padded_causal_mask
+from rmlab.models.packing import collated_states, packed_hidden
 
 
 class ScalarRewardModel(RewardModel):
@@ -123,16 +123,18 @@ class ScalarRewardModel(RewardModel):
             return self(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self.reward_from_hidden(packed_hidden(self, batch))
 
+    def padded_states(self, batch) -> torch.Tensor | None:
+        """Hidden states [N, L, H] of a padded forward of a causal LM on the sync-free path (``collated_states``),
+        to be read at ``batch.last_token``; None where it does not apply (an encoder, no explicit mask, no
+        ``last_token``)."""
+        if self.pooling != "last":
+            return None
+        return collated_states(self, batch.input_ids, batch.attention_mask, batch.position_ids, batch.last_token)
+
     def padded_pooled(self, batch) -> torch.Tensor | None:
-        """Pooled hidden states [N, H] of a padded forward of a causal LM, read at the collated last tokens under
-        a mask built on the device: nothing is read back. None where that path does not apply (an encoder, an
-        attention implementation that takes no explicit mask, a batch without ``last_token``)."""
-        attn = getattr(self.config, "_attn_implementation", None)
-        if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
-            mask = padded_causal_mask(batch.attention_mask)
-            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
-            return rows_at(h, batch.last_token)
-        return None
+        """Pooled hidden states [N, H] of ``padded_states``, read at the collated last tokens; None as there."""
+        h = self.padded_states(batch)
+        return None if h is None else rows_at(h, batch.last_token)
 
     # ------------------------------------------------------------ the language-modelling path (loss=grm)
     def require_outputs(self, names) -> None:
@@ -206,11 +208,8 @@ class ScalarRewardModel(RewardModel):
         if self.lm_source is None:
             return super().score_heads(batch)
         # One padded forward gives both: the reward at the pooled token, the LM's log-probs at the response tokens.
-        attn = getattr(self.config, "_attn_implementation", None)
-        if self.pooling == "last" and batch.last_token is not None and attn in ("sdpa", PACKED_ATTN):
-            # As score_batch's padded path: a mask built on the device and the collated read positions.
-            mask = padded_causal_mask(batch.attention_mask)
-            h = backbone_states(self.hf, batch.input_ids, mask, batch.position_ids, use_cache=False)
+        h = self.padded_states(batch)  # as score_batch's padded path
+        if h is not None:
             rewards = self.reward_from_hidden(rows_at(h, batch.last_token))
         else:
             h = backbone_states(self.hf, batch.input_ids, batch.attention_mask, batch.position_ids)
