@@ -113,6 +113,30 @@ def test_text_rows_are_the_tokenizers_own_plus_eos(name):
         assert separately != tok(prompt + "lo", add_special_tokens=False)["input_ids"]  # the case is a real one
 
 
+@needs_shared_data
+@pytest.mark.parametrize("name", NAMES)
+def test_reward_token_eos_text_rows_are_openrlhfs(name):
+    """Plain text under reward_token=eos is OpenRLHF's row: the text with its trailing newlines stripped,
+    tokenized without added specials (OpenRLHF passes add_special_tokens=False in its reward dataset and its
+    PPO prompts), then eos. Its reward dataset writes `" " + eos` as text: one space token more before the
+    eos, which its PPO rows (the policy's ids up to its eos) do not have; rmlab builds the PPO row."""
+    tok = tokenizer(name)
+    eos = tok.eos_token_id
+    prompt = "\n\nHuman: spell hel\n\nAssistant: hel"
+    responses = ["lo\n", "p me"]
+    g = PreferenceGroup(prompt, responses, [Comparison(0, 1)])
+    texts = [(prompt + r).rstrip("\n") for r in responses]
+    ppo = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    rows = rows_of(tok, [g], "eos")[0]
+    assert rows == ppo
+    if tok.bos_token_id is not None and tok(prompt)["input_ids"][0] == tok.bos_token_id:
+        assert all(r[0] != tok.bos_token_id for r in rows)  # Llama 3.1, Phi-3: no bos, as OpenRLHF
+    dataset = [tok(t + " " + tok.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
+    for d, r in zip(dataset, rows):  # the reward dataset's row: the same plus one space token before the eos
+        assert len(d) == len(r) + 1 and d[:-2] == r[:-1] and d[-1] == r[-1] == eos
+        assert tok.decode(d[-2:-1]).strip() == ""
+
+
 def test_reward_token_is_checked_and_generative_heads_refuse_last():
     from transformers import ByT5Tokenizer
 

@@ -9,12 +9,15 @@ same text, so an export scores the same sequence in plain transformers, TRL, Rew
   conversation, nothing added (no extra bos, no extra eos), as TRL's reward functions, RewardBench and hub
   reward models such as Skywork-Reward read it; the reward is read at its last token.
 - Causal LM, plain text: ``tokenizer(prompt + response)`` (with the specials the tokenizer itself adds,
-  e.g. Llama's bos) followed by eos unless it already ends with one, as OpenRLHF builds a row; the reward is
-  read at that eos.
+  e.g. Llama's bos) followed by eos unless it already ends with one; the reward is read at that eos.
 
-``data.reward_token`` makes the other choice explicit: ``eos`` also ends chat rows with eos (OpenRLHF's
-convention: the template text with its trailing newlines stripped, then eos unless it is already the last
-token); ``last`` appends nothing to plain text either (what a text-classification pipeline reads).
+``data.reward_token`` makes the other choice explicit: ``eos`` is OpenRLHF's row for chat and plain text
+alike: the text (templated or not) with its trailing newlines stripped, tokenized without added specials
+(OpenRLHF never adds them: no bos unless the template writes one), then eos unless it is already the last
+token. OpenRLHF's own reward-model dataset writes ``" " + eos`` as text, which puts a space token before the
+eos where the text does not already end with it; its PPO scores the prompt's ids and the policy's ids up to the
+eos it stopped at, with no space, and that is the row ``eos`` builds. ``last`` appends nothing to plain text
+either (what a text-classification pipeline reads).
 
 Each row is encoded whole and split at the longest token prefix all rows of a group share (the prompt, at
 most): the shared prefix is what lets a causal LM encode the prompt once, and a token that merges across
@@ -109,14 +112,20 @@ def appends_eos(tokenizer, templated: bool, reward_token: str = "auto") -> bool:
     return reward_token == "eos" or (reward_token == "auto" and not templated)
 
 
+def adds_specials(templated: bool, reward_token: str = "auto") -> bool:
+    """Whether the tokenizer adds its own specials (e.g. Llama's bos) to a causal row's text: for plain text
+    under the default contract; never for templated text (the template writes them) nor for OpenRLHF's rows."""
+    return not templated and reward_token != "eos"
+
+
 def causal_rows(tokenizer, texts: list[str], templated: bool, reward_token: str = "auto") -> list[list[int]]:
     """The contract's token rows of whole texts (prompt + response) for a causal LM."""
     if not texts:
         return []
     eos = appends_eos(tokenizer, templated, reward_token)
-    if templated and eos:  # OpenRLHF: the template text without its trailing newlines, then eos
+    if reward_token == "eos":  # OpenRLHF: the text without its trailing newlines, then eos
         texts = [t.rstrip("\n") for t in texts]
-    rows = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+    rows = tokenizer(texts, add_special_tokens=adds_specials(templated, reward_token))["input_ids"]
     if eos:
         e = tokenizer.eos_token_id
         rows = [r if r and r[-1] == e else r + [e] for r in rows]
@@ -132,6 +141,8 @@ def contract(tokenizer, reward_token: str = "auto") -> dict[str, str]:
     if appends_eos(tokenizer, True, reward_token):
         chat = f"apply_chat_template(messages, tokenize=False).rstrip('\\n'), tokenized without added specials, + {eos}"
     text = "tokenizer(prompt + response)" + (f" + {eos} unless it ends with it" if appends_eos(tokenizer, False, reward_token) else "")
+    if reward_token == "eos":
+        text = f"tokenizer((prompt + response).rstrip('\\n'), add_special_tokens=False) + {eos} unless it ends with it"
     return {"reward_token": reward_token, "chat": chat, "text": text, "reward_at": "the last token (the last non-pad token)"}
 
 
@@ -155,7 +166,7 @@ def causal_groups(tokenizer, groups: list[PreferenceGroup], reward_token: str = 
         idx = [i for i, g in enumerate(groups) if g.templated == templated]
         if not idx:
             continue
-        add = not templated
+        add = adds_specials(templated, reward_token)
         prompts = tokenizer([groups[i].prompt for i in idx], add_special_tokens=add)["input_ids"]
         rows = causal_rows(tokenizer, [groups[i].prompt + r for i in idx for r in groups[i].responses], templated, reward_token)
         pos = 0
@@ -196,7 +207,9 @@ def record_value(f, value):
     return f.missing if value is None else CASTS[f.dtype](value)
 
 
-def critique_lengths(tokenizer, g: PreferenceGroup, prefix: list[int], responses: list[list[int]]) -> list[int]:
+def critique_lengths(
+    tokenizer, g: PreferenceGroup, prefix: list[int], responses: list[list[int]], reward_token: str = "auto"
+) -> list[int]:
     """Tokens of each row's critique: ``g.critiques[i]`` is the text that ends ``g.responses[i]`` (a reasoning
     model's template put it there, rmlab.models.reasoning). The row is encoded whole, as every row is; its
     critique is what follows the longest prefix it shares with the encoding of the text without the critique,
@@ -209,7 +222,7 @@ def critique_lengths(tokenizer, g: PreferenceGroup, prefix: list[int], responses
         if c and not r.endswith(c):
             raise ValueError(f"group {g.group_id!r}: a critique must end its response text (the template appends it)")
     heads = [g.prompt + r[: len(r) - len(c)] for r, c in zip(g.responses, g.critiques)]
-    enc = tokenizer(heads, add_special_tokens=not g.templated)["input_ids"]
+    enc = tokenizer(heads, add_special_tokens=adds_specials(g.templated, reward_token))["input_ids"]
     out = []
     for c, head, r in zip(g.critiques, enc, responses):
         row = prefix + r
@@ -243,7 +256,7 @@ def tokenize_groups(
     parts = encoder_groups(tokenizer, groups) if encoder else causal_groups(tokenizer, groups, reward_token)
     out = []
     for g, (start, p, resp) in zip(groups, parts):
-        crit = critique_lengths(tokenizer, g, start + p, resp) if g.critiques is not None else None
+        crit = critique_lengths(tokenizer, g, start + p, resp, reward_token) if g.critiques is not None else None
         budget = max_length - len(start) - len(mid)
         longest = max(len(r) for r in resp)
         if len(p) + longest > budget:
