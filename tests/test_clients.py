@@ -7,8 +7,9 @@ client reads the export with its own code and must give ``rmlab.score``'s reward
 
 - transformers: ``AutoModelForSequenceClassification`` on ``apply_chat_template(conv, tokenize=True)``, one by one
   and in a padded batch of 4 (both padding sides), and the ``text-classification`` pipeline;
-- TRL: one real ``GRPOTrainer`` step on CPU with a tiny policy on the same tokenizer and the export path as
-  ``reward_funcs``; the rewards TRL computed are read back from its completions log;
+- TRL: one real ``GRPOTrainer`` step and one ``RLOOTrainer`` step on CPU with a tiny policy on the same
+  tokenizer and the export path as ``reward_funcs``; the rewards TRL computed are read back from its completions
+  log;
 - RewardBench: the package's own ``rewardbench.rewardbench.rewardbench`` (the ``rewardbench`` CLI) on a local
   json of ``{chosen: [messages], rejected: [messages]}``, the same file ``python -m rmlab.score`` scores;
 - OpenRLHF: replicated (see ``openrlhf_rewards``), because it does not import on CPU.
@@ -327,23 +328,25 @@ def rmlab_reward_function(export_dir: str, device: str = "cpu"):
     return rmlab_reward
 
 
-def grpo_step(export: Path, name: str, out: Path):
-    """One real GRPOTrainer step on CPU with a tiny policy on the same tokenizer and two reward functions, as
-    docs/eval.md shows them: the export's path (TRL loads it with AutoModelForSequenceClassification and scores
-    the chat template's text) and rmlab's own scoring as a function. ``log_completions`` makes TRL write every
-    completion and each reward it computed for it to ``<output_dir>/completions/completions_00001.parquet``;
-    returns that table."""
+def trl_step(export: Path, name: str, out: Path, algo: str = "grpo"):
+    """One real GRPOTrainer (or RLOOTrainer) step on CPU with a tiny policy on the same tokenizer and two reward
+    functions, as docs/eval.md shows them: the export's path (TRL loads it with
+    AutoModelForSequenceClassification and scores the chat template's text) and rmlab's own scoring as a function.
+    ``log_completions`` makes TRL write every completion and each reward it computed for it to
+    ``<output_dir>/completions/completions_00001.parquet``; returns that table."""
     import pandas as pd
+    import trl
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+
+    Config, Trainer = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer)}[algo]
 
     tok = AutoTokenizer.from_pretrained(TOKENIZERS / name)
     prompts = [
         [user("What is 3 plus 4?")],
         [{"role": "system", "content": "Answer briefly."}, user("hi"), assistant("hello"), user("What is 10 plus 20?")],
     ]
-    args = GRPOConfig(
+    args = Config(
         output_dir=str(out),
         per_device_train_batch_size=8,  # both prompts, 4 completions each
         num_generations=4,
@@ -357,14 +360,21 @@ def grpo_step(export: Path, name: str, out: Path):
         save_strategy="no",
         seed=0,
     )
-    trainer = GRPOTrainer(
-        model=tiny_policy(name, tok),
+    policy = out / "policy"  # a path, as users pass it: RLOO (beta > 0) loads its reference model from it
+    tiny_policy(name, tok).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    trainer = Trainer(
+        model=str(policy),
         processing_class=tok,
         reward_funcs=[str(export), rmlab_reward_function(str(export))],
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
     )
     trainer.train()
+    if algo == "rloo":  # RLOOTrainer 1.16 logs the same table but writes no parquet: read what it logged
+        logs = trainer._logs
+        assert logs["prompt"], "RLOOTrainer logged no completions (log_completions=True)"
+        return pd.DataFrame({"prompt": logs["prompt"], "completion": logs["completion"], **logs["rewards"]})
     tables = sorted((out / "completions").glob("*.parquet"))
     assert tables, f"TRL wrote no completions table under {out}"
     return pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True)
@@ -374,14 +384,16 @@ def messages(column) -> list[dict]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in column]
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
 @pytest.mark.parametrize("name", NAMES)
-def test_trl_grpo_rewards_equal_rmlab_score(name, export_of, tmp_path):
-    """The rewards TRL computed in a GRPO step, with the export's path as reward_funcs, equal rmlab.score's (CLI
-    and Python) for the same conversations; the rmlab reward function gives the normalized ones."""
+def test_trl_rewards_equal_rmlab_score(name, algo, export_of, tmp_path):
+    """The rewards TRL computed in a GRPO (and an RLOO) step, with the export's path as reward_funcs, equal
+    rmlab.score's (CLI and Python) for the same conversations; the rmlab reward function gives the normalized
+    ones."""
     from transformers import AutoConfig
 
     export = export_of(name)
-    table = grpo_step(export, name, tmp_path / "grpo")
+    table = trl_step(export, name, tmp_path / algo, algo)
     assert len(table) == 8 and {export.name, "rmlab_reward"} <= set(table.columns), table.columns
     prompts, completions = [messages(p) for p in table["prompt"]], [messages(c) for c in table["completion"]]
     assert len({json.dumps(p) for p in prompts}) == 2  # both prompts, the multi-turn one with its system turn
@@ -389,9 +401,9 @@ def test_trl_grpo_rewards_equal_rmlab_score(name, export_of, tmp_path):
     assert max(trl_rewards) - min(trl_rewards) > SENSITIVE, f"TRL's rewards nearly constant: {trl_rewards}"
 
     convs = [p + c for p, c in zip(prompts, completions)]
-    assert_close(trl_rewards, rmlab_rewards(export, convs), f"{name}: TRL GRPO vs Scorer.score_chat")
+    assert_close(trl_rewards, rmlab_rewards(export, convs), f"{name}: TRL {algo} vs Scorer.score_chat")
     scored = rmlab_score_cli(export, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)], tmp_path)
-    assert_close(trl_rewards, [r["reward"] for r in scored], f"{name}: TRL GRPO vs python -m rmlab.score")
+    assert_close(trl_rewards, [r["reward"] for r in scored], f"{name}: TRL {algo} vs python -m rmlab.score")
     cfg = AutoConfig.from_pretrained(export)
     normalized = [(r - cfg.mean) / cfg.std for r in trl_rewards]
     assert_close(table["rmlab_reward"].tolist(), normalized, f"{name}: the rmlab reward function in TRL")
