@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,9 +24,26 @@ from rmlab.rundir import claim_run_dir
 log = logging.getLogger("rmlab")
 
 
+def quiet_console() -> None:
+    """Each console line once, and no warning a user cannot act on.
+
+    ``import lightning`` gives its ``lightning`` logger a console handler of its own and keeps propagation on,
+    so under Hydra's job logging every Lightning message printed twice ("INFO: ..." and Hydra's line). Where
+    the root logger has handlers (Hydra's: the console and the job's .log file) Lightning's own is dropped.
+    Lightning 2.6 on torch >= 2.10 also warns about its own use of ``LeafSpec`` at every run."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if logging.getLogger().handlers:
+        lightning = logging.getLogger("lightning")
+        for h in list(lightning.handlers):
+            if type(h) is logging.StreamHandler:
+                lightning.removeHandler(h)
+
+
 def start_run(cfg: DictConfig, resolve: bool = True) -> tuple[Path, float]:
-    """Quiet transformers, the run dir, threads, the config saved in the run dir. Returns (run dir, start time)."""
+    """Quiet transformers and duplicate console lines, the run dir, threads, the config saved in the run dir.
+    Returns (run dir, start time)."""
     transformers.logging.set_verbosity_error()
+    quiet_console()
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

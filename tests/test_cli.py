@@ -43,3 +43,18 @@ def test_bad_input_is_a_message_not_a_traceback(entry, tmp_path):
     if entry == "train.py":
         log = next((tmp_path / "run" / "wandb").glob("debug.log")).read_text()
         assert "finishing run" in log and "got exitcode: 1" in log  # wandb.finish ran, with the failure's exit code
+
+
+def test_a_run_prints_each_line_once(tmp_path):
+    """Under Hydra's logging Lightning printed every message twice (its own "INFO: ..." handler and Hydra's
+    line) and warned about its own LeafSpec use at every run."""
+    env = dict(os.environ, RMLAB_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run(
+        [sys.executable, "train.py", "debug=fast", "threads=1", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert out.count("`Trainer.fit` stopped") == 1, out[-3000:]
+    assert "INFO: " not in out and "LeafSpec" not in out, out[-3000:]
+    assert "`Trainer.fit` stopped" in (tmp_path / "run" / "train.log").read_text()  # still in the job's log
