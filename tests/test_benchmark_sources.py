@@ -179,6 +179,8 @@ def test_save_to_disk_copies_read_as_the_hub(tmp_path):
     dd.save_to_disk(str(tmp_path / "rb"))  # writes dataset_dict.json and one folder per split
     items, _ = rewardbench.load(bench_cfg("rewardbench", source=str(tmp_path / "rb")))
     assert len(items) == 46 and "raw-only" not in {it.subset for it in items}
+    with pytest.raises(DataError, match=r"no split 'test' \(it has filtered, raw\)"):
+        rewardbench.load(bench_cfg("rewardbench", source=str(tmp_path / "rb"), split="test"))
     rb2 = rows_of(FX / "rewardbench2_test.jsonl")
     datasets.Dataset.from_list(rb2).save_to_disk(str(tmp_path / "rb2"))  # state.json, dataset_info.json, .arrow
     items2, _ = rewardbench2.load(bench_cfg("rewardbench2", source=str(tmp_path / "rb2")))

@@ -64,6 +64,9 @@ def _read_datasets(source: str, split: str | None, name: str) -> Iterator[tuple[
         if _saved_to_disk(Path(source)):
             ds = datasets.load_from_disk(source)
             if split is not None and isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{source}[{split}]", f"the saved DatasetDict has no split {split!r} (it has "
+                                    f"{', '.join(ds)})", "set benchmark.split to one of them")
                 ds = ds[split]
         elif Path(source).is_dir():
             # A local folder in the hub's layout: prepared afresh each time. datasets keys its cache of a local folder
@@ -72,6 +75,8 @@ def _read_datasets(source: str, split: str | None, name: str) -> Iterator[tuple[
             ds = datasets.load_dataset(source, split=split, download_mode="force_redownload")
         else:
             ds = datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"{source}[{split or 'all splits'}]",
