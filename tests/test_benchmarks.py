@@ -146,49 +146,85 @@ def official(*names: str) -> dict:
 
 
 def test_rewardbench_v1_equals_the_package():
+    """Per-example rewards -> the package's own aggregation (scripts/run_rm.py: results = 1 if chosen > rejected,
+    subset = sum(results) / len; then calculate_scores_per_section) and rmlab's: every section, every subset, the
+    per-example results and the leaderboard's mean of the four sections agree."""
     ns = official("calculate_scores_per_section")
     assert rewardbench.EXAMPLE_COUNTS == ns["EXAMPLE_COUNTS"] and rewardbench.SECTIONS == ns["SUBSET_MAPPING"]
     rng = random.Random(3)
-    for trial in range(20):
-        subs = [s for s in rewardbench.EXAMPLE_COUNTS if trial == 0 or rng.random() < 0.9]
+    complete = 0
+    for trial in range(40):
+        subs = [s for s in rewardbench.EXAMPLE_COUNTS if trial % 4 == 0 or rng.random() < 0.9]
         items = [Item(f"{s}{j}", s, "p", ["a", "b"]) for s in subs for j in range(rng.randint(1, 6))]
+        rng.shuffle(items)  # the official code groups by subset whatever the row order
         rewards = [[rng.choice([0.0, 0.5, 1.0]), rng.choice([0.0, 0.5, 1.0])] for _ in items]  # many exact ties
-        ours = rewardbench.score(items, rewards)
-        per_subset = {s: a for s, (a, _) in ours.subsets.items()}
+        results = [1 if chosen > rejected else 0 for chosen, rejected in rewards]  # run_rm.py, per example
+        grouped = {s: [r for it, r in zip(items, results) if it.subset == s] for s in np.unique([i.subset for i in items])}
+        per_subset = {s: sum(v) / len(v) for s, v in grouped.items()}
         theirs = ns["calculate_scores_per_section"](ns["EXAMPLE_COUNTS"], ns["SUBSET_MAPPING"], per_subset)
+        ours = rewardbench.score(items, rewards)
+        assert [row["credit"] for row in ours.per_item] == results
+        assert {s: a for s, (a, _) in ours.subsets.items()} == pytest.approx(per_subset, abs=1e-12)
         for sec, v in theirs.items():
             if any(s in per_subset for s in ns["SUBSET_MAPPING"][sec]):
                 assert ours.sections[sec] == pytest.approx(v, abs=1e-12)
-        if trial == 0:  # the leaderboard's score: the mean of the four
+            else:  # the package writes 0 for a section with no subset; rmlab leaves it out and gives no score
+                assert v == 0 and sec not in ours.sections and math.isnan(ours.score)
+        if len(ours.sections) == 4:
+            complete += 1
             assert ours.score == pytest.approx(np.mean(list(theirs.values())), abs=1e-12)
+    assert complete >= 10
 
 
 def test_rewardbench2_equals_the_package():
+    """scripts/run_v2.py's flow with the package's own functions (rows unrolled to one score per completion,
+    reroll_and_score_dataset by total_completions, per-subset mean of its results, process_single_model for Ties)
+    against rmlab's rewardbench2.score on the same per-completion rewards: every credit, subset and the mean of six."""
     ns = official("reroll_and_score_dataset", "sample_stats", "process_single_model")
     from datasets import Dataset
 
     rng = random.Random(5)
     items, rewards = [], []
-    for i in range(40):  # best-of-4 rows, rewards from a small set so ties at the top happen
-        items.append(Item(str(i), rng.choice(["Factuality", "Math", "Focus"]), "p", ["c", "a", "b", "d"]))
+    for i in range(60):  # best-of-4 rows, rewards from a small set so ties at the top happen
+        items.append(Item(str(i % 20), rewardbench2.SUBSETS[i % 5], "p", ["c", "a", "b", "d"]))  # ids repeat, as on the hub
         rewards.append([float(rng.randint(0, 3)) for _ in range(4)])
-    flat = Dataset.from_dict({"text": [f"{i}-{j}" for i in range(40) for j in range(4)],
-                              "scores": [r for rs in rewards for r in rs], "id": [it.uid for it in items for _ in range(4)]})
-    theirs = ns["reroll_and_score_dataset"](flat, [4] * 40)["results"]
-    ours = [rewardbench2.best_of_n_credit(rs) for rs in rewards]
-    assert ours == pytest.approx(theirs, abs=1e-12) and any(0 < x < 1 for x in ours)
-    # Ties: 12 paired prompts, 1 correct + 3 for ref, 2-4 correct + 3-5 for tied; continuous rewards (the spread
-    # of the correct answers is never 0: where it is, the package's 0.1.4 and the repository's code differ)
-    ties, t_rewards, rows = [], [], []
-    for pid in range(12):
-        for kind, nc in (("ref", 1), ("tied", rng.randint(2, 4))):
-            k = nc + rng.randint(3, 5)
-            rs = [rng.gauss(0.6 if j < nc else 0.0, 1.0) for j in range(k)]
-            ties.append(Item(f"{kind}:{pid}", "Ties", "p", ["x"] * k, n_chosen=nc))
-            t_rewards.append(rs)
-            rows.append({"id": f"{kind}:{pid}", "scores": rs, "num_correct": nc})
-    _, total = ns["process_single_model"](Dataset.from_list(rows))
-    assert rewardbench2.ties_score(ties, t_rewards)["score"] == pytest.approx(total, abs=1e-12)
+    # Ties: paired prompts (1 correct for ref, 2-4 for tied), some unpaired; continuous rewards (where the correct
+    # answers' spread is exactly 0, rewardbench 0.1.4 and the repository's code differ: docs/eval.md)
+    for pid in range(14):
+        if pid < 12:
+            kinds = [("ref", 1), ("tied", rng.randint(2, 4))]
+        else:  # a reference prompt without its tied version, and the other way round
+            kinds = [("ref", 1)] if pid == 12 else [("tied", 2)]
+        for kind, nc in kinds:
+            k = nc + rng.randint(1, 5)
+            items.append(Item(f"{kind}:{pid}", "Ties", "p", ["x"] * k, n_chosen=nc))
+            rewards.append([rng.gauss(0.6 if j < nc else 0.0, 1.0) for j in range(k)])
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    items, rewards = [items[i] for i in order], [rewards[i] for i in order]
+    flat = Dataset.from_dict({
+        "text": [f"{n}-{j}" for n, rs in enumerate(rewards) for j in range(len(rs))],
+        "scores": [r for rs in rewards for r in rs],
+        "subset": [it.subset for it, rs in zip(items, rewards) for _ in rs],
+        "id": [it.uid for it, rs in zip(items, rewards) for _ in rs],
+    })
+    out = ns["reroll_and_score_dataset"](flat, [len(rs) for rs in rewards])
+    out = out.add_column("num_correct", [it.n_chosen for it in items])
+    theirs = {}
+    for subset in np.unique(out["subset"]):
+        part = out.filter(lambda ex: ex["subset"] == subset)
+        if subset.lower() == "ties":
+            _, theirs[subset] = ns["process_single_model"](part)
+        else:
+            theirs[subset] = sum(part["results"]) / len(part["results"])
+    ours = rewardbench2.score(items, rewards)
+    credits = [row["credit"] for row, it in zip(ours.per_item, items) if it.subset != "Ties"]
+    assert credits == pytest.approx([r for r, it in zip(out["results"], items) if it.subset != "Ties"], abs=1e-12)
+    assert any(0 < c < 1 for c in credits)  # shared top rewards were scored
+    assert set(theirs) == set(rewardbench2.SUBSETS)
+    for subset, v in theirs.items():
+        assert ours.sections[subset] == pytest.approx(v, abs=1e-12), subset
+    assert ours.score == pytest.approx(np.mean([theirs[s] for s in rewardbench2.SUBSETS]), abs=1e-12)
 
 
 # --------------------------------------------------------------------------- a model trained by train.py

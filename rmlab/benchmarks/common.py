@@ -27,15 +27,20 @@ Messages = list[dict[str, str]]
 def read_rows(source: str, split: str | None, name: str) -> Iterator[tuple[str, dict]]:
     """``(location, row)`` of a benchmark from a hub name or a local copy.
 
+    - a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``: ``datasets.load_from_disk``
+      (checked first: its state.json / dataset_dict.json are not rows);
     - a file (.json list, .jsonl, .parquet, .csv, optionally .gz): every row (a file holds one split);
     - a folder with data files in it: every row of every file (sorted by name);
-    - a folder in the hub's layout (``data/<split>-00000-of-00001.parquet``, a downloaded snapshot) or one
-      written by ``Dataset.save_to_disk``: read with ``datasets`` exactly as the hub name would be;
+    - a folder in the hub's layout (README.md, ``data/<split>-00000-of-00001.parquet``: a downloaded snapshot):
+      read with ``datasets.load_dataset`` exactly as the hub name would be (prepared afresh, never from the cache);
     - anything else is a hub name: ``datasets.load_dataset(source, split=split)``.
     ``split=None`` reads every split of a hub dataset and sets the row's ``subset`` to its split's name, its own
     ``subset`` kept as ``subsubset`` (RewardBench's prior sets are one split per subset).
     """
     local = Path(os.path.expanduser(source))
+    if _saved_to_disk(local):  # before the file check: such a folder holds .json files that are not rows
+        yield from _read_datasets(str(local), split, name)
+        return
     if resolve_paths(str(local)):
         for where, rec in read_records(str(local)):
             if isinstance(rec, DataError):
@@ -47,16 +52,31 @@ def read_rows(source: str, split: str | None, name: str) -> Iterator[tuple[str, 
     yield from _read_datasets(source if not local.is_dir() else str(local), split, name)
 
 
+def _saved_to_disk(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` (state.json) or ``DatasetDict.save_to_disk`` (dataset_dict.json)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+
+
 def _read_datasets(source: str, split: str | None, name: str) -> Iterator[tuple[str, dict]]:
     import datasets  # slow to import; only hub names and hub-layout folders need it
 
     try:
-        if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")):
+        if _saved_to_disk(Path(source)):
             ds = datasets.load_from_disk(source)
             if split is not None and isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{source}[{split}]", f"the saved DatasetDict has no split {split!r} (it has "
+                                    f"{', '.join(ds)})", "set benchmark.split to one of them")
                 ds = ds[split]
+        elif Path(source).is_dir():
+            # A local folder in the hub's layout: prepared afresh each time. datasets keys its cache of a local folder
+            # by the folder's name and its README's configs, not by the files, so a second copy with the same name
+            # (another revision, or edited files) would be served the first one's rows.
+            ds = datasets.load_dataset(source, split=split, download_mode="force_redownload")
         else:
             ds = datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"{source}[{split or 'all splits'}]",

@@ -7,6 +7,8 @@ Rules (reimplemented from the official code, cited in docs/eval.md#benchmarks):
   example counts of ``rewardbench/constants.py`` (``calculate_scores_per_section`` in ``rewardbench/utils.py``).
   Those counts are the filtered split's sizes, except math-prm: 984 (447 examples) = the six HumanEvalPack
   subsets' 6 x 164, so Reasoning is half PRM math and half code;
+- a prior-set prompt is a list of messages: their roles are taken by position (user, assistant, user, ...), as
+  ``prepare_dialogue_from_tokenizer`` builds the conversation, whatever the stored role names;
 - the leaderboard's score is the weighted mean of the sections with weight 2 each and 1 for the Prior Sets
   section when it is included, which is the plain mean of anthropic_helpful, anthropic_hhh, shp and summarize
   of allenai/preference-test-sets (``get_average_over_rewardbench`` in ``analysis/get_benchmark_results.py``).
@@ -52,7 +54,7 @@ SECTION_WEIGHT, PRIOR_WEIGHT = 2.0, 1.0
 def pair_item(rec: dict, where: str, prior: bool = False) -> Item:
     prompt = rec.get("prompt")
     if isinstance(prompt, list):  # the prior sets: the conversation before the response
-        prompt = check_messages(prompt, where, "prompt")
+        prompt = turns_by_position(check_messages(prompt, where, "prompt"), where)
     elif not isinstance(prompt, str):
         need(rec, where, "prompt", str, "the prompt text (or a list of messages)")
     chosen = need(rec, where, "chosen", str, "the chosen response text")
@@ -60,6 +62,16 @@ def pair_item(rec: dict, where: str, prior: bool = False) -> Item:
     subset = need(rec, where, "subset", str, "the subset name (e.g. alpacaeval-easy)")
     return Item(uid=str(rec.get("id", where)), subset=subset, prompt=prompt, responses=[chosen, rejected],
                 where=where, meta={"prior": prior})
+
+
+def turns_by_position(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    """The prompt's messages with roles by position, user first, as the official code builds the conversation
+    (``prepare_dialogue_from_tokenizer``: it alternates user and assistant and ignores the stored role names); the
+    last one must be a user turn (the official code asserts it)."""
+    if len(messages) % 2 == 0:
+        raise DataError(where, f"field 'prompt' has {len(messages)} messages: the conversation before the response "
+                        "must end with a user turn (an odd count)", "drop the trailing assistant message")
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": m["content"]} for i, m in enumerate(messages)]
 
 
 def load(bcfg: Any) -> tuple[list[Item], list[str]]:
