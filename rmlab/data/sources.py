@@ -104,7 +104,7 @@ def check_record(rec: Any, where: str) -> DataError | None:
                     name = f"{path}.{dup[0]}" if path else str(dup[0])
                     return DataError(
                         where,
-                        f"field {name!r} appears more than once in the record, with different values",
+                        f"field {name!r} is given twice, with different values",
                         "JSON keeps only the last one, so which was meant is unknowable: remove the duplicate, or set "
                         "data.on_error=skip",
                     )
