@@ -136,7 +136,9 @@ class Scorer:
         self.template, self.kind = model.group_template, model.kind
         self.attribute_names = list(model.output_names)
 
-    def chat_items(self, conversations: list[list[list[dict[str, str]]]], wheres: list[str] | None = None) -> list[Item]:
+    def chat_items(
+        self, conversations: list[list[list[dict[str, str]]]], wheres: list[str] | None = None
+    ) -> list[Item]:
         """Items of chat conversations (per item, its K conversations), rendered as training renders them: the
         rows are then exactly ``apply_chat_template(conversation, tokenize=True)`` (docs/eval.md). ``wheres``: each
         item's location, named when the tokenizer's template refuses its messages (a ``DataError``)."""

@@ -494,8 +494,10 @@ def test_duplicate_keys_with_different_values_are_a_data_error(tmp_path):
     report = DataReport()
     groups = records_to_groups(read_records(str(path)), "pairs", None, report, on_error="skip")
     assert [g.prompt for g in groups] == ["p0", "p3"]
-    assert report.dropped == {"bad_record: field 'chosen' is given twice, with different values": 1,
-                              "bad_record: field 'meta.x' is given twice, with different values": 1}
+    assert report.dropped == {
+        "bad_record: field 'chosen' is given twice, with different values": 1,
+        "bad_record: field 'meta.x' is given twice, with different values": 1,
+    }
     (tmp_path / "c.csv").write_text("prompt,chosen,rejected,chosen\np,a,b,c\n")
     with pytest.raises(DataError, match=r"c.csv:1: column 'chosen' appears more than once in the header"):
         records_to_groups(read_records(str(tmp_path / "c.csv")), "pairs", None, DataReport())
@@ -654,7 +656,9 @@ def test_benchmark_rows_found_by_the_fuzz(real, tmp_path):
         ({"num_correct": 1}, r"a tied:<n> Ties row needs 2 or more correct answers"),
         ({"id": "tied:²"}, r"a Ties row's id must be ref:<n> or tied:<n>, got 'tied:²'"),
     ]:
-        path = write_lines(tmp_path / "rb2.jsonl", [json.dumps(r) for r in rb2[:2]] + [json.dumps({**rb2[2], **change})])
+        path = write_lines(
+            tmp_path / "rb2.jsonl", [json.dumps(r) for r in rb2[:2]] + [json.dumps({**rb2[2], **change})]
+        )
         with pytest.raises(DataError, match=r"rb2.jsonl:3: " + message):
             rewardbench2.load(OmegaConf.create({"source": str(path), "split": "x"}))
 
@@ -678,7 +682,9 @@ def test_a_refusing_chat_template_in_benchmark_scoring_names_the_row(real, stric
     prior = [*rows["rewardbench_prior_sets"][1]]
     prior[1] = {**prior[1], "prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
     (tmp_path / "prior.json").write_text(json.dumps(prior))
-    items, _ = rewardbench.load(OmegaConf.create({"source": str(main), "split": "x", "prior_sets": str(tmp_path / "prior.json")}))
+    items, _ = rewardbench.load(
+        OmegaConf.create({"source": str(main), "split": "x", "prior_sets": str(tmp_path / "prior.json")})
+    )
     with pytest.raises(DataError) as err:
         score_items(Scorer(model, max_length=48, min_prompt_tokens=8), items, progress=False)
     assert err.value.where == f"{tmp_path / 'prior.json'}:record 1", err.value.where
@@ -721,7 +727,9 @@ def test_every_mutated_record_through_rmlab_score_is_scored_or_names_its_line(re
         out = [json.loads(x) for x in dst.read_text().splitlines()]
         assert n == len(out) == 2, case
         for o in out:
-            assert all(math.isfinite(o[k]) for k in ("reward", "reward_chosen", "reward_rejected", "p_chosen") if k in o)
+            assert all(
+                math.isfinite(o[k]) for k in ("reward", "reward_chosen", "reward_rejected", "p_chosen") if k in o
+            )
     TALLY[f"rmlab.score: {shape}"] += len(cases)
 
 
