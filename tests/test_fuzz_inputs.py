@@ -663,9 +663,10 @@ def test_benchmark_rows_found_by_the_fuzz(real, tmp_path):
             rewardbench2.load(OmegaConf.create({"source": str(path), "split": "x"}))
 
 
-def test_a_refusing_chat_template_in_benchmark_scoring_names_the_row(real, strict_tokenizer, tmp_path):
-    """A prior-set prompt that the tokenizer's template refuses (two user turns): before, jinja2.TemplateError
-    out of the scorer; now a DataError naming the row, from ``score_items`` (the scoring path of eval.py)."""
+def test_a_refusing_chat_template_in_benchmark_scoring_names_the_row(real, tmp_path):
+    """A benchmark row whose conversation the tokenizer's template refuses: before, jinja2.TemplateError out of
+    the scorer after the rows loaded; now a DataError naming the row, from ``score_items`` (eval.py's scoring
+    path). The template here refuses a marker in a message, the way templates refuse what they do not take."""
     import torch
     from omegaconf import OmegaConf
 
@@ -676,19 +677,20 @@ def test_a_refusing_chat_template_in_benchmark_scoring_names_the_row(real, stric
 
     torch.manual_seed(0)
     model = build_model(config=TINY_LLAMA, tokenizer="byt5").eval()
-    model.tokenizer.chat_template = STRICT_TEMPLATE
-    rows = benchmark_rows(real)
-    main = write_lines(tmp_path / "rb.jsonl", [json.dumps(r) for r in rows["rewardbench"][1]])
-    prior = [*rows["rewardbench_prior_sets"][1]]
-    prior[1] = {**prior[1], "prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
-    (tmp_path / "prior.json").write_text(json.dumps(prior))
-    items, _ = rewardbench.load(
-        OmegaConf.create({"source": str(main), "split": "x", "prior_sets": str(tmp_path / "prior.json")})
+    model.tokenizer.chat_template = (
+        "{% for m in messages %}{% if '<tool_call>' in m['content'] %}"
+        "{{ raise_exception('tool calls need the tools argument') }}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )
+    rows = [*benchmark_rows(real)["rewardbench"][1]]
+    rows[1] = {**rows[1], "rejected": "<tool_call>search()"}
+    path = write_lines(tmp_path / "rb.jsonl", [json.dumps(r) for r in rows])
+    items, _ = rewardbench.load(OmegaConf.create({"source": str(path), "split": "x", "prior_sets": None}))
     with pytest.raises(DataError) as err:
         score_items(Scorer(model, max_length=48, min_prompt_tokens=8), items, progress=False)
-    assert err.value.where == f"{tmp_path / 'prior.json'}:record 1", err.value.where
-    assert "chat template refused the messages (roles: user, user, assistant)" in err.value.problem
+    assert err.value.where == f"{path}:2", err.value.where
+    assert "chat template refused the messages (roles: user, assistant)" in err.value.problem
+    assert "tool calls need the tools argument" in err.value.problem
 
 
 # ----------------------------------------------------------------------------------- rmlab.score
