@@ -596,9 +596,10 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str | os.PathLike, mode
 
 # ------------------------------------------------------------------------------------- export dirs
 def check_export_dir(path: str | os.PathLike) -> None:
-    """Check a Hugging Face export dir before loading it: ``config.json`` parses and every ``*.safetensors``
-    file is complete (its header reads, and the file is as long as the header's offsets say). Raises
-    ``CheckpointError`` naming the file. A sharded export is checked shard by shard through its index."""
+    """Check a Hugging Face export dir before loading it: ``config.json`` is a JSON object (and its ``rmlab``
+    record, when there is one, an object too), every other ``*.json`` in it parses (the tokenizer's files), and
+    every ``*.safetensors`` file is complete (its header reads, and the file is as long as the header's offsets
+    say). Raises ``CheckpointError`` naming the file. A sharded export is checked shard by shard through its index."""
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"export dir {d} does not exist (or is not a directory)")
@@ -606,17 +607,24 @@ def check_export_dir(path: str | os.PathLike) -> None:
     cfg = d / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{cfg} is missing: {d} is not a complete export. {redo}")
-    try:
-        json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg} is not valid JSON ({e}): the export is incomplete or damaged. {redo}") from None
+    docs = {}
+    for f in sorted(d.glob("*.json")):  # config, tokenizer, index: each one whole JSON (transformers names none)
+        docs[f.name], problem = read_json(f)
+        if problem:
+            raise CheckpointError(f"{f} is not valid JSON ({problem}): the export is incomplete or damaged. {redo}")
+    config = docs["config.json"]
+    if not isinstance(config, dict):
+        what = "null" if config is None else type(config).__name__
+        raise CheckpointError(f"{cfg} is not a model config (it holds a JSON {what}, not an object). {redo}")
+    meta = config.get("rmlab", {})
+    if not isinstance(meta, dict) or not isinstance(meta.get("head", ""), str):
+        raise CheckpointError(f"{cfg} has a damaged rmlab record (an object with a head name was expected). {redo}")
     index = d / "model.safetensors.index.json"
     files: set[Path] = set(d.glob("*.safetensors"))
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}). {redo}") from None
+        weight_map = docs[index.name].get("weight_map") if isinstance(docs[index.name], dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map of file names). {redo}")
         files |= {d / name for name in set(weight_map.values())}
     elif not (d / "model.safetensors").exists() and not any(d.glob("*.bin")):
         raise CheckpointError(f"{d / 'model.safetensors'} is missing: {d} holds no weights. {redo}")
@@ -626,9 +634,19 @@ def check_export_dir(path: str | os.PathLike) -> None:
             raise CheckpointError(f"{f} is {problem}. {redo}")
 
 
+def read_json(path: Path) -> tuple[Any, str | None]:
+    """(the document, None), or (None, why it does not parse: cut off, not UTF-8, nested past the decoder's depth)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, str(e)[:200]
+    except RecursionError:
+        return None, "nested too deeply to read"
+
+
 def safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is incomplete (None when whole): the 8-byte header length, the JSON header, and
-    the file size against the largest end offset the header gives."""
+    """Why a safetensors file is incomplete (None when whole): the 8-byte header length, the JSON header (an
+    object of tensors, each with two integer ``data_offsets``), and the file size against the largest end offset."""
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
@@ -642,11 +660,19 @@ def safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError) as e:
             return f"not a safetensors file (its header does not parse: {e})"
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        return "not a safetensors file (a tensor without data_offsets)"
-    expected = 8 + n + end
+        except RecursionError:
+            return "not a safetensors file (its header is nested too deeply to read)"
+    if not isinstance(header, dict):
+        return f"not a safetensors file (its header is a {type(header).__name__}, not an object of tensors)"
+    ends = []
+    for k, t in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)):
+            return f"not a safetensors file (tensor {k!r} has no two integer data_offsets)"
+        ends.append(offsets[1])
+    expected = 8 + n + max(ends, default=0)
     if size < expected:
         return f"incomplete: {size} bytes of the {expected} its header describes (a write or copy that stopped midway)"
     if size > expected:

@@ -63,7 +63,7 @@ def record_item(rec: dict, where: str, fields: dict[str, str], scorer: Scorer) -
     if not isinstance(rec, dict):
         raise DataError(where, f"a record must be an object, got {type(rec).__name__}")
     if isinstance(rec.get(f["messages"]), list):
-        return scorer.chat_items([[check_messages(rec[f["messages"]], where, f["messages"])]])[0], False
+        return scorer.chat_items([[check_messages(rec[f["messages"]], where, f["messages"])]], [where])[0], False
     is_pair = f["chosen"] in rec and f["rejected"] in rec
     names = ["chosen", "rejected"] if is_pair else ["completion" if f["completion"] in rec else "response"]
     if any(isinstance(rec.get(f[k]), list) for k in names) or isinstance(rec.get(f["prompt"]), list):
@@ -74,7 +74,7 @@ def record_item(rec: dict, where: str, fields: dict[str, str], scorer: Scorer) -
                 raise DataError(where, f"missing field {f[k]!r}", f"fields present: {', '.join(map(str, rec))}")
             tail = [{"role": "assistant", "content": v}] if isinstance(v, str) else check_messages(v, where, f[k])
             convs.append(with_prompt(rec.get(f["prompt"]), tail, where, f["prompt"]))
-        return scorer.chat_items([convs])[0], is_pair
+        return scorer.chat_items([convs], [where])[0], is_pair
     missing = [f[k] for k in ["prompt", *names] if not isinstance(rec.get(f[k]), str)]
     if missing:
         raise DataError(
@@ -136,19 +136,26 @@ class Scorer:
         self.template, self.kind = model.group_template, model.kind
         self.attribute_names = list(model.output_names)
 
-    def chat_items(self, conversations: list[list[list[dict[str, str]]]]) -> list[Item]:
+    def chat_items(
+        self, conversations: list[list[list[dict[str, str]]]], wheres: list[str] | None = None
+    ) -> list[Item]:
         """Items of chat conversations (per item, its K conversations), rendered as training renders them: the
-        rows are then exactly ``apply_chat_template(conversation, tokenize=True)`` (docs/eval.md)."""
+        rows are then exactly ``apply_chat_template(conversation, tokenize=True)`` (docs/eval.md). ``wheres``: each
+        item's location, named when the tokenizer's template refuses its messages (a ``DataError``)."""
         template = DEFAULT_FALLBACK_TEMPLATE  # used only when the tokenizer has no template of its own
         out = []
-        for convs in conversations:
-            prompt, responses = split_conversations(convs, self.tok, template)
+        for i, convs in enumerate(conversations):
+            where = wheres[i] if wheres else f"conversation {i}"
+            prompt, responses = split_conversations(convs, self.tok, template, where)
             out.append((prompt, responses, True))
         return out
 
-    def score_chat(self, conversations: list[list[list[dict[str, str]]]]) -> list[list[float]]:
-        """[[conversation, ...], ...] -> rewards in the same nesting; a conversation is a list of {role, content}."""
-        return self.rows(self.chat_items(conversations))[0]
+    def score_chat(
+        self, conversations: list[list[list[dict[str, str]]]], wheres: list[str] | None = None
+    ) -> list[list[float]]:
+        """[[conversation, ...], ...] -> rewards in the same nesting; a conversation is a list of {role, content}.
+        ``wheres``: each item's location, for the error when a chat template refuses its messages."""
+        return self.rows(self.chat_items(conversations, wheres))[0]
 
     def _groups(self, items: list[Item]):
 

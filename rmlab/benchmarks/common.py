@@ -45,6 +45,9 @@ def read_rows(source: str, split: str | None, name: str) -> Iterator[tuple[str, 
         for where, rec in read_records(str(local)):
             if isinstance(rec, DataError):
                 raise rec
+            if not isinstance(rec, dict):  # every loader reads named fields of a row
+                raise DataError(where, f"a row must be an object, got {type(rec).__name__}",
+                                "each row of a benchmark file is a JSON object with the benchmark's fields")
             yield where, rec
         return
     if local.exists() and not local.is_dir():
@@ -140,7 +143,8 @@ def score_items(scorer: Any, items: list[Item], chunk: int = 256, progress: bool
     out: list[list[float]] = []
     bar = tqdm(total=sum(len(i.responses) for i in items), unit="resp", desc="scoring", disable=not progress)
     for a in range(0, len(items), chunk):
-        rewards = scorer.score_chat([conversations(it) for it in items[a : a + chunk]])
+        part = items[a : a + chunk]
+        rewards = scorer.score_chat([conversations(it) for it in part], [it.where for it in part])
         for it, rs in zip(items[a : a + chunk], rewards):
             if len(rs) != len(it.responses) or any(math.isnan(r) for r in rs):
                 raise RuntimeError(f"{it.where}: {len(rs)} rewards for {len(it.responses)} responses (a scoring bug)")

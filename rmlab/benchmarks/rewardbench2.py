@@ -19,6 +19,7 @@ Rules (cited in docs/eval.md#benchmarks):
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from rmlab.benchmarks.common import BenchResult, Item, complete_score, mean, need, read_rows, text_list
@@ -27,6 +28,7 @@ from rmlab.data.sources import DataError
 HUB = "allenai/reward-bench-2"
 SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
 TIES = "Ties"
+TIES_ID = re.compile(r"(ref|tied):[0-9]+")  # ASCII digits: int() reads them, as ties_score does
 
 
 def load(bcfg: Any) -> tuple[list[Item], list[str]]:
@@ -36,12 +38,16 @@ def load(bcfg: Any) -> tuple[list[Item], list[str]]:
         subset = need(rec, where, "subset", str, "the subset name (e.g. Factuality)")
         uid = str(need(rec, where, "id", (str, int), "the row id"))
         n_correct = rec.get("num_correct", len(chosen))
-        if not isinstance(n_correct, int) or not 1 <= n_correct <= len(chosen):
+        if not isinstance(n_correct, int) or isinstance(n_correct, bool) or not 1 <= n_correct <= len(chosen):
             raise DataError(where, f"field 'num_correct' must be an integer in 1..{len(chosen)} (the chosen answers)",
                             f"got {n_correct!r}")
-        if subset.lower() == "ties" and (uid.count(":") != 1 or not uid.split(":")[1].isdigit()):
-            raise DataError(where, f"a Ties row's id must be ref:<n> or tied:<n>, got {uid!r}",
-                            "Ties rows pair a reference prompt and its tied version by that number")
+        if subset.lower() == "ties":
+            if not TIES_ID.fullmatch(uid):
+                raise DataError(where, f"a Ties row's id must be ref:<n> or tied:<n>, got {uid!r}",
+                                "Ties rows pair a reference prompt and its tied version by that number")
+            if uid.startswith("tied:") and n_correct < 2:  # ties_score reads the spread of its correct answers
+                raise DataError(where, f"a tied:<n> Ties row needs 2 or more correct answers (num_correct), got "
+                                f"{n_correct}", "a row with one correct answer is the ref:<n> row of its prompt")
         items.append(Item(uid=uid, subset=TIES if subset.lower() == "ties" else subset, prompt=need(
             rec, where, "prompt", str, "the prompt text"), responses=chosen + rejected, n_chosen=n_correct, where=where))
     if not items:

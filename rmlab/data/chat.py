@@ -51,16 +51,30 @@ def check_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     return out
 
 
-def render(messages: list[dict[str, str]], tokenizer: Any, template: str, generation_prompt: bool) -> str:
-    """Render with the tokenizer's template, or ``template`` when it has none (or there is no tokenizer)."""
-    if tokenizer is not None:
-        own = getattr(tokenizer, "chat_template", None)
-        return tokenizer.apply_chat_template(
-            messages, chat_template=own or template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+def render(
+    messages: list[dict[str, str]], tokenizer: Any, template: str, generation_prompt: bool, where: str = "(messages)"
+) -> str:
+    """Render with the tokenizer's template, or ``template`` when it has none (or there is no tokenizer).
+
+    A template may refuse messages it does not take (Mistral's and Gemma's raise "Conversation roles must
+    alternate ..." or "System role not supported"): that refusal is a ``DataError`` at ``where``, so it names
+    the record and ``data.on_error=skip`` counts it, as for any other malformed record."""
     import jinja2
 
-    return jinja2.Template(template).render(messages=messages, add_generation_prompt=generation_prompt)
+    try:
+        if tokenizer is not None:
+            own = getattr(tokenizer, "chat_template", None)
+            return tokenizer.apply_chat_template(
+                messages, chat_template=own or template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        return jinja2.Template(template).render(messages=messages, add_generation_prompt=generation_prompt)
+    except jinja2.TemplateError as e:
+        roles = ", ".join(str(m.get("role")) for m in messages)
+        raise DataError(
+            where,
+            f"the chat template refused the messages (roles: {roles}): {str(e)[:200]}",
+            "fix the messages to the roles and order this tokenizer's template takes, or set data.on_error=skip",
+        ) from None
 
 
 def shared_turns(conversations: list[list[dict[str, str]]]) -> int:
@@ -74,7 +88,7 @@ def shared_turns(conversations: list[list[dict[str, str]]]) -> int:
 
 
 def split_conversations(
-    conversations: list[list[dict[str, str]]], tokenizer: Any, template: str
+    conversations: list[list[dict[str, str]]], tokenizer: Any, template: str, where: str = "(messages)"
 ) -> tuple[str, list[str]]:
     """(prompt, [response, ...]) as rendered text, such that ``prompt + response`` is each conversation's
     whole rendering, exactly (the scoring contract: the row scored is the template's text, nothing added).
@@ -82,11 +96,11 @@ def split_conversations(
     The prompt is the shared messages rendered with the generation prompt. Where a template renders a
     conversation as something other than that prompt followed by more text (a template that rewrites earlier
     turns, e.g. drops reasoning), the prompt is empty and each response is its whole rendering: exact, only
-    without prompt sharing.
+    without prompt sharing. ``where`` (the record's location) names a template's refusal (``render``).
     """
     n = shared_turns(conversations)
-    full = [render(c, tokenizer, template, generation_prompt=False) for c in conversations]
-    prompt = render(conversations[0][:n], tokenizer, template, generation_prompt=True) if n else ""
+    full = [render(c, tokenizer, template, generation_prompt=False, where=where) for c in conversations]
+    prompt = render(conversations[0][:n], tokenizer, template, generation_prompt=True, where=where) if n else ""
     if not all(f.startswith(prompt) for f in full):
         prompt = ""
     return prompt, [f[len(prompt) :] for f in full]

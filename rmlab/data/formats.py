@@ -550,7 +550,7 @@ def adapt_chat(f: Field) -> PreferenceGroup | str:
         check_text("".join(m["content"] for m in conv), f.where, f.fields[side])
         if is_blank("".join(m["content"] for m in conv[n:])):  # the rendered turn carries markup, so check here
             return "empty_response"
-    prompt, (a, b) = split_conversations([chosen, rejected], f.opts.tokenizer, f.opts.fallback_template)
+    prompt, (a, b) = split_conversations([chosen, rejected], f.opts.tokenizer, f.opts.fallback_template, f.where)
     return _pair_group(f, prompt, a, b, _score_margin(f), templated=True)
 
 

@@ -35,6 +35,32 @@ MAX_DEPTH = 64
 # encoder (the tokenizer, the prompt hash, a written jsonl) accepts it.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 GZIP_MAGIC = b"\x1f\x8b"
+# Characters one CSV cell may hold (the csv module's default is 131,072: a long response would stop the file).
+CSV_CELL_LIMIT = 2**31 - 1
+
+
+class JsonObject(dict):
+    """A JSON object as the readers decode it: a dict that also remembers the keys its text held more than
+    once with different values (``duplicates``). ``json`` keeps the last of them silently; ``check_record``
+    refuses such a record, naming the field, since which value was meant is unknowable."""
+
+    __slots__ = ("duplicates",)
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> JsonObject:
+    obj = JsonObject(pairs)
+    obj.duplicates = []
+    if len(obj) != len(pairs):
+        first: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in first and not (first[k] is v or first[k] == v) and k not in obj.duplicates:
+                obj.duplicates.append(k)
+            first.setdefault(k, v)
+    return obj
+
+
+# The readers' JSON decoder: json's own (NaN and Infinity literals parse, as they always did), with duplicate keys noted.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs)
 
 
 def find_surrogate(s: str) -> int:
@@ -73,6 +99,15 @@ def check_record(rec: Any, where: str) -> DataError | None:
                     "no format reads such nesting: fix the record, or set data.on_error=skip",
                 )
             if isinstance(v, dict):
+                dup = getattr(v, "duplicates", None)
+                if dup:
+                    name = f"{path}.{dup[0]}" if path else str(dup[0])
+                    return DataError(
+                        where,
+                        f"field {name!r} is given twice, with different values",
+                        "JSON keeps only the last one, so which was meant is unknowable: remove the duplicate, or set "
+                        "data.on_error=skip",
+                    )
                 for k, x in v.items():
                     name = f"{path}.{k}" if path else str(k)
                     if isinstance(k, str) and find_surrogate(k) >= 0:
@@ -220,7 +255,10 @@ def _read_file(path: str) -> Iterator[tuple[str, Any]]:
                 ),
             )
             return
-        for n, rec in enumerate(table.to_pylist()):
+        rows = table.to_pylist()
+        if not rows:
+            yield path, _no_records(path)
+        for n, rec in enumerate(rows):
             yield _checked(f"{path}:row {n}", rec)
     else:
         yield path, DataError(path, "unknown file type", f"use one of {', '.join(LOCAL_SUFFIXES)}")
@@ -250,7 +288,7 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
                     continue
                 records += 1
                 try:
-                    rec = json.loads(line)
+                    rec = _DECODER.decode(line)
                 except json.JSONDecodeError as e:
                     yield (
                         where,
@@ -298,14 +336,14 @@ def _too_deep(where: str) -> DataError:
 
 def _no_records(path: str) -> DataError:
     return DataError(
-        path, "the file has no records (only blank lines or an empty list)", "point data.source at a file with records"
+        path, "the file has no records (only blank lines, a header, or an empty list)", "point data.source at a file with records"
     )
 
 
 def _read_json(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
     try:
         with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is skipped
-            blob = json.load(f)
+            blob = _DECODER.decode(f.read())
     except json.JSONDecodeError as e:
         where = f"{path}:{e.lineno}"
         yield (
@@ -348,34 +386,56 @@ def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
     # surrogateescape keeps undecodable bytes as markers, so one bad row is reported (or skipped)
     # with its line number instead of failing the whole file.
     # utf-8-sig: a leading byte-order mark (Excel writes one) would otherwise stick to the first column's name.
+    # A cell may hold a long response: the csv module's default cap of 128 KiB per cell is lifted (for all readers
+    # in this process; the cap guards nothing here, as a jsonl line has none).
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_CELL_LIMIT))
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
-        for row in reader:
-            where = f"{path}:{start}"
-            start = reader.line_num + 1
-            bad = [k for k, v in row.items() if isinstance(v, str) and _has_surrogate(v)]
-            if bad or any(_has_surrogate(str(k)) for k in row):
+        rows = 0
+        try:
+            header = reader.fieldnames or []
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                where = f"{path}:1"
                 yield (
                     where,
                     DataError(
                         where,
-                        f"not valid UTF-8 in column {bad[0] if bad else '(header)'!r}",
-                        "re-encode the file as UTF-8, or set data.on_error=skip",
+                        f"column {twice[0]!r} appears more than once in the header",
+                        "csv keeps only the last such column: rename or remove the duplicate",
                     ),
                 )
-                continue
-            if None in row:  # more cells than header columns
-                yield (
-                    where,
-                    DataError(
-                        where,
-                        f"{len(row) - 1 + len(row[None])} cells for {len(row) - 1} header columns",
-                        "quote cells that hold commas",
-                    ),
-                )
-                continue
-            yield where, row
+                return
+            for row in reader:
+                rows += 1
+                where = f"{path}:{start}"
+                start = reader.line_num + 1
+                yield where, _csv_row(row, where)
+        except csv.Error as e:  # the csv module's own refusal (e.g. a cell of more than CSV_CELL_LIMIT characters)
+            where = f"{path}:{reader.line_num or 1}"
+            yield where, DataError(where, f"unreadable CSV ({e})", "fix the file; the rows after this line are not read")
+            return
+    if rows == 0:
+        yield path, _no_records(path)
+
+
+def _csv_row(row: dict, where: str) -> Any:
+    """The row, or a DataError for undecodable bytes or more cells than header columns."""
+    bad = [k for k, v in row.items() if isinstance(v, str) and _has_surrogate(v)]
+    if bad or any(_has_surrogate(str(k)) for k in row):
+        return DataError(
+            where,
+            f"not valid UTF-8 in column {bad[0] if bad else '(header)'!r}",
+            "re-encode the file as UTF-8, or set data.on_error=skip",
+        )
+    if None in row:  # more cells than header columns
+        return DataError(
+            where,
+            f"{len(row) - 1 + len(row[None])} cells for {len(row) - 1} header columns",
+            "quote cells that hold commas",
+        )
+    return row
 
 
 def _has_surrogate(s: str) -> bool:

@@ -373,6 +373,10 @@ def explode_pairs(tg: TokenizedGroup) -> list[TokenizedGroup]:
     ]
 
 
+# What RewardDataModule.setup reads from a cached report: a cache without them is rebuilt, not trusted.
+CACHED_REPORT_KEYS = ("n_train_groups", "one_line", "train", "val")
+
+
 def cache_key(*parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -391,7 +395,10 @@ def load_cached(key: str):
     try:
         blob = torch.load(path, weights_only=True)
         groups = [TokenizedGroup(**d) for d in blob["groups"]]
-        return groups, blob["report"]
+        report = blob["report"]
+        if not isinstance(report, dict) or not all(k in report for k in CACHED_REPORT_KEYS):
+            return None  # a cache file of another shape (written by hand, or by another tool): rebuilt
+        return groups, report
     except Exception:  # a stale or partial cache is rebuilt, never trusted
         return None
 
