@@ -323,3 +323,13 @@ def test_a_byte_order_mark_inside_a_jsonl_file_is_still_malformed(tmp_path):
     path = _write(tmp_path, "d.jsonl", jl(GOOD) + b"\xef\xbb\xbf" + jl({**GOOD, "prompt": "p1"}))
     with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON"):
         records_to_groups(read_records(str(path)), "pairs", None, DataReport())
+
+
+def test_old_mac_line_endings_say_so(tmp_path):
+    """A CR-only file reads as one line; the error says why and how to convert it, not only "Extra data"."""
+    body = json.dumps(GOOD).encode() + b"\r" + json.dumps({**GOOD, "prompt": "p1"}).encode() + b"\r"
+    path = _write(tmp_path, "d.jsonl", body)
+    with pytest.raises(DataError, match=r"(?s)d.jsonl:1: malformed JSON .*CR-only\) line endings"):
+        records_to_groups(read_records(str(path)), "pairs", None, DataReport())
+    crlf = _write(tmp_path, "e.jsonl", body.replace(b"\r", b"\r\n"))  # Windows line ends still read
+    assert len(records_to_groups(read_records(str(crlf)), "pairs", None, DataReport())) == 2

@@ -290,14 +290,11 @@ def _read_jsonl(path: str, opener: Any) -> Iterator[tuple[str, Any]]:
                 try:
                     rec = _DECODER.decode(line)
                 except json.JSONDecodeError as e:
-                    yield (
-                        where,
-                        DataError(
-                            where,
-                            f"malformed JSON ({e.msg}, column {e.colno})",
-                            "fix or remove the line, or set data.on_error=skip",
-                        ),
-                    )
+                    fix = "fix or remove the line, or set data.on_error=skip"
+                    if "\r" in line.rstrip("\r\n"):  # JSON text never holds a raw CR: these are line ends
+                        fix = ("the line holds carriage returns: the file has old Mac (CR-only) line endings; "
+                               "convert them to \\n (tr '\\r' '\\n' < in > out)")
+                    yield where, DataError(where, f"malformed JSON ({e.msg}, column {e.colno})", fix)
                     continue
                 except RecursionError:  # the decoder recurses once per [ or {
                     yield where, _too_deep(where)
