@@ -138,6 +138,11 @@ def test_bon_on_a_trained_hackable_model(tmp_path, capsys):
     main(["--summarize", str(out), "--out", str(tmp_path / "sum")])
     assert (tmp_path / "sum" / "bon_summary.png").is_file()
     assert curve["arm"] in (tmp_path / "sum" / "bon_summary.md").read_text()
+    # arms drawn with another --pool run over another n grid: a clear error naming both, not numpy's traceback
+    main(["--model", str(tmp_path / "run" / "export"), "--prompts", "2", "--pool", "16", "--out", str(tmp_path / "b16"),
+          "--no-progress"])
+    with pytest.raises(SystemExit, match=r"different pools .*--pool 32.*--pool 16.*same --pool"):
+        main(["--summarize", str(out), str(tmp_path / "b16"), "--out", str(tmp_path / "sum2")])
 
 
 def test_arguments_fail_before_anything_loads(capsys):
