@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, (p, (_, meta, rc)) in enumerate(zip(paths, loaded)):
         seed = rc.get("seed") if rc is not None else None
         name = arm_of(rc) + (f" seed {seed}" if seed is not None else f" #{i + 1}")
+        if any(c["name"] == name for c in curves):  # two members of one recipe and seed: each keeps its own row
+            name = f"{name} #{i + 1}"
         # The proxy in the model's normalized units when its export has val statistics (as the ensembles'),
         # so curves of different models share a scale; the pick depends only on the order either way.
         mu, sd = member_stats(meta, p) if normalized[i] else (0.0, 1.0)
