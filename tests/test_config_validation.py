@@ -253,6 +253,10 @@ def test_a_missing_source_under_on_error_skip_says_file_not_found(tmp_path):
         assert msg.startswith(f"data.source={src}: ") and "no training groups left" not in msg
         assert ("file not found" if "*" not in str(src) else "no file matches the pattern") in msg
         assert "paths.data_dir" in msg and "RMLAB_DATA_DIR" in msg
+    from rmlab.data.sources import read_records
+
+    ((_, err),) = read_records("no-such-file-rmlab.jsonl")  # relative paths follow the working dir (hydra.job.chdir: false)
+    assert isinstance(err, DataError) and "the directory you ran the command in" in err.hint
     # a source that was read and whose every record was bad keeps the report-pointing message
     bad = tmp_path / "all_bad.jsonl"
     bad.write_text('{"prompt": "p"}\n')
