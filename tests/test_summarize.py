@@ -48,6 +48,19 @@ def test_cli_writes_table_csv_and_png(tmp_path, capsys):
     assert rows[0] == "run,loss,seed,val/acc" and len(rows) == 5
 
 
+def test_a_runs_own_outputs_are_not_runs(tmp_path):
+    """rmlab.bon writes <run>/bon/metrics.json into a job dir; the sweep still has its 4 runs and 2 configurations."""
+    _fake_sweep(tmp_path)
+    bon = tmp_path / "0_loss=bt,seed=1" / "bon"
+    bon.mkdir()
+    (bon / "metrics.json").write_text(json.dumps({"info": {"prompts": 32}, "summary": {}, "curves": []}))
+    runs = collect(tmp_path)
+    assert [r["dir"] for r in runs] == ["0_loss=bt,seed=1", "1_loss=bt,seed=2", "2_loss=margin,seed=1",
+                                        "3_loss=margin,seed=2"]
+    s = summarize(runs, ["val/acc"])
+    assert s["keys"] == ["loss", "seed"] and [g["n"] for g in s["groups"]] == [2, 2]
+
+
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no run dirs"):
         summarize(collect(tmp_path))
