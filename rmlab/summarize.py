@@ -47,8 +47,14 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for p in sorted(Path(sweep_dir).rglob("metrics.json"), key=lambda p: (len(p.parts), str(p))):
         if not any(d in p.parents for d in dirs):
             dirs.append(p.parent)
-    runs = [load_run(d) for d in sorted(dirs)]
-    return [r for r in runs if r is not None]
+    runs = []
+    for d in sorted(dirs):
+        r = load_run(d)
+        if r is not None:
+            if d != Path(sweep_dir):  # named from the sweep dir down: a sweep of nested job dirs names each fully
+                r["dir"] = d.relative_to(sweep_dir).as_posix()
+            runs.append(r)
+    return runs
 
 
 def varying_keys(runs: list[dict[str, Any]]) -> list[str]:

@@ -61,6 +61,18 @@ def test_a_runs_own_outputs_are_not_runs(tmp_path):
     assert s["keys"] == ["loss", "seed"] and [g["n"] for g in s["groups"]] == [2, 2]
 
 
+def test_a_sweep_with_nested_job_dirs_names_each_run_by_its_path(tmp_path):
+    """Sweeps written before job dirs were flat nest at every '/' of an override; each run keeps its full name."""
+    for i, model in enumerate(["runs/a/export", "runs/b/export"]):
+        d = tmp_path / f"{i}_model.name_or_path={model}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- model.name_or_path={model}\n")
+        (d / "metrics.json").write_text(json.dumps({"metrics": {"acc": 0.5 + i / 10}}))
+    runs = collect(tmp_path)
+    assert [r["dir"] for r in runs] == ["0_model.name_or_path=runs/a/export", "1_model.name_or_path=runs/b/export"]
+    assert [r["overrides"]["model.name_or_path"] for r in runs] == ["runs/a/export", "runs/b/export"]
+
+
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no run dirs"):
         summarize(collect(tmp_path))
