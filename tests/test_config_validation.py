@@ -250,8 +250,8 @@ def test_a_missing_source_under_on_error_skip_says_file_not_found(tmp_path):
         with pytest.raises(DataError) as info:
             dm.setup("fit")
         msg = str(info.value)
-        assert msg.startswith(f"data.source={src}: ") and "no training groups left" not in msg
-        assert ("file not found" if "*" not in str(src) else "no file matches the pattern") in msg
+        first = "file not found" if "*" not in str(src) else "no file matches the pattern"
+        assert msg.startswith(f"data.source={src}: {first}: nothing was read") and "read the data report" not in msg
         assert "paths.data_dir" in msg and "RMLAB_DATA_DIR" in msg
     from rmlab.data.sources import read_records
 

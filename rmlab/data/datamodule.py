@@ -361,8 +361,9 @@ class RewardDataModule(L.LightningDataModule):
                       if k.removeprefix("bad_record: ").startswith(UNREADABLE_SOURCE)}
             if unread and sum(unread.values()) == records.get("loaded"):  # not one record read: a wrong path
                 raise DataError(f"data.source={self.records.source}",
-                                f"{next(iter(unread)).removeprefix('bad_record: ')}, so nothing was read "
-                                "(data.on_error=skip counts bad records; it cannot make up for a missing source)",
+                                f"{next(iter(unread)).removeprefix('bad_record: ')}: nothing was read, so no training "
+                                "groups left (data.on_error=skip counts bad records; it cannot make up for a missing "
+                                "source)",
                                 "check data.source and paths.data_dir: the real sets are read from ../shared/data "
                                 "beside the directory you ran the command in (run it from the repo root, or set "
                                 "RMLAB_DATA_DIR=<the data folder>)")
