@@ -284,6 +284,11 @@ def summarize(dirs: list[str], out: Path) -> str:
         if not p.is_file():
             raise SystemExit(f"rmlab.bon --summarize: {p} does not exist; run python -m rmlab.bon --out {d} first")
         runs.append(json.loads(p.read_text()))
+    grids = {d: r["curves"][0]["n"] if r.get("curves") else None for d, r in zip(dirs, runs)}
+    if len({json.dumps(g) for g in grids.values()}) > 1:  # curves over different n cannot be averaged or overlaid
+        pools = ", ".join(f"{d}: --pool {r['info'].get('pool')}" for d, r in zip(dirs, runs))
+        raise SystemExit(f"rmlab.bon --summarize: the runs were drawn with different pools ({pools}), so their curves "
+                         "run over different n; rerun them with the same --pool (and --prompts, --seed) to compare")
     arms: dict[str, list[dict]] = {}
     for r in runs:
         for c in r["curves"]:
@@ -438,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, (p, (_, meta, rc)) in enumerate(zip(paths, loaded)):
         seed = rc.get("seed") if rc is not None else None
         name = arm_of(rc) + (f" seed {seed}" if seed is not None else f" #{i + 1}")
+        if any(c["name"] == name for c in curves):  # two members of one recipe and seed: each keeps its own row
+            name = f"{name} #{i + 1}"
         # The proxy in the model's normalized units when its export has val statistics (as the ensembles'),
         # so curves of different models share a scale; the pick depends only on the order either way.
         mu, sd = member_stats(meta, p) if normalized[i] else (0.0, 1.0)

@@ -8,6 +8,9 @@
   first lives stops with ``RunDirBusy`` naming the dir, the pid that holds it and what to do. The kernel drops
   the lock when its process dies however it dies, so a SIGKILLed run leaves nothing that blocks
   ``ckpt_path=last`` in the same dir; the pid in the file is only there for the message.
+- Multirun job dirs are one flat folder each: ``hydra.sweep.subdir`` is ``${rmlab.job_dir:...}``, the job's number and
+  overrides with ``/`` made ``_`` (an override such as ``model.name_or_path=runs/a/export`` would otherwise nest
+  the job dir five levels deep) and a name too long for a file system cut, with a hash of the whole kept.
 - Only the launching process claims: the other DDP ranks (``LOCAL_RANK``/``RANK``/``SLURM_PROCID`` > 0) share
   the dir of rank 0 and skip it. Multirun jobs keep Hydra's sweep layout; each job claims its own dir.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -39,10 +43,29 @@ def unique_suffix() -> str:
     return _unique
 
 
+MAX_DIR_NAME = 200  # bytes; file systems allow 255 for one name, and Hydra's own files need no more room
+
+
+def job_dir_name(num, overrides) -> str:
+    """One path component for a multirun job: ``<num>_<overrides>`` with every ``/`` (and ``\\``) made ``_``.
+
+    Hydra's ``override_dirname`` keeps the values as typed, so a path or hub name in an override
+    (``model.name_or_path=org/model``) would turn the job dir into nested folders. A name over
+    ``MAX_DIR_NAME`` bytes keeps its start and ends with a hash of the whole, so two jobs still differ."""
+    name = f"{num}_{overrides or ''}".replace("/", "_").replace("\\", "_")
+    if len(name.encode()) > MAX_DIR_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = name.encode()[: MAX_DIR_NAME - 12].decode(errors="ignore") + "~" + digest
+    return name
+
+
 def register_resolvers() -> None:
-    """``${rmlab.unique:}`` for the run-dir names in conf/*.yaml. Safe to call more than once."""
+    """``${rmlab.unique:}`` and ``${rmlab.job_dir:num,overrides}`` for the run-dir names in conf/*.yaml.
+    Safe to call more than once."""
     if not OmegaConf.has_resolver("rmlab.unique"):
         OmegaConf.register_new_resolver("rmlab.unique", unique_suffix)
+    if not OmegaConf.has_resolver("rmlab.job_dir"):
+        OmegaConf.register_new_resolver("rmlab.job_dir", job_dir_name)
 
 
 class RunDirBusy(RuntimeError):

@@ -41,8 +41,20 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    runs = [load_run(p.parent) for p in sorted(Path(sweep_dir).rglob("metrics.json"))]
-    return [r for r in runs if r is not None]
+    """Every run dir under ``sweep_dir``: a dir with a ``metrics.json`` that is not inside another run dir (a run's
+    own outputs, such as ``python -m rmlab.bon``'s ``<run>/bon/metrics.json``, are not runs of the sweep)."""
+    dirs: list[Path] = []
+    for p in sorted(Path(sweep_dir).rglob("metrics.json"), key=lambda p: (len(p.parts), str(p))):
+        if not any(d in p.parents for d in dirs):
+            dirs.append(p.parent)
+    runs = []
+    for d in sorted(dirs):
+        r = load_run(d)
+        if r is not None:
+            if d != Path(sweep_dir):  # named from the sweep dir down: a sweep of nested job dirs names each fully
+                r["dir"] = d.relative_to(sweep_dir).as_posix()
+            runs.append(r)
+    return runs
 
 
 def varying_keys(runs: list[dict[str, Any]]) -> list[str]:

@@ -427,7 +427,7 @@ def test_sweep_of_two_models_then_one_leaderboard(export, tmp_path):
     out = subprocess.run([sys.executable, "-m", "rmlab.summarize", str(sweep)], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout
     assert "## Leaderboard: rewardbench" in out and "| rank | model | score | Chat | Chat Hard | Safety | Reasoning |" in out
-    # (a path in an override nests the job dir: 0_...model.name_or_path=/tmp/.../export,threads=1/)
+    # each job one flat dir (the "/" of the paths made "_": rmlab.rundir.job_dir_name); both runs found
     scores = [json.loads(p.read_text())["metrics"]["score"] for p in sorted(sweep.rglob("metrics.json"))]
     assert len(scores) == 2 and scores[0] == pytest.approx(scores[1])  # the same weights: the same numbers
     assert f"{100 * scores[0]:.1f}" in out

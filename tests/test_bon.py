@@ -138,6 +138,18 @@ def test_bon_on_a_trained_hackable_model(tmp_path, capsys):
     main(["--summarize", str(out), "--out", str(tmp_path / "sum")])
     assert (tmp_path / "sum" / "bon_summary.png").is_file()
     assert curve["arm"] in (tmp_path / "sum" / "bon_summary.md").read_text()
+    # arms drawn with another --pool run over another n grid: a clear error naming both, not numpy's traceback
+    # the same export twice (one recipe, one seed): each member keeps its own curve and row beside the ensemble
+    export = str(tmp_path / "run" / "export")
+    main(["--model", export, "--model", export, "--combine", "mean", "--prompts", "2", "--pool", "16",
+          "--out", str(tmp_path / "b16"), "--no-progress"])
+    m2 = json.loads((tmp_path / "b16" / "metrics.json").read_text())
+    names = [c["name"] for c in m2["curves"]]
+    assert len(set(names)) == 3 and list(m2["summary"]) == names and names[1] == f"{names[0]} #2"
+    assert m2["summary"][names[0]] == m2["summary"][names[1]]  # the same model: the same curve
+    assert f"| {names[1]} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"different pools .*--pool 32.*--pool 16.*same --pool"):
+        main(["--summarize", str(out), str(tmp_path / "b16"), "--out", str(tmp_path / "sum2")])
 
 
 def test_arguments_fail_before_anything_loads(capsys):

@@ -237,6 +237,35 @@ def test_no_training_groups_left_is_a_data_error_pointing_at_the_report(tmp_path
     assert report["train"]["records"]["kept"] == 0
 
 
+def test_a_missing_source_under_on_error_skip_says_file_not_found(tmp_path):
+    """data=pandalm sets on_error: skip; run from outside the repo, ${paths.data_dir} points nowhere. That is a wrong
+    path, not 'no training groups left' with a 'bad_record: file not found' drop count to decode."""
+    from rmlab.data.datamodule import build_datamodule
+    from rmlab.data.sources import DataError
+    from rmlab.models import build_tokenizer
+
+    for src in (tmp_path / "elsewhere" / "testset-v1.jsonl", tmp_path / "nothing" / "*.jsonl"):
+        dm = build_datamodule(tokenizer=build_tokenizer("byt5", None), source=str(src), on_error="skip", cache=False,
+                             output_dir=str(tmp_path / "run"))
+        with pytest.raises(DataError) as info:
+            dm.setup("fit")
+        msg = str(info.value)
+        first = "file not found" if "*" not in str(src) else "no file matches the pattern"
+        assert msg.startswith(f"data.source={src}: {first}: nothing was read") and "read the data report" not in msg
+        assert "paths.data_dir" in msg and "RMLAB_DATA_DIR" in msg
+    from rmlab.data.sources import read_records
+
+    ((_, err),) = read_records("no-such-file-rmlab.jsonl")  # relative paths follow the working dir (hydra.job.chdir: false)
+    assert isinstance(err, DataError) and "the directory you ran the command in" in err.hint
+    # a source that was read and whose every record was bad keeps the report-pointing message
+    bad = tmp_path / "all_bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    dm = build_datamodule(tokenizer=build_tokenizer("byt5", None), source=str(bad), on_error="skip", cache=False,
+                         output_dir=str(tmp_path / "run2"))
+    with pytest.raises(DataError, match="no training groups left"):
+        dm.setup("fit")
+
+
 def test_max_tokens_auto_is_accepted_and_sized(tmp_path):
     """data.max_tokens=auto passes the check; on CPU it is 8 rows of data.max_length (no probe: no device memory
     to fill), on a GPU a memory probe sizes it (rmlab.models.budget)."""

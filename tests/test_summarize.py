@@ -48,6 +48,31 @@ def test_cli_writes_table_csv_and_png(tmp_path, capsys):
     assert rows[0] == "run,loss,seed,val/acc" and len(rows) == 5
 
 
+def test_a_runs_own_outputs_are_not_runs(tmp_path):
+    """rmlab.bon writes <run>/bon/metrics.json into a job dir; the sweep still has its 4 runs and 2 configurations."""
+    _fake_sweep(tmp_path)
+    bon = tmp_path / "0_loss=bt,seed=1" / "bon"
+    bon.mkdir()
+    (bon / "metrics.json").write_text(json.dumps({"info": {"prompts": 32}, "summary": {}, "curves": []}))
+    runs = collect(tmp_path)
+    assert [r["dir"] for r in runs] == ["0_loss=bt,seed=1", "1_loss=bt,seed=2", "2_loss=margin,seed=1",
+                                        "3_loss=margin,seed=2"]
+    s = summarize(runs, ["val/acc"])
+    assert s["keys"] == ["loss", "seed"] and [g["n"] for g in s["groups"]] == [2, 2]
+
+
+def test_a_sweep_with_nested_job_dirs_names_each_run_by_its_path(tmp_path):
+    """Sweeps written before job dirs were flat nest at every '/' of an override; each run keeps its full name."""
+    for i, model in enumerate(["runs/a/export", "runs/b/export"]):
+        d = tmp_path / f"{i}_model.name_or_path={model}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- model.name_or_path={model}\n")
+        (d / "metrics.json").write_text(json.dumps({"metrics": {"acc": 0.5 + i / 10}}))
+    runs = collect(tmp_path)
+    assert [r["dir"] for r in runs] == ["0_model.name_or_path=runs/a/export", "1_model.name_or_path=runs/b/export"]
+    assert [r["overrides"]["model.name_or_path"] for r in runs] == ["runs/a/export", "runs/b/export"]
+
+
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no run dirs"):
         summarize(collect(tmp_path))
@@ -88,3 +113,49 @@ def test_real_2x2_multirun(tmp_path):
     assert by["bt"]["val/acc"][0] == pytest.approx(by["logexp"]["val/acc"][0], abs=1e-6)
     assert "val/ece" in s["metrics"]  # the eval callback's metrics reach the sweep table
     assert "| bt | 2 |" in out and (sweep / "summary.png").stat().st_size > 1000
+
+
+def test_job_dir_name_is_one_flat_component():
+    from rmlab.rundir import MAX_DIR_NAME, job_dir_name
+
+    assert job_dir_name(0, "loss=bt,seed=1") == "0_loss=bt,seed=1"  # plain overrides: Hydra's name, unchanged
+    assert job_dir_name(3, "model.name_or_path=/runs/a/export") == "3_model.name_or_path=_runs_a_export"
+    assert job_dir_name(1, "") == "1_"
+    long_a, long_b = (job_dir_name(2, f"model.name_or_path={'x/' * 150}{end}") for end in "ab")
+    assert len(long_a.encode()) <= MAX_DIR_NAME and "/" not in long_a and long_a != long_b  # the hash tells them apart
+
+
+@pytest.mark.slow
+def test_benchmark_multirun_over_exports_with_slashes(tmp_path):
+    """The documented leaderboard: eval.py -m benchmark=rewardbench model.name_or_path=<export a>,<export b>, both
+    paths with '/', then rmlab.summarize: each job one flat dir under the sweep, one row per model."""
+    env = {**os.environ, "WANDB_MODE": "offline", "RMLAB_CACHE": str(tmp_path / "cache")}
+    exports = []
+    for seed in (1, 2):  # the cheapest documented training (debug=fast), with its export on
+        run = tmp_path / "runs" / f"seed{seed}"
+        cmd = [sys.executable, "train.py", "debug=fast", "export=true", f"seed={seed}", "threads=1",
+               "trainer.max_steps=3", f"hydra.run.dir={run}"]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+        exports.append(run / "export")
+    sweep = tmp_path / "rb"
+    cmd = [sys.executable, "eval.py", "-m", "benchmark=rewardbench", f"model.name_or_path={exports[0]},{exports[1]}",
+           "benchmark.source=tests/fixtures/benchmarks/rewardbench_filtered.jsonl", "threads=1",
+           f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"], [p.name for p in jobs]  # two jobs, no nested folders
+    for job, export in zip(jobs, exports):
+        assert (job / "metrics.json").is_file() and (job / "report.md").is_file()
+        assert f"model.name_or_path={export}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert str(export).replace("/", "_")[:30] in job.name and len(job.name.encode()) <= 200  # long: cut, with a hash
+    out = subprocess.run([sys.executable, "-m", "rmlab.summarize", str(sweep)], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "## Leaderboard: rewardbench" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 and all(sum(str(e) in r for r in rows) == 1 for e in exports)  # each model once
+    import csv
+
+    with open(sweep / "summary.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in csv_rows) == [p.name for p in jobs]  # the run column names the flat job dirs
+    assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -40,6 +40,9 @@ from rmlab.data.tokenize import (
 from rmlab.data.types import DataReport, PreferenceGroup
 
 log = logging.getLogger(__name__)
+# Drop reasons of a source that could not be opened at all (rmlab/data/sources.py): under data.on_error=skip they are
+# counted like bad records, but when they are all there is, the path is wrong, and the error says so.
+UNREADABLE_SOURCE = ("file not found", "no file matches the pattern", "the folder has no data files")
 
 
 def source_files_stamp(source: str | list | tuple) -> list[tuple[str, int, int]]:
@@ -353,6 +356,17 @@ class RewardDataModule(L.LightningDataModule):
             log.info(line)
         self.write_report()  # also when nothing is left: the report says why
         if not self.train_groups:
+            records = self.report.get("train", {}).get("records", {})
+            unread = {k: n for k, n in records.get("dropped", {}).items()
+                      if k.removeprefix("bad_record: ").startswith(UNREADABLE_SOURCE)}
+            if unread and sum(unread.values()) == records.get("loaded"):  # not one record read: a wrong path
+                raise DataError(f"data.source={self.records.source}",
+                                f"{next(iter(unread)).removeprefix('bad_record: ')}: nothing was read, so no training "
+                                "groups left (data.on_error=skip counts bad records; it cannot make up for a missing "
+                                "source)",
+                                "check data.source and paths.data_dir: the real sets are read from ../shared/data "
+                                "beside the directory you ran the command in (run it from the repo root, or set "
+                                "RMLAB_DATA_DIR=<the data folder>)")
             where = Path(self.output_dir) / "data_report.json" if self.output_dir else "the log above"
             raise DataError(f"data.source={self.records.source}", "no training groups left after loading, splitting and "
                             "tokenizing", f"read the data report at {where}; " + " ".join(self.report["one_line"]))

@@ -173,7 +173,7 @@ def read_records(
                 DataError(
                     source,
                     "no file matches the pattern",
-                    "check the folder and the pattern in data.source (relative paths start at the repo root)",
+                    "check the folder and the pattern in data.source (a relative path starts in the directory you ran the command in)",
                 ),
             )
             return
@@ -183,7 +183,7 @@ def read_records(
                 DataError(
                     source,
                     "file not found",
-                    "check data.source and paths.data_dir (relative paths start at the repo root)",
+                    "check data.source and paths.data_dir (a relative path starts in the directory you ran the command in)",
                 ),
             )
             return
