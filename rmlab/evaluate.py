@@ -25,11 +25,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rmlab.checkpoint import check_checkpoint, check_export_dir, read_checkpoint
+from rmlab.checkpoint import CheckpointError, check_checkpoint, check_export_dir, read_checkpoint
 from rmlab.data.simulator import SimulatorConfig
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
 from rmlab.models.budget import token_budget
+from rmlab.models.builder import find_head
 from rmlab.models.ensemble import EnsembleRewardModel, member_stats
 from rmlab.module import model_state
 from rmlab.report import write_report
@@ -127,8 +128,16 @@ def load_member(path: str) -> tuple[RewardModel, dict, DictConfig | None]:
     else:
         if Path(path).is_dir():
             check_export_dir(path)
-        model = load_export(path).eval()  # the export's config.json says which head it is
         meta = read_export_meta(path)
+        try:
+            find_head(meta.get("head") or "scalar")
+        except ValueError as e:
+            raise CheckpointError(
+                f"{Path(path) / 'config.json'}: its rmlab record names a head this rmlab does not have ({e}). It was "
+                f"exported by another rmlab version or with a plugin head: use that version, or import the plugin's "
+                f"module (rmlab.models.<head>) before loading"
+            ) from None
+        model = load_export(path).eval()  # the export's config.json says which head it is
     return model, meta, run_cfg
 
 

@@ -177,6 +177,21 @@ def test_a_real_export_passes_and_a_half_written_one_is_named(tmp_path, tiny_lla
         check_export_dir(out)
 
 
+def test_an_export_naming_an_unknown_head_is_refused_by_name_through_rmlab_score(tmp_path, tiny_llama):
+    """An export whose config.json names a head this rmlab lacks (another version, a plugin) stopped rmlab.score
+    with a ValueError traceback; it is a message naming the file and what to do."""
+    out = tiny_llama.save_pretrained(tmp_path / "export")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.setdefault("rmlab", {})["head"] = "sclar"
+    (out / "config.json").write_text(json.dumps(cfg))
+    data = tmp_path / "x.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
+    p = subprocess.run([sys.executable, "-m", "rmlab.score", str(data), "--model", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"{out / 'config.json'}: its rmlab record names a head" in p.stderr and "'sclar'" in p.stderr, p.stderr
+
+
 @pytest.mark.slow
 def test_train_py_with_a_broken_checkpoint_exits_with_the_message(tmp_path):
     (tmp_path / "checkpoints").mkdir()
