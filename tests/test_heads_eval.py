@@ -145,7 +145,23 @@ def test_eval_report_for_each_head_from_its_export(name, head_key, tmp_path):
     res = run(cfg)
     blob = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     acc, n = blob["metrics"]["acc"], blob["metrics"]["n_comparisons"]
-    assert 0.0 <= acc <= 1.0 and n > 10 and n == int(n)
+    from rmlab.data.simulator import SimulatorConfig, generate
+
+    groups = generate(SimulatorConfig(num_prompts=24, seed=0))  # the eval's data: the simulator at seed 0
+    assert n == sum(not c.tie for g in groups for c in g.comparisons)  # every labelled non-tie comparison
+    if name != "pairwise_judge":  # a reward per response: the share of comparisons the export's rmlab.score wins
+        from rmlab.models import load_export
+        from rmlab.score import Scorer
+
+        scored, attrs = Scorer(load_export(str(export)).eval(), max_length=256).rows([(g.prompt, g.responses) for g in groups])
+        right = [float(rs[c.winner] > rs[c.loser]) for g, rs in zip(groups, scored) for c in g.comparisons if not c.tie]
+        assert acc == pytest.approx(sum(right) / len(right), abs=1e-9)
+    if name == "attributes":  # Pearson of the on_topic output with the simulator's on_topic rating, over the 72 responses
+        import numpy as np
+
+        out = np.array([a[0] for g in attrs for a in g])
+        truth = np.array([a[0] for g in groups for a in g.attributes])
+        assert len(out) == 72 and res["metrics"][head_key] == pytest.approx(float(np.corrcoef(out, truth)[0, 1]), abs=1e-5)
     # A share of n comparisons (a judge's order-averaged tie scores 1/2): a multiple of 1/(2n).
     assert 2 * acc * n == pytest.approx(round(2 * acc * n), abs=1e-6)
     assert {"reliability.png", "reward_hist.png", "length_bias.png"} <= {p.name for p in (tmp_path / "ev").glob("*.png")}
