@@ -69,7 +69,10 @@ def test_ece_is_zero_for_a_calibrated_set_on_a_bin_edge():
             ys = np.array([1, 1, 1, 0, 0, 0, 0, 1], float) if p != 0.5 else np.array([1, 0] * 4, float)
             ece, bins = expected_calibration_error(probs, ys, n)
             counts = [b["count"] for b in bins]
-            assert counts == counts[::-1] or p == 0.5, (n, p, counts)
+            if p == 0.5:  # its own mirror: all 8 points in bin n // 2 ([0.4, 0.6) of 5, [0.5, 0.6) of 10)
+                assert counts == [8 if b == n // 2 else 0 for b in range(n)], (n, counts)
+            else:
+                assert counts == counts[::-1] and sum(counts) == 8, (n, p, counts)
 
 
 def _both_ways(p, y, n):
