@@ -237,9 +237,12 @@ def test_self_consistency_mean_of_answer_probabilities_hand_made():
     got = mean_probability_logit(r)
     assert got[0].item() == pytest.approx(math.log(0.625 / 0.375), abs=1e-6)  # mean P(yes) = 0.625
     assert got[1].item() == pytest.approx(0.0, abs=1e-6)  # mean P(yes) = 0.5
-    assert mean_probability_logit(r[:1])[0].item() == pytest.approx(0.0, abs=1e-7)  # k = 1: the reward itself
-    big = torch.tensor([[40.0], [60.0]])  # saturated sigmoids: still finite and ordered
-    assert torch.isfinite(mean_probability_logit(big)).all()
+    assert mean_probability_logit(r[:1]).tolist() == pytest.approx(r[0].tolist(), abs=1e-6)  # k = 1: the reward itself
+    # Saturated sigmoids (1 - s(40) = e^-40 is below float32's resolution): k = 1 still gives 40 and 60 back, and
+    # two rationales at 40 and 60 give logit((s(40) + s(60)) / 2) = log 2 + 40 - log(1 + e^-20) = 40.6931471785.
+    big = torch.tensor([[40.0], [60.0]])
+    assert mean_probability_logit(big.T).tolist() == [40.0, 60.0]
+    assert mean_probability_logit(big.double()).item() == pytest.approx(40 + math.log(2) - math.log1p(math.exp(-20)), abs=1e-9)
 
 
 def test_reasoning_verifier_self_consistency_over_sampled_rationales():
