@@ -329,14 +329,15 @@ def test_train_cloud_on_prometheus_critique_loss_falls_then_eval_and_score_repor
     after = load_export(str(tmp_path / "run" / "export")).state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == len(before), "every parameter (LM, backbone, reward head) should have moved"
-    assert summary["head_report"]["critique_tokens_per_row"] > 0
+    assert 0 < summary["head_report"]["critique_tokens_per_row"] <= 16  # generated, within model.max_critique_tokens
 
     ev = compose(["data=prometheus", "data.max_records=48", f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt", "split=val"],
                  tmp_path / "eval", config_name="eval")
     res = eval_run(ev)
-    assert res["metrics"]["head/critique_tokens_per_row"] > 0
+    assert 0 < res["metrics"]["head/critique_tokens_per_row"] <= 16
     worst = json.loads((tmp_path / "eval" / "metrics.json").read_text())["worst"]
     assert worst and all(isinstance(w["critique_chosen"], str) for w in worst)
+    assert any(w["critique_chosen"].strip() for w in worst)  # the critiques were written, not left empty
     assert "Their generated critiques" in (tmp_path / "eval" / "report.md").read_text()
 
     src = tmp_path / "in.jsonl"
@@ -344,6 +345,7 @@ def test_train_cloud_on_prometheus_critique_loss_falls_then_eval_and_score_repor
     score_main([str(src), "--model", str(tmp_path / "run" / "export"), "-o", str(tmp_path / "out.jsonl"), "--no-progress"])
     rec = json.loads((tmp_path / "out.jsonl").read_text())
     assert {"reward_chosen", "reward_rejected", "critique_chosen", "critique_rejected"} <= rec.keys()
+    assert rec["p_chosen"] == pytest.approx(1 / (1 + math.exp(rec["reward_rejected"] - rec["reward_chosen"])))
 
 
 @needs_shared_data
