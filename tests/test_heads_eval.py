@@ -102,20 +102,24 @@ def test_score_cli_attribute_head_reports_each_attribute(tmp_path):
     pairs, singles = _records()
     out = _cli(export, singles + pairs, tmp_path)
     names = ["on_topic", "format_ok", "polite"]
-    for rec in out:
-        if "response" not in rec:
-            assert set(rec["attributes_chosen"]) == set(names) and rec["p_chosen"] == pytest.approx(
-                _sig(rec["reward_chosen"] - rec["reward_rejected"]), abs=1e-6
-            )
-            continue
-        p = rec["prompt"]
-        ids, mask = _row(m, p + rec["response"])
+
+    def hand(p, response):  # the attribute outputs of the row prompt + response, by the model's own forward
+        ids, mask = _row(m, p + response)
         with torch.no_grad():
             a = m.heads(ids, mask, None, torch.tensor([len(m.tokenizer(p, add_special_tokens=False)["input_ids"])]))
-        hand = a["attributes"][0].tolist()
-        assert list(rec["attributes"]) == names
-        assert [rec["attributes"][n] for n in names] == pytest.approx(hand, abs=1e-5)
-        assert rec["reward"] == pytest.approx(sum(wi * ai for wi, ai in zip(w, hand)), abs=1e-5)
+        return a["attributes"][0].tolist()
+
+    assert len(out) == 10
+    for rec in out:
+        p = rec["prompt"]
+        sides = [("", rec["response"])] if "response" in rec else [("_chosen", rec["chosen"]), ("_rejected", rec["rejected"])]
+        for suffix, response in sides:
+            want = hand(p, response)
+            assert list(rec["attributes" + suffix]) == names
+            assert [rec["attributes" + suffix][n] for n in names] == pytest.approx(want, abs=1e-5)
+            assert rec["reward" + suffix] == pytest.approx(sum(wi * ai for wi, ai in zip(w, want)), abs=1e-5)
+        if "response" not in rec:
+            assert rec["p_chosen"] == pytest.approx(_sig(rec["reward_chosen"] - rec["reward_rejected"]), abs=1e-6)
 
 
 def test_score_gated_attribute_export_equals_the_trained_model(tmp_path):
