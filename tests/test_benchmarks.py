@@ -353,6 +353,10 @@ def test_best_of_k_on_ratings_data(export, tmp_path):
                                     "s": rng.randint(1, 5)}) + "\n")
     res = bench("best_of_k", "null", tmp_path / "ev", export, "data=local", f"data.source={src}", "data.format=ratings",
                 "data.fields.prompt=q", "data.fields.response=a", "data.fields.score=s", "benchmark.ks=[2,4]")
+    # one item per question, its 5 rated answers with their ratings as the gold values
+    assert len(res["items"]) == len(res["rewards"]) == 6 and all(len(rs) == 5 for rs in res["rewards"])
+    rated = {(r["q"], r["a"]): r["s"] for r in map(json.loads, src.read_text().splitlines())}
+    assert all(it.gold == [rated[it.prompt, a] for a in it.responses] for it in res["items"])
     accs, picked = [], []
     for it, rs in zip(res["items"], res["rewards"]):
         top = [i for i, r in enumerate(rs) if r == max(rs)]
