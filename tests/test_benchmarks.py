@@ -304,6 +304,8 @@ def test_rewardbench2_on_a_trained_model(export, tmp_path):
     res = bench("rewardbench2", hub, tmp_path / "ev", export)
     direct = direct_rewards(export, res, [convs(r["prompt"], r["chosen"] + r["rejected"]) for r in rows])
     assert [len(x) for x in res["rewards"]] == [len(x) for x in direct]  # Ties rows hold 4 to 6 responses
+    # the items the Ties score reads: each row's subset and its count of correct answers (the chosen list)
+    assert [(it.subset, it.n_chosen) for it in res["items"]] == [(r["subset"], r.get("num_correct", len(r["chosen"]))) for r in rows]
     assert np.allclose(sum(res["rewards"], []), sum(direct, []), atol=1e-5)
     by: dict[str, list[float]] = {}
     for r, rs in zip(rows, res["rewards"]):
