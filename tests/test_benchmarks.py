@@ -324,6 +324,9 @@ def test_rewardbench2_on_a_trained_model(export, tmp_path):
 def test_rm_bench_on_a_trained_model_and_per_domain_files(export, tmp_path):
     res = bench("rm_bench", RMB, tmp_path / "ev", export)
     rows = json.loads(RMB.read_text())
+    # the rewards are rmlab's scoring of each row's 3 chosen then 3 rejected responses
+    direct = direct_rewards(export, res, [convs(r["prompt"], r["chosen"] + r["rejected"]) for r in rows])
+    assert [len(x) for x in res["rewards"]] == [6] * len(rows) and np.allclose(res["rewards"], direct, atol=1e-5)
     m = res["metrics"]
     for d in ("chat", "math", "code", "safety"):
         rs = [x for r, x in zip(rows, res["rewards"]) if r["domain"].startswith(d)]
