@@ -226,10 +226,14 @@ def test_bad_input_is_a_counted_skip(tmp_path, case):
     assert sum(skipped.values()) == 1, report.dropped
     assert report.balanced and report.kept == sum(g.n_records for g in groups)
     if kind == "truncated_gzip":
-        assert report.kept >= 1  # the records before the cut are kept
+        # the records before the cut are read: p0 and p1 kept, the repeats of them counted as duplicates
+        assert [g.prompt for g in groups] == ["p0", "p1"] and report.loaded > 3
+        assert dict(report.dropped) == {"duplicate": report.loaded - 3, "bad_record: the file is cut off": 1}
     elif kind == "json_document_broken":
         assert report.loaded == 1 and not groups  # one JSON document: the whole file is the skipped unit
-    elif fmt != "ratings":
+    elif fmt == "ratings":  # the good record's response is then alone under its prompt: no comparison, counted
+        assert report.loaded == 2 and not groups and report.dropped["single_response_prompt"] == 1
+    else:
         assert report.kept == 1 and report.loaded == 2
 
 

@@ -394,7 +394,12 @@ def test_nonfinite_values_never_reach_a_batch(tmp_path, monkeypatch, fmt, fields
         else:
             assert torch.isfinite(b.margin).all(), b.margin  # every kept record gave a margin: no "none"
             assert not torch.isinf(b.score).any()  # NaN = none (pairs carry no per-response score)
-    assert n > 0
+    # every usable record reaches a batch. Pairs: the 12 finite ones; with margins, the 6 negative ones (i < 12)
+    # contradict their label and are counted drops. Rated: the 8 prompts keep answers 3j and 3j + 2 (both
+    # finite for even j), one answer for odd j (a counted single_response_prompt): 4 prompts of one comparison.
+    assert n == {"margins": 6, "scores": 12, "ratings": 4}[rows_fn]
+    if rows_fn == "margins":
+        assert tr["dropped"].get("scores_contradict_label", 0) + va["dropped"].get("scores_contradict_label", 0) == 6
 
 
 # ---------------------------------------------------------------- 4. rmlab.score on a file with no records

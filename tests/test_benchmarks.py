@@ -340,6 +340,8 @@ def test_rewardbench2_on_a_trained_model(export, tmp_path):
     res = bench("rewardbench2", hub, tmp_path / "ev", export)
     direct = direct_rewards(export, res, [convs(r["prompt"], r["chosen"] + r["rejected"]) for r in rows])
     assert [len(x) for x in res["rewards"]] == [len(x) for x in direct]  # Ties rows hold 4 to 6 responses
+    # the items the Ties score reads: each row's subset and its count of correct answers (the chosen list)
+    assert [(it.subset, it.n_chosen) for it in res["items"]] == [(r["subset"], r.get("num_correct", len(r["chosen"]))) for r in rows]
     assert np.allclose(sum(res["rewards"], []), sum(direct, []), atol=1e-5)
     by: dict[str, list[float]] = {}
     for r, rs in zip(rows, res["rewards"]):
@@ -358,6 +360,9 @@ def test_rewardbench2_on_a_trained_model(export, tmp_path):
 def test_rm_bench_on_a_trained_model_and_per_domain_files(export, tmp_path):
     res = bench("rm_bench", RMB, tmp_path / "ev", export)
     rows = json.loads(RMB.read_text())
+    # the rewards are rmlab's scoring of each row's 3 chosen then 3 rejected responses
+    direct = direct_rewards(export, res, [convs(r["prompt"], r["chosen"] + r["rejected"]) for r in rows])
+    assert [len(x) for x in res["rewards"]] == [6] * len(rows) and np.allclose(res["rewards"], direct, atol=1e-5)
     m = res["metrics"]
     for d in ("chat", "math", "code", "safety"):
         rs = [x for r, x in zip(rows, res["rewards"]) if r["domain"].startswith(d)]
@@ -389,6 +394,10 @@ def test_best_of_k_on_ratings_data(export, tmp_path):
                                     "s": rng.randint(1, 5)}) + "\n")
     res = bench("best_of_k", "null", tmp_path / "ev", export, "data=local", f"data.source={src}", "data.format=ratings",
                 "data.fields.prompt=q", "data.fields.response=a", "data.fields.score=s", "benchmark.ks=[2,4]")
+    # one item per question, its 5 rated answers with their ratings as the gold values
+    assert len(res["items"]) == len(res["rewards"]) == 6 and all(len(rs) == 5 for rs in res["rewards"])
+    rated = {(r["q"], r["a"]): r["s"] for r in map(json.loads, src.read_text().splitlines())}
+    assert all(it.gold == [rated[it.prompt, a] for a in it.responses] for it in res["items"])
     accs, picked = [], []
     for it, rs in zip(res["items"], res["rewards"]):
         top = [i for i, r in enumerate(rs) if r == max(rs)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -272,7 +271,8 @@ def test_unknown_option_or_field_is_an_error(tmp_path):
         groups_of(src, "pairs", max_kk=3)
     with pytest.raises(ValueError, match="data.fields \\['respone'\\] mean nothing"):
         groups_of(src, "ratings", {"respone": "x"})
-    assert math.isfinite(comparisons_from_scores([1.0, 2.0])[0].margin)
+    (c,) = comparisons_from_scores([1.0, 2.0])  # the higher score wins, by the score gap
+    assert (c.winner, c.loser, c.margin, c.tie) == (1, 0, 1.0, False)
 
 
 def test_tokenization_cache_sees_a_rewritten_file_and_a_code_change(tmp_path, monkeypatch):

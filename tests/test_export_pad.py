@@ -29,8 +29,10 @@ def test_export_pad_is_never_eos_and_plain_transformers_gives_rmlabs_rewards(nam
     model = build_model(config=TINY_LLAMA, tokenizer=path, forward_mode="padded").eval()
     tok = model.tokenizer
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
-    if original.pad_token_id is not None and original.pad_token_id != original.eos_token_id:
-        assert tok.pad_token_id == original.pad_token_id  # a distinct pad is kept as it is (Qwen2.5)
+    distinct = original.pad_token_id is not None and original.pad_token_id != original.eos_token_id
+    assert distinct == (name == "qwen2_5_instruct")  # of the four, only Qwen2.5 ships a pad of its own ...
+    if distinct:
+        assert tok.pad_token_id == original.pad_token_id  # ... and it is kept as it is
     with torch.no_grad():
         model.head.weight.add_(0.1)
     groups = tokenize_groups(generate(SimulatorConfig(num_prompts=3, k=3, seed=3)), tok, DataReport(), 256, 8)
@@ -43,11 +45,17 @@ def test_export_pad_is_never_eos_and_plain_transformers_gives_rmlabs_rewards(nam
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     exported = AutoTokenizer.from_pretrained(out)
     assert hf.config.pad_token_id == exported.pad_token_id == tok.pad_token_id != exported.eos_token_id
-    for rows in (b, *(collate([g], exported.pad_token_id, "right") for g in groups)):  # batched and one by one
+    with torch.no_grad():
+        theirs = hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)  # batched
+    start = 0
+    for g in groups:  # one prompt at a time (less padding): each group's rows give the same rewards
+        rows = collate([g], exported.pad_token_id, "right")
         with torch.no_grad():
             theirs = hf(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits.squeeze(-1)
-        if rows is b:
-            torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs, ours[start : start + g.k], atol=1e-5, rtol=0)
+        start += g.k
+    assert start == len(ours) == 9
     # Without an attention mask transformers finds the end by pad_token_id alone: still rmlab's position.
     with torch.no_grad():
         unmasked = hf(input_ids=b.input_ids).logits.squeeze(-1)

@@ -34,6 +34,10 @@ def test_lora_trains_head_and_merged_export_matches(tmp_path):
     assert (head - head0).abs().max() > 1e-3  # the head trained
     q = "model.hf.model.layers.0.self_attn.q_proj.base_layer.weight"
     assert torch.equal(sd[q], fresh.hf.model.layers[0].self_attn.q_proj.base_layer.weight)  # backbone frozen
+    # The adapters trained too: peft starts every lora_B at zero, so each one away from zero has moved.
+    lora_b = {k: v for k, v in sd.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b.values()), [k for k, v in lora_b.items() if not v.any()]
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in fresh.state_dict().items() if "lora_B" in k)
 
     # The adapter folder holds the LoRA weights and the trained head.
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")

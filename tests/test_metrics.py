@@ -69,7 +69,15 @@ def test_ece_is_zero_for_a_calibrated_set_on_a_bin_edge():
             ys = np.array([1, 1, 1, 0, 0, 0, 0, 1], float) if p != 0.5 else np.array([1, 0] * 4, float)
             ece, bins = expected_calibration_error(probs, ys, n)
             counts = [b["count"] for b in bins]
-            assert counts == counts[::-1] or p == 0.5, (n, p, counts)
+            if p == 0.5:  # its own mirror: all 8 points in bin n // 2 ([0.4, 0.6) of 5, [0.5, 0.6) of 10)
+                assert counts == [8 if b == n // 2 else 0 for b in range(n)], (n, counts)
+                assert ece == pytest.approx(0.0, abs=1e-12)  # confidence 1/2, half of them right
+            else:
+                assert counts == counts[::-1] and sum(counts) == 8, (n, p, counts)
+                if 8 in counts:  # 0.4 and 0.6 share 5 bins' middle one, (0.4, 0.6): confidence 1/2, 4 of 8 right
+                    assert (n, p) in ((5, 0.4), (5, 0.6)) and ece == pytest.approx(0.0, abs=1e-12)
+                else:  # p's bin: confidence p, 3 of 4 right; 1 - p's bin: 1 - p, 1 of 4 right: both off by |p - 3/4|
+                    assert ece == pytest.approx(abs(p - 0.75), abs=1e-12), (n, p)
 
 
 def _both_ways(p, y, n):

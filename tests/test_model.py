@@ -84,13 +84,15 @@ def test_scalar_head_contract():
 
 
 def test_dropout_off_by_default_and_on_when_asked():
-    m = build_model(config=TINY_LLAMA, tokenizer="byt5")
-    ps = [mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout)]
-    assert all(p == 0.0 for p in ps)
-    m2 = build_model(name_or_path="minilm", dropout=True)
-    assert any(mod.p > 0 for mod in m2.modules() if isinstance(mod, torch.nn.Dropout))
+    # A Llama holds no nn.Dropout: its dropout is the config's attention_dropout, set here to 0.2 to see it cleared.
+    m = build_model(config={**TINY_LLAMA, "attention_dropout": 0.2}, tokenizer="byt5")
+    assert not any(isinstance(mod, torch.nn.Dropout) for mod in m.modules()) and m.hf.config.attention_dropout == 0.0
+    assert build_model(config=TINY_LLAMA, tokenizer="byt5", dropout=0.1).hf.config.attention_dropout == 0.1
+    m2 = build_model(name_or_path="minilm", dropout=True)  # the checkpoint's rates: 0.1 (all-MiniLM-L6-v2's config)
+    assert {mod.p for mod in m2.modules() if isinstance(mod, torch.nn.Dropout)} == {0.1}
     m3 = build_model(name_or_path="minilm")
-    assert all(mod.p == 0 for mod in m3.modules() if isinstance(mod, torch.nn.Dropout))
+    ps = [mod.p for mod in m3.modules() if isinstance(mod, torch.nn.Dropout)]
+    assert len(ps) > 10 and set(ps) == {0.0} and m3.hf.config.hidden_dropout_prob == 0.0
     assert m3.pooling == "first" and m.pooling == "last"
 
 

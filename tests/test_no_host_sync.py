@@ -182,8 +182,8 @@ def test_training_step_reads_nothing_back(mode, attention):
         assert model.batch_layout is not None and model.batch_layout.kernel == attention
     steps, before, after = _train_strictly(model)
     assert steps == 2  # both steps ran their forward, loss and backward under the modes
-    changed = [n for n, p in after.items() if not torch.equal(before[n], p.detach())]
-    assert len(changed) > 5  # and really trained
+    unchanged = [n for n, p in after.items() if p.requires_grad and torch.equal(before[n], p.detach())]
+    assert not unchanged, unchanged  # and really trained: every trainable parameter moved
 
 
 # Every loss in conf/loss/ a model trains with on this machine, with the model its yaml picks (a model= of its own
@@ -265,8 +265,10 @@ def _train_as_train_py(name: str, overrides: list[str], mode: tuple[str, str] | 
 def test_every_loss_trains_without_a_read_back(name, overrides, mode, tmp_path):
     steps, before, after, trainer, loss = _train_as_train_py(name, overrides, mode, tmp_path)
     assert steps == 2  # both steps ran their forward, loss, backward and the callbacks' hooks under the modes
-    changed = [n for n, p in after.items() if not torch.equal(before[n], p.detach())]
-    assert len(changed) > 5, changed  # and really trained
+    unchanged = [n for n, p in after.items() if p.requires_grad and torch.equal(before[n], p.detach())]
+    # and really trained: every trainable parameter moved, but CLoud's LM head: the simulator's records hold no
+    # critique, so the critique LM term has no token to train it on (its reward head and backbone train)
+    assert unchanged == (["hf.lm_head.weight"] if name == "cloud" else []), unchanged
     # The metrics stayed on the device until Lightning logged them, after the step: real values reached it.
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert 0.0 < logged["train/loss_epoch"] < 1e3, logged

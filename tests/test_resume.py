@@ -103,7 +103,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
             _csv_by_step(full / "csv" / "metrics.csv", key),
             _csv_by_step(killed / "csv" / "metrics.csv", key),
         )
-        assert sorted(resumed_log) == list(range(30)), (key, sorted(resumed_log))
+        assert sorted(resumed_log) == sorted(full_log) == list(range(30)), (key, sorted(resumed_log))
         assert all(len(v) == 1 for v in resumed_log.values()), key
         for s, v in full_log.items():
             assert resumed_log[s][0] == pytest.approx(v[0], abs=1e-6), (key, s)

@@ -173,6 +173,9 @@ def test_hack_in_the_data_report_only_when_on(tmp_path):
 
     rep = json.loads((tmp_path / "data_report.json").read_text())["spurious_feature"]
     assert rep["hack_rate"] == 0.25 and rep["hack_strength"] == 2.0
-    assert rep["train"]["feature_wins"] > 0.8 and rep["val"]["responses"] > 0
+    assert rep["train"]["feature_wins"] > 0.8
+    # each split's report is over its own groups: K = 3 responses each, 200 prompts in all
+    assert rep["train"]["responses"] == 3 * len(on.train_groups) and rep["val"]["responses"] == 3 * len(on.val_groups)
+    assert len(on.train_groups) + len(on.val_groups) == 200 and len(on.val_groups) > 0
     with pytest.raises(ValueError, match="hack_rate"):
         generate(SimulatorConfig(num_prompts=2, hack_rate=1.5))

@@ -203,7 +203,7 @@ def judge_stats(
     # (s(r1) + s(-r2)) / 2 written as 1/2 + (s(r1) - s(r2)) / 2: exactly 1/2 when r1 == r2. The verdict is
     # read from r1 vs r2 (the same order, but no sigmoid saturation can turn a win into a tie).
     p = 0.5 + 0.5 * (torch.sigmoid(r1) - torch.sigmoid(r2))
-    acc = torch.where(r1 > r2, 1.0, torch.where(r1 == r2, 0.5, 0.0))
+    acc = torch.where(r1 > r2, 1.0, torch.where(r1 == r2, 0.5, 0.0)).double()  # the mean in float64, as p
     return {
         "p_chosen": float(p.mean()),
         "acc": float(acc.mean()),
