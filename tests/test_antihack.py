@@ -479,6 +479,10 @@ def test_grm_and_scaled_bt_train(tmp_path, loss, extra):
     assert not unchanged, unchanged
     assert summary["val_acc"] > 0.55, summary["val_acc"]
     if loss == "grm":
-        sft = summary["metrics"]["val/sft"]
-        assert math.isfinite(sft) and sft > 0
         assert json.loads((tmp_path / "export" / "config.json").read_text())["rmlab"]["grm_lm_head"] == "tied"
+        # The regulariser trains the backbone toward the chosen responses: the same run with alpha = 0 (the
+        # term computed and logged, weighted 0) ends far higher (measured 2026-12-05: 28.2 against 54.4).
+        cfg0 = compose(["model=tiny_llama", f"loss={loss}", *TRAIN, "loss.alpha=0.0", "data.simulator.num_prompts=600",
+                        "data.simulator.temperature=0.2", "trainer.max_epochs=1"], tmp_path / "alpha0")
+        sft0 = run(cfg0)["metrics"]["val/sft"]
+        assert summary["metrics"]["val/sft"] < 0.75 * sft0, (summary["metrics"]["val/sft"], sft0)
