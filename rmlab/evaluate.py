@@ -16,6 +16,7 @@ the one the model was trained on (so training prompts never inflate the score) a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -108,14 +109,28 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
         path = model_cfg.get("name_or_path")
         if path and Path(path).is_dir():
             check_export_dir(path)  # a half-written safetensors or a cut config.json: named, before loading
-        if path and read_export_meta(path).get("head") not in (None, "scalar"):
-            # An rmlab export of another head (verifier, judge, attributes) rebuilds itself from its config.json.
-            # A writing model's generation settings may be changed at evaluation (model.generation.samples=5, ...).
-            gen = {"generation": OmegaConf.to_container(model_cfg.generation)} if model_cfg.get("generation") else {}
-            model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)), **gen)
-        else:
-            model = instantiate(model_cfg, _convert_="all")
+        with damage_named(path):
+            if path and read_export_meta(path).get("head") not in (None, "scalar"):
+                # An rmlab export of another head (verifier, judge, attributes) rebuilds itself from its config.json.
+                # A writing model's generation settings may be changed at evaluation (model.generation.samples=5, ...).
+                gen = {"generation": OmegaConf.to_container(model_cfg.generation)} if model_cfg.get("generation") else {}
+                model = load_export(path, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)), **gen)
+            else:
+                model = instantiate(model_cfg, _convert_="all")
     return model.eval()
+
+
+@contextlib.contextmanager
+def damage_named(path: str | None):
+    """Loading an export dir that failed is checked thoroughly (every ``*.json`` decoded, the large tokenizer.json
+    too, which ``check_export_dir`` only checks at its ends before loading): damage inside a file is then a
+    ``CheckpointError`` naming it rather than the tokenizer library's message, which names no file."""
+    try:
+        yield
+    except Exception:
+        if path and Path(path).is_dir():
+            check_export_dir(path, thorough=True)
+        raise
 
 
 def load_member(path: str) -> tuple[RewardModel, dict, DictConfig | None]:
@@ -137,7 +152,8 @@ def load_member(path: str) -> tuple[RewardModel, dict, DictConfig | None]:
                 f"exported by another rmlab version or with a plugin head: use that version, or import the plugin's "
                 f"module (rmlab.models.<head>) before loading"
             ) from None
-        model = load_export(path).eval()  # the export's config.json says which head it is
+        with damage_named(path):
+            model = load_export(path).eval()  # the export's config.json says which head it is
     return model, meta, run_cfg
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose
+from tests.conftest import ROOT, SHARED_DATA, TINY_LLAMA, compose, needs_shared_data
 
 RUN = [
     "model=tiny_llama",
@@ -201,3 +201,47 @@ def test_train_py_with_a_broken_checkpoint_exits_with_the_message(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"rmlab: checkpoint {bad} is" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+@needs_shared_data
+def test_a_real_vocabulary_export_is_checked_without_decoding_its_tokenizer_json(tmp_path):
+    """check_export_dir runs at every eval / rmlab.score / bon load of an export (once per ensemble member). A real
+    vocabulary's tokenizer.json (Llama 3.1: 17 MB as transformers saves it) took 0.2 to 0.4 s to json-decode there,
+    on top of the tokenizer's own load: the check now reads such a file's two ends, and load_member decodes it only
+    when loading fails, so a cut or damaged one is still a CheckpointError naming it."""
+    import time
+
+    from rmlab.checkpoint import CheckpointError, check_export_dir
+    from rmlab.evaluate import load_member
+    from rmlab.models import build_model
+
+    torch.manual_seed(0)
+    tok = SHARED_DATA / "tokenizers" / "llama3_1_instruct"
+    out = build_model(config=TINY_LLAMA, tokenizer=str(tok)).eval().save_pretrained(tmp_path / "export")
+    tj = out / "tokenizer.json"
+    whole = tj.read_bytes()
+    assert len(whole) > 1 << 20  # the real size this is about
+
+    def best(f) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    decode = best(lambda: json.loads(tj.read_text(encoding="utf-8")))
+    check = best(lambda: check_export_dir(out))
+    assert check < 0.2 * decode, f"check_export_dir {check:.3f}s, one json decode of tokenizer.json {decode:.3f}s"
+    load_member(str(out))  # whole: loads
+
+    inner = whole.index(b"}", len(whole) // 2) + 1  # ends with a } that closes an inner object, not the file's
+    for case, data in [("cut at 1/2", whole[: len(whole) // 2]), ("cut after an inner }", whole[:inner]),
+                       ("damaged inside", whole[:1000] + b"\x00garbage" + whole[1000:])]:  # fmt: skip
+        tj.write_bytes(data)
+        with pytest.raises(CheckpointError, match="tokenizer.json") as err:
+            load_member(str(out))
+        assert "export again" in str(err.value), (case, err.value)
+    tj.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match=r"tokenizer.json is not valid JSON \(cut off"):
+        check_export_dir(out)  # a cut copy is named before anything loads
