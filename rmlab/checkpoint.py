@@ -473,7 +473,9 @@ def intact_checkpoints(folder: str | os.PathLike, exclude: Path | None = None) -
     return [p for p in found if checkpoint_problem(p) is None]
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None, output_dir: str | os.PathLike, nested_dir: str | os.PathLike | None = None
+) -> str | None:
     """``last`` -> the newest of ``<run dir>/checkpoints/last.ckpt`` and ``<run dir>/hpc_ckpt_*.ckpt``
     (written by Lightning when SLURM preempts), or None (start fresh) when the run dir has neither.
 
@@ -482,7 +484,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
     (training again from scratch over them would be a silent loss).
 
     Unset, it is ``$RMLAB_DEFAULT_CKPT_PATH`` when that says ``last``: ``hydra/launcher=slurm`` sets it, so a job
-    submitit requeued resumes from its own run dir instead of training again over its checkpoints."""
+    submitit requeued resumes from its own run dir instead of training again over its checkpoints.
+
+    ``nested_dir``: the dir an earlier rmlab gave this multirun job (``rmlab.rundir.nested_job_dir``); when the run
+    dir has no checkpoint and that one has, a ``CheckpointError`` says how to resume from it, rather than a fresh
+    start in the new dir."""
     if ckpt_path is None and os.environ.get("RMLAB_DEFAULT_CKPT_PATH") == "last":
         ckpt_path = "last"
     if ckpt_path != "last":
@@ -492,6 +498,14 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
     lasts = [out / "checkpoints" / "last.ckpt", *(out / "checkpoints").glob("last-v*.ckpt")]
     found = [p for p in [*lasts, *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     if not found:
+        old = Path(nested_dir) if nested_dir is not None else None
+        if old is not None and any(p.is_file() for p in [*(old / "checkpoints").glob("*.ckpt"), *old.glob("hpc_ckpt_*.ckpt")]):
+            raise CheckpointError(
+                f"ckpt_path=last: no checkpoint in {out}, but {old} has this job's checkpoints: the sweep was started "
+                f"by an earlier rmlab, whose job dirs nested where an override holds a '/'; job dirs are one flat folder "
+                f"now. Resume from it with ckpt_path={old / 'checkpoints' / 'last.ckpt'}, or keep one dir: "
+                f"rm -r '{out}' && mv '{old}' '{out}', then rerun with ckpt_path=last."
+            )
         log.info("ckpt_path=last: no checkpoint in %s yet, starting fresh", out)
         return None
     best = max(found, key=lambda p: p.stat().st_mtime)
@@ -585,10 +599,12 @@ def check_checkpoint(path: str | os.PathLike, model_cfg: Any) -> dict[str, Any] 
     return saved
 
 
-def resume_checkpoint(ckpt_path: str | None, output_dir: str | os.PathLike, model_cfg: Any) -> str | None:
+def resume_checkpoint(
+    ckpt_path: str | None, output_dir: str | os.PathLike, model_cfg: Any, nested_dir: str | os.PathLike | None = None
+) -> str | None:
     """``resolve_ckpt_path`` then ``check_checkpoint``: the checkpoint a run resumes from, checked before the
     model is built. Call it before instantiating the model."""
-    path = resolve_ckpt_path(ckpt_path, output_dir)
+    path = resolve_ckpt_path(ckpt_path, output_dir, nested_dir)
     if path is not None:
         check_checkpoint(path, model_cfg)
     return path

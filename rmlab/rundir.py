@@ -59,6 +59,26 @@ def job_dir_name(num, overrides) -> str:
     return name
 
 
+def nested_job_dir(output_dir: str | os.PathLike) -> Path | None:
+    """This multirun job's dir as rmlab named it before job dirs were flat (``<sweep dir>/<num>_<overrides>``, a
+    ``/`` in an override nesting it), when that is another dir and exists: a sweep started then and resumed now
+    with ``ckpt_path=last`` has its checkpoints there (``rmlab.checkpoint.resolve_ckpt_path`` says so). None
+    outside a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not inside a Hydra app (tests, notebooks)
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    old = Path(hc.sweep.dir) / f"{hc.job.num}_{hc.job.override_dirname or ''}"
+    if old.resolve() == Path(output_dir).resolve() or not old.is_dir():
+        return None
+    return old
+
+
 def register_resolvers() -> None:
     """``${rmlab.unique:}`` and ``${rmlab.job_dir:num,overrides}`` for the run-dir names in conf/*.yaml.
     Safe to call more than once."""

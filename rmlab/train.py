@@ -22,6 +22,7 @@ from rmlab.losses.critique import CritiqueLoss
 from rmlab.models.budget import token_budget
 from rmlab.models.liger import liger_report
 from rmlab.models.scoring import score_batches
+from rmlab.rundir import nested_job_dir
 from rmlab.runtime import Loggers, start_run
 from rmlab.summary import run_summary, write_summary
 from rmlab.validate import check_config
@@ -51,7 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out, t0 = start_run(cfg)
     # `ckpt_path=last` = this run dir's newest intact checkpoint, or a fresh start (one command for launch and
     # requeue); a checkpoint of another architecture is refused here, before any model loads.
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.model)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.model, nested_job_dir(out))
 
     # 2. The model, its loss, the data (tokenized with the model's tokenizer and, for generative heads, its
     #    template), and the LightningModule that trains the model with the loss.

@@ -437,7 +437,9 @@ def test_sweep_of_two_models_then_one_leaderboard(export, tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     assert "## Leaderboard: rewardbench" in out and "| rank | model | score | Chat | Chat Hard | Safety | Reasoning |" in out
     # each job one flat dir (the "/" of the paths made "_": rmlab.rundir.job_dir_name); both runs found
-    scores = [json.loads(p.read_text())["metrics"]["score"] for p in sorted(sweep.rglob("metrics.json"))]
+    found = sorted(sweep.rglob("metrics.json"))
+    assert [p.parent.parent for p in found] == [sweep, sweep], found  # one folder below the sweep dir, not nested
+    scores = [json.loads(p.read_text())["metrics"]["score"] for p in found]
     assert len(scores) == 2 and scores[0] == pytest.approx(scores[1])  # the same weights: the same numbers
     assert f"{100 * scores[0]:.1f}" in out
     assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"

@@ -114,3 +114,48 @@ def test_a_second_run_in_a_live_runs_dir_stops_with_the_owner_and_what_to_do(tmp
     assert "Traceback" not in msg and "hydra.run.dir=<new dir>" in msg
     assert first.returncode == 0, out[-3000:]
     assert _steps(run_dir / "csv" / "metrics.csv") == list(range(10))  # the first run's log, whole
+
+
+def test_job_dir_name_is_one_flat_component_and_long_names_stay_distinct():
+    """conf/*.yaml's hydra.sweep.subdir resolves through rmlab.job_dir: a '/' (or '\\') in an override becomes '_',
+    so the job dir is one folder below the sweep dir; a name over MAX_DIR_NAME bytes keeps its start and a hash."""
+    from omegaconf import OmegaConf
+
+    from rmlab.rundir import MAX_DIR_NAME, job_dir_name, register_resolvers
+
+    register_resolvers()
+    for conf in ("train", "eval"):
+        subdir = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / f"{conf}.yaml"))["hydra"]["sweep"]["subdir"]
+        cfg = OmegaConf.create({"hydra": {"job": {"num": 3, "override_dirname": "model.name_or_path=runs/a/export,seed=1"}},
+                                "subdir": subdir})  # fmt: skip
+        assert cfg.subdir == "3_model.name_or_path=runs_a_export,seed=1", conf
+        cfg.hydra.job.override_dirname = ""
+        assert cfg.subdir == "3_", conf
+    assert job_dir_name(0, "data.source=C:\\d\\x.jsonl") == "0_data.source=C:_d_x.jsonl"
+    long_a, long_b = (job_dir_name(1, "model.tokenizer=" + "é" * 150 + tail) for tail in ("a", "b"))
+    for name in (long_a, long_b):
+        assert len(name.encode()) <= MAX_DIR_NAME and "/" not in name and name.startswith("1_model.tokenizer=éé")
+        name.encode().decode()  # no character cut in half
+    assert long_a != long_b
+
+
+def test_a_sweep_job_resumed_after_job_dirs_became_flat_points_at_its_old_nested_dir(tmp_path):
+    """A sweep started by an earlier rmlab, whose job dir nested at the '/' of an override, relaunched into the same
+    hydra.sweep.dir with ckpt_path=last: its checkpoints are in the old nested dir and the job's dir is now a flat
+    one. Before: 'no checkpoint yet, starting fresh', training again from step 0 in the new dir. Now: an error
+    that names the old dir and how to resume from it."""
+    sweep = tmp_path / "sweep"
+    overrides = ["ckpt_path=last", "debug=fast", "logger=csv", "paths.data_dir=nowhere/data", "threads=1"]
+    old = sweep / ("0_" + ",".join(overrides))  # Hydra's override_dirname: the task overrides, sorted, joined by ,
+    assert old.parent != sweep  # nested: 0_ckpt_path=last,...,paths.data_dir=nowhere / data,threads=1
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint of the earlier run")
+    env = {**ENV, "RMLAB_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "train.py", "-m", *overrides, f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    new = sweep / ("0_" + ",".join(overrides).replace("/", "_"))
+    assert f"no checkpoint in {new}, but {old} has this job's checkpoints" in out, out[-3000:]
+    assert f"ckpt_path={old / 'checkpoints' / 'last.ckpt'}" in out and f"mv '{old}' '{new}'" in out, out[-3000:]
+    assert not (new / "checkpoints").exists()  # nothing trained over it
