@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rmlab.checkpoint import CheckpointError, check_checkpoint, check_export_dir, read_checkpoint
 from rmlab.data.simulator import SimulatorConfig
+from rmlab.data.tokenize import contract_drift
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
 from rmlab.models.budget import token_budget
@@ -227,6 +228,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.data.get("reward_token", "auto") == "auto" and trained != "auto":
         log.info("data.reward_token=%s, as the model was trained", trained)
         cfg.data.reward_token = trained
+    drift = contract_drift(model.tokenizer, model.recorded_scoring(), cfg.data.get("reward_token", "auto"))
+    if drift and cfg.data.get("format") != "chat":
+        log.warning(drift)
     # Generative heads re-template each group into their own rows, exactly as in training.
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator
@@ -34,9 +35,10 @@ from typing import Any
 
 from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, check_messages, split_conversations, with_prompt
 from rmlab.data.sources import DataError, read_records
-from rmlab.data.tokenize import subgroup, tokenize_groups
+from rmlab.data.tokenize import contract_drift, subgroup, tokenize_groups
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
 
+log = logging.getLogger("rmlab")
 NAN = float("nan")
 # (prompt, responses) of plain text, or (prompt, responses, True) where prompt + response is a chat template's text
 Item = tuple
@@ -129,6 +131,10 @@ class Scorer:
         if reward_token is None:
             reward_token = model.recorded_scoring().get("reward_token") or "auto"
         self.model, self.tok = model.eval().to(device), model.tokenizer
+        drift = contract_drift(self.tok, model.recorded_scoring(), reward_token)
+        if drift:
+            log.warning(drift)
+            print(f"rmlab: {drift}", file=sys.stderr, flush=True)
         self.progress = progress
         self.max_length, self.min_prompt_tokens, self.reward_token = max_length, min_prompt_tokens, reward_token
         self.padding_side, self.batch_size, self.max_tokens, self.device = padding_side, batch_size, max_tokens, device

@@ -249,3 +249,36 @@ def test_training_data_module_builds_the_template_rows_and_eval_scores_them_as_r
     by_row = dict(zip(map(tuple, rows), pred.reward.tolist()))
     ours = Scorer(model, max_length=512).score_chat([[c] for c in convs])
     assert [by_row[tuple(template_ids(tok, c))] for c in convs] == pytest.approx([r[0] for r in ours], abs=1e-5)
+
+
+@needs_shared_data
+def test_an_export_trained_on_the_older_reward_token_eos_text_rows_is_warned_about(tmp_path, capsys):
+    """Plain text under reward_token=eos was the tokenizer's own row (+ Llama's bos, trailing newlines kept) + eos
+    until it became OpenRLHF's row (no specials, newlines stripped). An export trained then records the older row
+    in config.rmlab.scoring.text; scoring it now builds the new one: its plain-text rewards are not the trained
+    ones. Before: no word of it. Now: the Scorer says so and how to get the trained rows (reward_token='auto')."""
+    from rmlab.data.tokenize import contract
+    from rmlab.models import build_model, load_export
+    from rmlab.score import Scorer
+
+    torch.manual_seed(0)
+    name = "llama3_1_instruct"
+    out = build_model(config=TINY_LLAMA, tokenizer=str(SHARED_DATA / "tokenizers" / name)).eval().save_pretrained(
+        tmp_path / "export")
+    tok = tokenizer(name)
+    older = contract(tok, "auto")["text"]  # the older eos text row is auto's: tokenizer(prompt + response) + eos
+    assert older != contract(tok, "eos")["text"]
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for text, fmt, warned in [(older, "pairs", True), (contract(tok, "eos")["text"], "pairs", False), (older, "chat", False)]:
+        cfg.setdefault("rmlab", {})["scoring"] = {"reward_token": "eos", "format": fmt, "text": text}
+        cfg_path.write_text(json.dumps(cfg))
+        capsys.readouterr()
+        scorer = Scorer(load_export(str(out)))
+        assert scorer.reward_token == "eos"
+        err = capsys.readouterr().err
+        assert ("plain-text rewards are not the trained ones" in err and "reward_token='auto'" in err) == warned, err
+    # the remedy builds the older row exactly: the tokenizer's own ids (bos first) + eos
+    g = PreferenceGroup("Human: hi\n\nAssistant: ", ["hello\n", "bye"], [Comparison(0, 1)])
+    want = [tok(g.prompt + r)["input_ids"] + [tok.eos_token_id] for r in g.responses]
+    assert rows_of(tok, [g], "auto")[0] == want and want[0][0] == tok.bos_token_id

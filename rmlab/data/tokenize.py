@@ -155,6 +155,23 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+def contract_drift(tokenizer, recorded: dict, reward_token: str) -> str | None:
+    """Why rows built now under ``reward_token`` differ from those an export recorded training on
+    (``config.rmlab.scoring``), or None. The one case: plain text under ``reward_token=eos``, which was the
+    tokenizer's own row (its specials, e.g. Llama's bos, and trailing newlines kept) + eos before it became
+    OpenRLHF's row; ``auto`` builds that older plain-text row exactly."""
+    old = recorded.get("text")
+    if reward_token != "eos" or recorded.get("reward_token") != "eos" or not old or recorded.get("format") == "chat":
+        return None
+    now = contract(tokenizer, "eos")["text"]
+    if old == now:
+        return None
+    return (f"this export was trained on plain-text rows built as {old} (its config.rmlab.scoring.text); rmlab now "
+            f"builds reward_token=eos rows as {now}, so its plain-text rewards are not the trained ones (chat rows are "
+            "unchanged): train it again for plain text, or score plain text with Scorer(model, reward_token='auto'), "
+            "which builds that older row exactly")
+
+
 def causal_groups(tokenizer, groups: list[PreferenceGroup], reward_token: str = "auto"):
     """Per group: (start, prompt body, [response ids]) such that start + body + response is the row.
 
