@@ -501,6 +501,10 @@ def test_duplicate_keys_with_different_values_are_a_data_error(tmp_path):
     (tmp_path / "c.csv").write_text("prompt,chosen,rejected,chosen\np,a,b,c\n")
     with pytest.raises(DataError, match=r"c.csv:1: column 'chosen' appears more than once in the header"):
         records_to_groups(read_records(str(tmp_path / "c.csv")), "pairs", None, DataReport())
+    # blank trailing columns (Excel saves those it was given) are no field given twice: the file reads as before
+    (tmp_path / "x.csv").write_text("prompt,chosen,rejected,,\np,a,b,,\nq,c,d,,\n")
+    groups = records_to_groups(read_records(str(tmp_path / "x.csv")), "pairs", None, DataReport())
+    assert [(g.prompt, g.responses) for g in groups] == [("p", ["a", "b"]), ("q", ["c", "d"])]
 
 
 # ----------------------------------------------------------------------------------- chat templates that refuse

@@ -392,7 +392,8 @@ def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
         rows = 0
         try:
             header = reader.fieldnames or []
-            twice = sorted({c for c in header if header.count(c) > 1})
+            # Unnamed columns are not fields (Excel saves the blank columns it was given): several are not a duplicate.
+            twice = sorted({c for c in header if c.strip() and header.count(c) > 1})
             if twice:
                 where = f"{path}:1"
                 yield (
