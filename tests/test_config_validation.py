@@ -244,7 +244,8 @@ def test_a_missing_source_under_on_error_skip_says_file_not_found(tmp_path):
     from rmlab.data.sources import DataError
     from rmlab.models import build_tokenizer
 
-    for src in (tmp_path / "elsewhere" / "testset-v1.jsonl", tmp_path / "nothing" / "*.jsonl"):
+    for src in (tmp_path / "shared" / "data" / "pandalm" / "testset-v1.jsonl", tmp_path / "shared/data/x" / "*.jsonl",
+                tmp_path / "mine" / "prefs.jsonl"):
         dm = build_datamodule(tokenizer=build_tokenizer("byt5", None), source=str(src), on_error="skip", cache=False,
                              output_dir=str(tmp_path / "run"))
         with pytest.raises(DataError) as info:
@@ -252,7 +253,10 @@ def test_a_missing_source_under_on_error_skip_says_file_not_found(tmp_path):
         msg = str(info.value)
         first = "file not found" if "*" not in str(src) else "no file matches the pattern"
         assert msg.startswith(f"data.source={src}: {first}: nothing was read") and "read the data report" not in msg
-        assert "paths.data_dir" in msg and "RMLAB_DATA_DIR" in msg
+        if "shared" in str(src):  # one of the real sets: where they are looked for
+            assert "paths.data_dir" in msg and "RMLAB_DATA_DIR" in msg
+        else:  # the user's own file: no word about the shared sets, the working dir instead
+            assert "shared/data" not in msg and f"the directory you ran the command in ({Path.cwd()})" in msg
     from rmlab.data.sources import read_records
 
     ((_, err),) = read_records("no-such-file-rmlab.jsonl")  # relative paths follow the working dir (hydra.job.chdir: false)

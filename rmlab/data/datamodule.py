@@ -364,9 +364,7 @@ class RewardDataModule(L.LightningDataModule):
                                 f"{next(iter(unread)).removeprefix('bad_record: ')}: nothing was read, so no training "
                                 "groups left (data.on_error=skip counts bad records; it cannot make up for a missing "
                                 "source)",
-                                "check data.source and paths.data_dir: the real sets are read from ../shared/data "
-                                "beside the directory you ran the command in (run it from the repo root, or set "
-                                "RMLAB_DATA_DIR=<the data folder>)")
+                                missing_source_hint(str(self.records.source)))
             where = Path(self.output_dir) / "data_report.json" if self.output_dir else "the log above"
             raise DataError(f"data.source={self.records.source}", "no training groups left after loading, splitting and "
                             "tokenizing", f"read the data report at {where}; " + " ".join(self.report["one_line"]))
@@ -496,3 +494,14 @@ class RewardDataModule(L.LightningDataModule):
         """The given groups (default: the val set) in one process, whatever the trainer's ranks: for scoring
         outside the fit loop (eval.py, the export's reward statistics, the head report)."""
         return self._loader(self.val_groups if groups is None else groups, train=False, single=True)
+
+
+def missing_source_hint(source: str) -> str:
+    """What to do when not one record of ``data.source`` could be read: the shared real sets' location for theirs,
+    the working directory for a user's own relative path."""
+    data_dir = os.environ.get("RMLAB_DATA_DIR")
+    if "shared/data" in source or (data_dir and source.startswith(data_dir)):
+        return ("check data.source and paths.data_dir: the real sets are read from ../shared/data beside the "
+                "directory you ran the command in (run it from the repo root, or set RMLAB_DATA_DIR=<the data folder>)")
+    return (f"check data.source: a relative path is read from the directory you ran the command in ({os.getcwd()}); "
+            "give an absolute path, or run the command from the folder the path starts in")
