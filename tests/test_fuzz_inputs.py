@@ -488,12 +488,13 @@ def test_duplicate_keys_with_different_values_are_a_data_error(tmp_path):
         '{"prompt": "p1", "chosen": "a", "rejected": "b", "chosen": "c"}',
         '{"prompt": "p2", "chosen": "a", "rejected": "b", "meta": {"x": 1, "x": 2}}',
         '{"prompt": "p3", "chosen": "a", "rejected": "b", "prompt": "p3"}',
+        '{"prompt": "p4", "chosen": "a", "rejected": "b", "margin": NaN, "margin": NaN}',
     ])  # fmt: skip
     with pytest.raises(DataError, match=r"d.jsonl:2: field 'chosen' is given twice, with different values"):
         records_to_groups(read_records(str(path)), "pairs", None, DataReport())
     report = DataReport()
     groups = records_to_groups(read_records(str(path)), "pairs", None, report, on_error="skip")
-    assert [g.prompt for g in groups] == ["p0", "p3"]
+    assert [g.prompt for g in groups] == ["p0", "p3", "p4"]  # NaN twice: the same literal, no conflict
     assert report.dropped == {
         "bad_record: field 'chosen' is given twice, with different values": 1,
         "bad_record: field 'meta.x' is given twice, with different values": 1,

@@ -47,13 +47,20 @@ class JsonObject(dict):
     __slots__ = ("duplicates",)
 
 
+def same_json_value(a: Any, b: Any) -> bool:
+    """Equal as JSON values; NaN equals NaN here (the same literal written twice is not a conflict)."""
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return a is b or a == b
+
+
 def _object_pairs(pairs: list[tuple[str, Any]]) -> JsonObject:
     obj = JsonObject(pairs)
     obj.duplicates = []
     if len(obj) != len(pairs):
         first: dict[str, Any] = {}
         for k, v in pairs:
-            if k in first and not (first[k] is v or first[k] == v) and k not in obj.duplicates:
+            if k in first and not same_json_value(first[k], v) and k not in obj.duplicates:
                 obj.duplicates.append(k)
             first.setdefault(k, v)
     return obj
