@@ -375,9 +375,10 @@ def _check_model(c: _Checker) -> None:
     if head is not _ABSENT and not _registered_head(head):
         c.fail("model.head", head, f"must be one of {' | '.join(sorted(BUILDERS))} or a head registered in "
                "rmlab/models/<name>.py (docs/heads.md)")
-    c.choice("model.forward_mode", ("auto", *MODES))
-    c.choice("model.attention", ("auto", *KERNELS))
-    c.choice("data.budget", ("padded", "packed"))
+    mode = c.choice("model.forward_mode", ("auto", *MODES))
+    attention = c.choice("model.attention", ("auto", *KERNELS))
+    budget = c.choice("data.budget", ("padded", "packed"))
+    _check_speed_keys(c, head, mode, attention, budget)
     c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
     if c.boolean("model.liger") is True:
         name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
@@ -387,6 +388,35 @@ def _check_model(c: _Checker) -> None:
         elif c.get("trainer.accelerator") == "cpu":
             c.fail("model.liger", True, "Liger's kernels are Triton kernels for a GPU and trainer.accelerator=cpu (the "
                    "default trainer=cpu): use trainer=gpu (or ddp, fsdp, deepspeed), or set model.liger=false")
+
+
+def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget: Any) -> None:
+    """Speed settings that would be ignored, or that cannot train, are refused rather than run silently without
+    them (found by an all-pairs sweep over the config groups)."""
+    if head == "attributes":  # the attribute head always runs padded and uncompiled (rmlab.models.builder)
+        for key, value, off in (("model.forward_mode", mode, ("auto", "padded")), ("model.attention", attention,
+                                ("auto",)), ("model.compile", c.get("model.compile"), (False, _ABSENT))):
+            if value not in (_ABSENT, *off):
+                c.fail(key, value, f"model.head=attributes always runs padded and uncompiled (its gate reads the "
+                       f"prompt's hidden state), so {key} would be ignored: set "
+                       f"{key}={'false' if key == 'model.compile' else 'auto'} (the default) or use model.head=scalar")
+    if attention not in (_ABSENT, "auto"):
+        if mode == "padded":
+            c.fail("model.attention", attention, "picks the packed modes' kernel and model.forward_mode=padded does "
+                   "not pack, so it would be ignored: set model.attention=auto, or "
+                   "model.forward_mode=auto|packed|prefix_shared")
+        elif c.get("model.attn_implementation") not in (_ABSENT, "sdpa"):
+            c.fail("model.attention", attention, f"picks the kernel of rmlab's packed attention, which replaces sdpa "
+                   f"only; with model.attn_implementation={c.get('model.attn_implementation')} it would be ignored: "
+                   "set model.attention=auto, or model.attn_implementation=sdpa")
+        if attention == "flex" and c.get("trainer.accelerator") == "cpu":
+            c.fail("model.attention", attention, "FlexAttention has no backward pass on CPU (torch raises "
+                   "NotImplementedError at the first step) and trainer.accelerator=cpu: set model.attention=auto "
+                   "(sdpa on CPU) or sdpa, or train on a GPU (trainer=gpu)")
+    if budget == "packed" and (mode == "padded" or head == "attributes"):
+        c.fail("data.budget", budget, "counts packed tokens, and this model runs padded (model.forward_mode=padded "
+               "or model.head=attributes), so it would count padded tokens anyway: set data.budget=padded, or "
+               "model.forward_mode=auto|packed|prefix_shared on a scalar head")
 
 
 def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:
