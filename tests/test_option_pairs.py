@@ -4,6 +4,7 @@ type composes, and the cheap ones run a few real steps."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -81,3 +82,19 @@ def test_meaningful_speed_settings_still_pass(overrides, tmp_path):
     from rmlab.validate import check_config
 
     assert check_config(compose(overrides, tmp_path)) == []
+
+
+def test_empty_validation_split_is_a_warning_not_a_silent_nan(tmp_path, caplog, one_thread):
+    # The sweep's alpaca_eval2 run with data.format_options.max_prompts=24 held out no prompt (the split hashes the
+    # prompt text): val_acc was NaN in metrics.json with only Lightning's "DataLoader ... is zero" to say why.
+    from rmlab.train import run
+
+    cfg = compose(["model=tiny_llama", "data.simulator.num_prompts=5", "data.val_fraction=0.05", "trainer.max_steps=1",
+                   "threads=1", "export=false", "seed=3"], tmp_path)
+    with caplog.at_level(logging.WARNING, logger="rmlab"):
+        summary = run(cfg)
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["val"]["groups"] == 0 and report["train"]["groups"] == 5  # the case under test
+    assert summary["train_steps"] == 1
+    warned = [r.getMessage() for r in caplog.records if "no validation groups" in r.getMessage()]
+    assert warned and "data.val_fraction=0.05 of 5 prompts" in warned[0] and "data.val_source" in warned[0], warned
