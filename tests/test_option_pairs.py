@@ -98,3 +98,44 @@ def test_empty_validation_split_is_a_warning_not_a_silent_nan(tmp_path, caplog, 
     assert summary["train_steps"] == 1
     warned = [r.getMessage() for r in caplog.records if "no validation groups" in r.getMessage()]
     assert warned and "data.val_fraction=0.05 of 5 prompts" in warned[0] and "data.val_source" in warned[0], warned
+
+
+def _pairs_file(path):
+    """Plain pairs with no ranks, scores or 0/1 labels, as PandaLM or HH give."""
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"It is {2 * i}.", "rejected": f"It is {i}."}
+            for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# The sweep's runs of these losses on pairwise data (pandalm, hh_harmless, alpaca_eval2, prometheus) logged a
+# training loss of exactly 0 at every step: the loss masks responses without its field, so nothing trained.
+NO_FIELD = [
+    (["loss=plackett_luce"], "rank", "data.format=rankings"),
+    (["loss=answer_ce"], "label", "model=pairwise_judge"),
+    (["loss=regression"], "score", "data.format=ratings"),
+    (["model=attributes", "loss=regression"], "score", "data.format=ratings"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,hint", NO_FIELD, ids=[" ".join(n[0]) for n in NO_FIELD])
+def test_loss_whose_field_the_data_lacks_is_refused_before_a_step(overrides, field, hint, tmp_path):
+    from rmlab.data.sources import DataError
+    from rmlab.train import run
+
+    data = _pairs_file(tmp_path / "pairs.jsonl")
+    cfg = compose(["model=tiny_llama", *overrides, "data=local", f"data.source={data}", "trainer.max_steps=2",
+                   "threads=1", "export=false"], tmp_path / "run")
+    with pytest.raises(DataError) as info:
+        run(cfg)
+    msg = str(info.value)
+    assert f"batch.{field}" in msg and "data=local" in msg and "loss would be 0" in msg and hint in msg, msg
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # refused before the first step
+
+
+def test_listwise_loss_on_ranked_simulator_data_still_trains(tmp_path, one_thread):
+    from rmlab.train import run
+
+    cfg = compose(["model=tiny_llama", "loss=plackett_luce", "data.simulator.num_prompts=40", "trainer.max_steps=2",
+                   "threads=1", "export=false"], tmp_path)
+    assert run(cfg)["train_steps"] == 2
