@@ -393,6 +393,8 @@ def _check_model(c: _Checker) -> None:
 def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget: Any) -> None:
     """Speed settings that would be ignored, or that cannot train, are refused rather than run silently without
     them (found by an all-pairs sweep over the config groups)."""
+    name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
+    encoder = name == "minilm" or model_type in ENCODER_TYPES
     if head == "attributes":  # the attribute head always runs padded and uncompiled (rmlab.models.builder)
         for key, value, off in (("model.forward_mode", mode, ("auto", "padded")), ("model.attention", attention,
                                 ("auto",)), ("model.compile", c.get("model.compile"), (False, _ABSENT))):
@@ -400,23 +402,28 @@ def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget:
                 c.fail(key, value, f"model.head=attributes always runs padded and uncompiled (its gate reads the "
                        f"prompt's hidden state), so {key} would be ignored: set "
                        f"{key}={'false' if key == 'model.compile' else 'auto'} (the default) or use model.head=scalar")
-    if attention not in (_ABSENT, "auto"):
-        if mode == "padded":
-            c.fail("model.attention", attention, "picks the packed modes' kernel and model.forward_mode=padded does "
-                   "not pack, so it would be ignored: set model.attention=auto, or "
-                   "model.forward_mode=auto|packed|prefix_shared")
+    elif encoder and mode in ("packed", "prefix_shared"):  # rmlab.models.packing.resolve_forward_mode
+        c.fail("model.forward_mode", mode, "this model is an encoder, which always runs padded (its bidirectional "
+               "attention would make a shared prefix depend on its responses), so it would be ignored: set "
+               "model.forward_mode=auto (the default), or use a causal LM (model=tiny_llama, model=hf ...)")
+    padded = mode == "padded" or (encoder and head != "attributes")
+    if attention not in (_ABSENT, "auto") and head != "attributes":
+        if padded:
+            c.fail("model.attention", attention, "picks the packed modes' kernel and this model runs padded "
+                   "(model.forward_mode=padded, or an encoder), so it would be ignored: set model.attention=auto, "
+                   "or model.forward_mode=auto|packed|prefix_shared on a causal LM")
         elif c.get("model.attn_implementation") not in (_ABSENT, "sdpa"):
             c.fail("model.attention", attention, f"picks the kernel of rmlab's packed attention, which replaces sdpa "
                    f"only; with model.attn_implementation={c.get('model.attn_implementation')} it would be ignored: "
                    "set model.attention=auto, or model.attn_implementation=sdpa")
-        if attention == "flex" and c.get("trainer.accelerator") == "cpu":
-            c.fail("model.attention", attention, "FlexAttention has no backward pass on CPU (torch raises "
-                   "NotImplementedError at the first step) and trainer.accelerator=cpu: set model.attention=auto "
-                   "(sdpa on CPU) or sdpa, or train on a GPU (trainer=gpu)")
-    if budget == "packed" and (mode == "padded" or head == "attributes"):
-        c.fail("data.budget", budget, "counts packed tokens, and this model runs padded (model.forward_mode=padded "
-               "or model.head=attributes), so it would count padded tokens anyway: set data.budget=padded, or "
-               "model.forward_mode=auto|packed|prefix_shared on a scalar head")
+    if attention == "flex" and c.get("trainer.accelerator") == "cpu":
+        c.fail("model.attention", attention, "FlexAttention has no backward pass on CPU (torch raises "
+               "NotImplementedError at the first step) and trainer.accelerator=cpu: set model.attention=auto "
+               "(sdpa on CPU) or sdpa, or train on a GPU (trainer=gpu)")
+    if budget == "packed" and (padded or head == "attributes"):
+        c.fail("data.budget", budget, "counts packed tokens, and this model runs padded (model.forward_mode=padded, "
+               "model.head=attributes or an encoder), so it would count padded tokens anyway: set data.budget=padded, "
+               "or model.forward_mode=auto|packed|prefix_shared on a causal LM's scalar head")
 
 
 def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:

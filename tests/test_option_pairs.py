@@ -57,6 +57,10 @@ REFUSED = [
     # A packed token budget on a padded model counts padded tokens.
     (["model=tiny_llama", "model.forward_mode=padded", "data.budget=packed"], "data.budget", "set data.budget=padded"),
     (["model=attributes", "loss=attributes", "data.budget=packed"], "data.budget", "set data.budget=padded"),
+    # An encoder always runs padded (rmlab.models.packing.resolve_forward_mode): packed modes were silently padded.
+    (["model=minilm", "model.forward_mode=packed"], "model.forward_mode", "set model.forward_mode=auto"),
+    (["model=minilm", "model.attention=sdpa"], "model.attention", "set model.attention=auto"),
+    (["model=minilm", "data.budget=packed"], "data.budget", "set data.budget=padded"),
 ]
 
 
