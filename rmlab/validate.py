@@ -390,6 +390,10 @@ def _check_model(c: _Checker) -> None:
                    "default trainer=cpu): use trainer=gpu (or ddp, fsdp, deepspeed), or set model.liger=false")
 
 
+# Heads whose forward is always padded: no packed layout for the collator (RewardModel.batch_layout stays None).
+PADDED_HEADS = ("attributes", "verifier", "judge", "cloud")
+
+
 def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget: Any) -> None:
     """Speed settings that would be ignored, or that cannot train, are refused rather than run silently without
     them (found by an all-pairs sweep over the config groups)."""
@@ -420,10 +424,10 @@ def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget:
         c.fail("model.attention", attention, "FlexAttention has no backward pass on CPU (torch raises "
                "NotImplementedError at the first step) and trainer.accelerator=cpu: set model.attention=auto "
                "(sdpa on CPU) or sdpa, or train on a GPU (trainer=gpu)")
-    if budget == "packed" and (padded or head == "attributes"):
+    if budget == "packed" and (padded or head in PADDED_HEADS):
         c.fail("data.budget", budget, "counts packed tokens, and this model runs padded (model.forward_mode=padded, "
-               "model.head=attributes or an encoder), so it would count padded tokens anyway: set data.budget=padded, "
-               "or model.forward_mode=auto|packed|prefix_shared on a causal LM's scalar head")
+               f"an encoder, or model.head={'|'.join(PADDED_HEADS)}), so it would count padded tokens anyway: set "
+               "data.budget=padded, or model.forward_mode=auto|packed|prefix_shared on a causal LM's scalar head")
 
 
 def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:

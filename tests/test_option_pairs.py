@@ -61,6 +61,9 @@ REFUSED = [
     (["model=minilm", "model.forward_mode=packed"], "model.forward_mode", "set model.forward_mode=auto"),
     (["model=minilm", "model.attention=sdpa"], "model.attention", "set model.attention=auto"),
     (["model=minilm", "data.budget=packed"], "data.budget", "set data.budget=padded"),
+    # Generative and CLoud heads have no packed layout either.
+    (["model=generative_verifier", "data.budget=packed"], "data.budget", "set data.budget=padded"),
+    (["model=cloud", "loss=cloud", "data.budget=packed"], "data.budget", "set data.budget=padded"),
 ]
 
 
