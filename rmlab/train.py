@@ -50,6 +50,7 @@ def check_loss_has_data(loss, dm) -> None:
     """A pointwise or listwise loss (``response_field``: ranks, labels, scores) masks the responses without its
     field, so on data that has none every step's loss is 0 and only weight decay moves the weights. Refuse that run,
     named, before the first step."""
+    loss = getattr(loss, "reward_loss", loss)  # CritiqueLoss (a CLoud model): the reward loss it wraps
     name = getattr(loss, "response_field", None)
     if not name or not dm.train_groups:
         return

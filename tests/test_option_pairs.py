@@ -122,6 +122,7 @@ NO_FIELD = [
     (["loss=answer_ce"], "label", "model=pairwise_judge"),
     (["loss=regression"], "score", "data.format=ratings"),
     (["model=attributes", "loss=regression"], "score", "data.format=ratings"),
+    (["model=cloud", "loss=answer_ce"], "label", "model=pairwise_judge"),  # wrapped with the critique LM term
 ]
 
 
