@@ -331,6 +331,12 @@ def _check_loss(c: _Checker) -> None:
     if isinstance(target, str) and target.endswith(".OdinLoss") and head not in (_ABSENT, "odin"):
         c.fail("model.head", head, "must be odin with loss=odin (it trains a quality and a length head): "
                "use model=odin (or model.head=odin on a scalar model), or another loss")
+    per_row = {".RegressionLoss": "a score", ".PlackettLuceLoss": "a rank"}
+    need = next((v for k, v in per_row.items() if isinstance(target, str) and target.endswith(k)), None)
+    if need and head == "judge":
+        c.fail("model.head", head, f"the pairwise judge reads two responses per row, and this loss needs {need} per "
+               "response: use loss=answer_ce (or loss=head_default) or a pairwise loss such as loss=bt, or "
+               "model=tiny_llama for a per-response reward")
     if isinstance(target, str) and target.endswith(".GRMLoss"):
         _check_grm_model(c, head)
 
