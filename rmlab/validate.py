@@ -226,6 +226,11 @@ def _check_trainer(c: _Checker) -> None:
         c.fail("trainer.max_epochs", -1, "with trainer.max_steps=-1 training never ends (and the lr schedule has no "
                "length); set trainer.max_epochs>=1 or trainer.max_steps>0")
     c.integer("trainer.accumulate_grad_batches", 1, hint="batches per optimizer step, e.g. 1")
+    precision = c.get("trainer.precision")
+    if str(precision) in ("16-mixed", "16") and c.get("trainer.accelerator") == "cpu":
+        c.fail("trainer.precision", precision, "fp16 mixed precision does not run on CPU (Lightning swaps in "
+               "bf16-mixed with a warning): set trainer.precision=bf16-mixed or 32-true, or train on a GPU "
+               "(trainer=gpu)")
     c.integer("trainer.log_every_n_steps", 1)
     c.integer("trainer.check_val_every_n_epoch", 1, none_ok=True)
     c.integer("trainer.num_sanity_val_steps", 0, also=(-1,))

@@ -64,6 +64,8 @@ REFUSED = [
     # Generative and CLoud heads have no packed layout either.
     (["model=generative_verifier", "data.budget=packed"], "data.budget", "set data.budget=padded"),
     (["model=cloud", "loss=cloud", "data.budget=packed"], "data.budget", "set data.budget=padded"),
+    # Lightning replaced fp16 AMP on CPU by bf16-mixed, with only a warning.
+    (["model=tiny_llama", "trainer.precision=16-mixed"], "trainer.precision", "set trainer.precision=bf16-mixed"),
     # The judge's rows are comparisons: no per-response score or rank (the sweep: a data error naming the simulator).
     (["model=pairwise_judge", "loss=regression"], "model.head", "use loss=answer_ce"),
     (["model=pairwise_judge", "loss=plackett_luce"], "model.head", "use loss=answer_ce"),
