@@ -7,6 +7,7 @@ Tests call ``run`` through Hydra's compose API. The root shim imports this modul
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ from omegaconf import DictConfig
 from rmlab import strategies
 from rmlab.callbacks import GradNormMonitor, NonFiniteGuard, final_val_rewards
 from rmlab.checkpoint import ResumeState, checkpoint_plugins, resume_checkpoint
+from rmlab.data.sources import DataError
+from rmlab.data.types import RESPONSE_FIELDS
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
 from rmlab.losses.critique import CritiqueLoss
 from rmlab.models.budget import token_budget
@@ -42,6 +45,22 @@ def build_trainer(cfg: DictConfig, loggers: list, resuming: bool) -> L.Trainer:
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
         **({"plugins": plugins} if plugins else {}),
     )
+
+
+def check_loss_has_data(loss, dm) -> None:
+    """A pointwise or listwise loss (``response_field``: ranks, labels, scores) masks the responses without its
+    field, so on data that has none every step's loss is 0 and only weight decay moves the weights. Refuse that run,
+    named, before the first step."""
+    loss = getattr(loss, "reward_loss", loss)  # CritiqueLoss (a CLoud model): the reward loss it wraps
+    name = getattr(loss, "response_field", None)
+    if not name or not dm.train_groups:
+        return
+    group_name = next(f.group_name for f in RESPONSE_FIELDS if f.name == name)
+    if any(any(math.isfinite(v) for v in (getattr(g, group_name) or ())) for g in dm.train_groups):
+        return
+    raise DataError(f"data={dm.records.name}", f"the loss ({type(loss).__name__}) trains on each response's {name} "
+                    f"(batch.{name}) and none of the {len(dm.train_groups)} training groups has one, so every step's "
+                    "loss would be 0 and only weight decay would move the weights", loss.response_field_hint)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -78,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             for line in dm.report["one_line"]:
                 print(line, flush=True)
+        check_loss_has_data(loss, dm)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if "val/acc" not in trainer.callback_metrics or module.last_val_step != trainer.global_step:
             # max_steps can stop mid-epoch before validation: score the final weights once.

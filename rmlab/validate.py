@@ -226,6 +226,11 @@ def _check_trainer(c: _Checker) -> None:
         c.fail("trainer.max_epochs", -1, "with trainer.max_steps=-1 training never ends (and the lr schedule has no "
                "length); set trainer.max_epochs>=1 or trainer.max_steps>0")
     c.integer("trainer.accumulate_grad_batches", 1, hint="batches per optimizer step, e.g. 1")
+    precision = c.get("trainer.precision")
+    if str(precision) in ("16-mixed", "16") and c.get("trainer.accelerator") == "cpu":
+        c.fail("trainer.precision", precision, "fp16 mixed precision does not run on CPU (Lightning swaps in "
+               "bf16-mixed with a warning): set trainer.precision=bf16-mixed or 32-true, or train on a GPU "
+               "(trainer=gpu)")
     c.integer("trainer.log_every_n_steps", 1)
     c.integer("trainer.check_val_every_n_epoch", 1, none_ok=True)
     c.integer("trainer.num_sanity_val_steps", 0, also=(-1,))
@@ -331,6 +336,12 @@ def _check_loss(c: _Checker) -> None:
     if isinstance(target, str) and target.endswith(".OdinLoss") and head not in (_ABSENT, "odin"):
         c.fail("model.head", head, "must be odin with loss=odin (it trains a quality and a length head): "
                "use model=odin (or model.head=odin on a scalar model), or another loss")
+    per_row = {".RegressionLoss": "a score", ".PlackettLuceLoss": "a rank"}
+    need = next((v for k, v in per_row.items() if isinstance(target, str) and target.endswith(k)), None)
+    if need and head == "judge":
+        c.fail("model.head", head, f"the pairwise judge reads two responses per row, and this loss needs {need} per "
+               "response: use loss=answer_ce (or loss=head_default) or a pairwise loss such as loss=bt, or "
+               "model=tiny_llama for a per-response reward")
     if isinstance(target, str) and target.endswith(".GRMLoss"):
         _check_grm_model(c, head)
 
@@ -375,9 +386,10 @@ def _check_model(c: _Checker) -> None:
     if head is not _ABSENT and not _registered_head(head):
         c.fail("model.head", head, f"must be one of {' | '.join(sorted(BUILDERS))} or a head registered in "
                "rmlab/models/<name>.py (docs/heads.md)")
-    c.choice("model.forward_mode", ("auto", *MODES))
-    c.choice("model.attention", ("auto", *KERNELS))
-    c.choice("data.budget", ("padded", "packed"))
+    mode = c.choice("model.forward_mode", ("auto", *MODES))
+    attention = c.choice("model.attention", ("auto", *KERNELS))
+    budget = c.choice("data.budget", ("padded", "packed"))
+    _check_speed_keys(c, head, mode, attention, budget)
     c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
     if c.boolean("model.liger") is True:
         name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
@@ -387,6 +399,46 @@ def _check_model(c: _Checker) -> None:
         elif c.get("trainer.accelerator") == "cpu":
             c.fail("model.liger", True, "Liger's kernels are Triton kernels for a GPU and trainer.accelerator=cpu (the "
                    "default trainer=cpu): use trainer=gpu (or ddp, fsdp, deepspeed), or set model.liger=false")
+
+
+# Heads whose forward is always padded: no packed layout for the collator (RewardModel.batch_layout stays None).
+PADDED_HEADS = ("attributes", "verifier", "judge", "cloud")
+
+
+def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget: Any) -> None:
+    """Speed settings that would be ignored, or that cannot train, are refused rather than run silently without
+    them (found by an all-pairs sweep over the config groups)."""
+    name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
+    encoder = name == "minilm" or model_type in ENCODER_TYPES
+    if head == "attributes":  # the attribute head always runs padded and uncompiled (rmlab.models.builder)
+        for key, value, off in (("model.forward_mode", mode, ("auto", "padded")), ("model.attention", attention,
+                                ("auto",)), ("model.compile", c.get("model.compile"), (False, _ABSENT))):
+            if value not in (_ABSENT, *off):
+                c.fail(key, value, f"model.head=attributes always runs padded and uncompiled (its gate reads the "
+                       f"prompt's hidden state), so {key} would be ignored: set "
+                       f"{key}={'false' if key == 'model.compile' else 'auto'} (the default) or use model.head=scalar")
+    elif encoder and mode in ("packed", "prefix_shared"):  # rmlab.models.packing.resolve_forward_mode
+        c.fail("model.forward_mode", mode, "this model is an encoder, which always runs padded (its bidirectional "
+               "attention would make a shared prefix depend on its responses), so it would be ignored: set "
+               "model.forward_mode=auto (the default), or use a causal LM (model=tiny_llama, model=hf ...)")
+    padded = mode == "padded" or (encoder and head != "attributes")
+    if attention not in (_ABSENT, "auto") and head != "attributes":
+        if padded:
+            c.fail("model.attention", attention, "picks the packed modes' kernel and this model runs padded "
+                   "(model.forward_mode=padded, or an encoder), so it would be ignored: set model.attention=auto, "
+                   "or model.forward_mode=auto|packed|prefix_shared on a causal LM")
+        elif c.get("model.attn_implementation") not in (_ABSENT, "sdpa"):
+            c.fail("model.attention", attention, f"picks the kernel of rmlab's packed attention, which replaces sdpa "
+                   f"only; with model.attn_implementation={c.get('model.attn_implementation')} it would be ignored: "
+                   "set model.attention=auto, or model.attn_implementation=sdpa")
+    if attention == "flex" and c.get("trainer.accelerator") == "cpu":
+        c.fail("model.attention", attention, "FlexAttention has no backward pass on CPU (torch raises "
+               "NotImplementedError at the first step) and trainer.accelerator=cpu: set model.attention=auto "
+               "(sdpa on CPU) or sdpa, or train on a GPU (trainer=gpu)")
+    if budget == "packed" and (padded or head in PADDED_HEADS):
+        c.fail("data.budget", budget, "counts packed tokens, and this model runs padded (model.forward_mode=padded, "
+               f"an encoder, or model.head={'|'.join(PADDED_HEADS)}), so it would count padded tokens anyway: set "
+               "data.budget=padded, or model.forward_mode=auto|packed|prefix_shared on a causal LM's scalar head")
 
 
 def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:

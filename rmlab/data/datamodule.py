@@ -355,6 +355,16 @@ class RewardDataModule(L.LightningDataModule):
         for line in self.report["one_line"]:
             log.info(line)
         self.write_report()  # also when nothing is left: the report says why
+        separate = self.records.val_source or self.records.val_split
+        if self.train_groups and not self.val_groups and (separate or self.records.val_fraction > 0):
+            # Validation was asked for but nothing is there (a few prompts, split by a hash of their text):
+            # val/acc would be NaN with no word why.
+            held = "the separate validation data" if separate else (
+                f"data.val_fraction={self.records.val_fraction} of {len(self.train_groups)} prompts")
+            log.warning("[%s] no validation groups: %s held out none, so val/acc and val/loss will be missing (NaN "
+                        "in metrics.json). Use more data, a larger data.val_fraction, or data.val_source=<file> "
+                        "(data report: %s)", self.records.name, held,
+                        Path(self.output_dir) / "data_report.json" if self.output_dir else "the log above")
         if not self.train_groups:
             records = self.report.get("train", {}).get("records", {})
             unread = {k: n for k, n in records.get("dropped", {}).items()

@@ -166,6 +166,10 @@ class RewardLoss(nn.Module):
     # The names of those outputs; the module asks the model for them once, before training
     # (``RewardModel.require_outputs``), so a model that cannot give them fails at start-up, named.
     required_outputs: tuple[str, ...] = ()
+    # The per-response batch field (rmlab.data.types.RESPONSE_FIELDS) a pointwise or listwise loss trains on, and
+    # what to do when the training data has none: rmlab.train refuses such a run rather than step on a loss of 0.
+    response_field: str | None = None
+    response_field_hint: str = ""
 
     def __init__(self, center_coef: float = 0.0, center: str = "pair"):
         super().__init__()

@@ -23,6 +23,10 @@ class AnswerCELoss(RewardLoss):
     masked; a batch without labels gives 0, still attached to the graph.
     """
 
+    response_field = "label"
+    response_field_hint = ("use data with 0/1 labels (a `label` field, or the simulator), model=pairwise_judge (it "
+                           "labels its own rows from the comparisons), or a pairwise loss such as loss=bt")
+
     def objective(self, rewards: torch.Tensor, batch) -> LossOutput:
         y = getattr(batch, "label", None)
         if y is None:

@@ -38,6 +38,10 @@ class PlackettLuceLoss(RewardLoss):
     Without ties both are the plain PL above. Both are invariant to a shift of a prompt's rewards.
     """
 
+    response_field = "rank"
+    response_field_hint = ("use ranked data (data.format=rankings, or data.simulator.comparisons=ranking), or a "
+                           "pairwise loss such as loss=bt (at K = 2 it is plackett_luce)")
+
     def __init__(self, ties: str = "breslow", center_coef: float = 0.0, center: str = "pair"):
         super().__init__(center_coef, center)
         if ties not in PL_TIES:

@@ -48,6 +48,10 @@ class RegressionLoss(RewardLoss):
         if target not in REGRESSION_TARGETS:
             raise ValueError(f"regression target must be one of {REGRESSION_TARGETS}, got {target!r}")
         self.target, self.scale, self.shift = target, float(scale), float(shift)
+        self.response_field = target
+        self.response_field_hint = (f"use data with a per-response {target} (ratings: data.format=ratings, or the "
+                                    "simulator), loss.target=score|label to match the data, or a pairwise loss "
+                                    "such as loss=bt")
 
     def objective(self, rewards: torch.Tensor, batch) -> LossOutput:
         y = getattr(batch, self.target, None)
