@@ -212,7 +212,7 @@ def test_rewardbench2_equals_the_package():
     out = out.add_column("num_correct", [it.n_chosen for it in items])
     theirs = {}
     for subset in np.unique(out["subset"]):
-        part = out.filter(lambda ex: ex["subset"] == subset)
+        part = out.filter(lambda ex, s=subset: ex["subset"] == s)
         if subset.lower() == "ties":
             _, theirs[subset] = ns["process_single_model"](part)
         else:
