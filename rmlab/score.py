@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator
@@ -38,7 +37,6 @@ from rmlab.data.sources import DataError, read_records
 from rmlab.data.tokenize import contract_drift, subgroup, tokenize_groups
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
 
-log = logging.getLogger("rmlab")
 NAN = float("nan")
 # (prompt, responses) of plain text, or (prompt, responses, True) where prompt + response is a chat template's text
 Item = tuple
@@ -132,8 +130,7 @@ class Scorer:
             reward_token = model.recorded_scoring().get("reward_token") or "auto"
         self.model, self.tok = model.eval().to(device), model.tokenizer
         drift = contract_drift(self.tok, model.recorded_scoring(), reward_token)
-        if drift:
-            log.warning(drift)
+        if drift:  # once, on stderr (a logger warning as well printed it twice: Hydra's handler, or logging's last resort)
             print(f"rmlab: {drift}", file=sys.stderr, flush=True)
         self.progress = progress
         self.max_length, self.min_prompt_tokens, self.reward_token = max_length, min_prompt_tokens, reward_token

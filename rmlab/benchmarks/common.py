@@ -145,7 +145,7 @@ def score_items(scorer: Any, items: list[Item], chunk: int = 256, progress: bool
     for a in range(0, len(items), chunk):
         part = items[a : a + chunk]
         rewards = scorer.score_chat([conversations(it) for it in part], [it.where for it in part])
-        for it, rs in zip(items[a : a + chunk], rewards):
+        for it, rs in zip(part, rewards):
             if len(rs) != len(it.responses) or any(math.isnan(r) for r in rs):
                 raise RuntimeError(f"{it.where}: {len(rs)} rewards for {len(it.responses)} responses (a scoring bug)")
         out.extend(rewards)

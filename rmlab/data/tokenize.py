@@ -140,9 +140,10 @@ def contract(tokenizer, reward_token: str = "auto") -> dict[str, str]:
     chat = "apply_chat_template(messages, tokenize=True)"
     if appends_eos(tokenizer, True, reward_token):
         chat = f"apply_chat_template(messages, tokenize=False).rstrip('\\n'), tokenized without added specials, + {eos}"
-    text = "tokenizer(prompt + response)" + (f" + {eos} unless it ends with it" if appends_eos(tokenizer, False, reward_token) else "")
     if reward_token == "eos":
         text = f"tokenizer((prompt + response).rstrip('\\n'), add_special_tokens=False) + {eos} unless it ends with it"
+    else:
+        text = "tokenizer(prompt + response)" + (f" + {eos} unless it ends with it" if appends_eos(tokenizer, False, reward_token) else "")
     return {"reward_token": reward_token, "chat": chat, "text": text, "reward_at": "the last token (the last non-pad token)"}
 
 
