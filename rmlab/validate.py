@@ -353,7 +353,7 @@ def _check_grm_model(c: _Checker, head: Any) -> None:
         c.fail("model.head", head, "loss=grm trains a language-modelling loss through the scalar head's backbone: use "
                "model.head=scalar on a causal LM, or another loss")
     name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
-    if name == "minilm" or model_type in ENCODER_TYPES:
+    if _is_encoder(c):
         c.fail("model" if name == "minilm" else "model.config.model_type", name if name == "minilm" else model_type,
                "loss=grm needs a causal LM (it trains the backbone's language-modelling head on the chosen response) "
                "and this model is an encoder: use model=tiny_llama or model=hf model.name_or_path=<a causal LM>")
@@ -392,13 +392,17 @@ def _check_model(c: _Checker) -> None:
     _check_speed_keys(c, head, mode, attention, budget)
     c.integer("model.lora.r", 0, hint="0 = full fine-tuning, 8-64 typical")
     if c.boolean("model.liger") is True:
-        name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
-        if name == "minilm" or model_type in ENCODER_TYPES:
+        if _is_encoder(c):
             c.fail("model.liger", True, "Liger's kernels (RMSNorm, RoPE, SwiGLU) are for decoder LMs and this model is "
                    "an encoder: set model.liger=false, or use a causal LM (model=tiny_llama, model=hf ...)")
         elif c.get("trainer.accelerator") == "cpu":
             c.fail("model.liger", True, "Liger's kernels are Triton kernels for a GPU and trainer.accelerator=cpu (the "
                    "default trainer=cpu): use trainer=gpu (or ddp, fsdp, deepspeed), or set model.liger=false")
+
+
+def _is_encoder(c: _Checker) -> bool:
+    """The bundled MiniLM, or a model config of an encoder type (a hub encoder not named here is found when built)."""
+    return c.get("model.name_or_path") == "minilm" or c.get("model.config.model_type") in ENCODER_TYPES
 
 
 # Heads whose forward is always padded: no packed layout for the collator (RewardModel.batch_layout stays None).
@@ -408,8 +412,7 @@ PADDED_HEADS = ("attributes", "verifier", "judge", "cloud")
 def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget: Any) -> None:
     """Speed settings that would be ignored, or that cannot train, are refused rather than run silently without
     them (found by an all-pairs sweep over the config groups)."""
-    name, model_type = c.get("model.name_or_path"), c.get("model.config.model_type")
-    encoder = name == "minilm" or model_type in ENCODER_TYPES
+    encoder = _is_encoder(c)
     if head == "attributes":  # the attribute head always runs padded and uncompiled (rmlab.models.builder)
         for key, value, off in (("model.forward_mode", mode, ("auto", "padded")), ("model.attention", attention,
                                 ("auto",)), ("model.compile", c.get("model.compile"), (False, _ABSENT))):
