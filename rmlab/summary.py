@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+
 
 def run_summary(trainer, out: Path, minutes: float, baselines: dict[str, float]) -> dict[str, Any]:
     """The run's headline numbers and every scalar the trainer logged last."""
@@ -23,6 +25,46 @@ def run_summary(trainer, out: Path, minutes: float, baselines: dict[str, float])
         "minutes": minutes,
         "metrics": metrics,
     }
+
+
+def eval_args(cfg: Any) -> list[str]:
+    """The overrides that make ``python eval.py ckpt_path=...`` score the run's own data and val split.
+
+    eval.py's data defaults to the simulator with seed 0: a run on other data, another seed or other simulator
+    settings would otherwise be scored on data it was not trained on (all of it, as no split matches). Each key
+    that decides the examples (rmlab.evaluate's identity keys) is named where the run's value differs from its
+    data config file's."""
+    from omegaconf import OmegaConf
+
+    data = cfg.get("data")
+    if data is None or "name" not in data:
+        return []
+    name, args = str(data.name), []
+    path = CONF_DATA / f"{name}.yaml"
+    if name != "simulator":
+        args.append(f"data={name}" if path.exists() else "data=<this run's data config>")
+    seed = cfg.get("seed", 0)
+    if seed not in (0, None):
+        args.append(f"seed={seed}")
+    if data.get("seed") is not None and data.get("seed") != seed:
+        args.append(f"data.seed={data.seed}")
+    if not path.exists():
+        return args
+    default = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    run = OmegaConf.to_container(data, resolve=True)
+
+    def leaves(prefix: str, ours: Any, theirs: Any) -> None:
+        if isinstance(ours, dict):
+            theirs = theirs if isinstance(theirs, dict) else {}
+            for k, v in ours.items():
+                leaves(f"{prefix}.{k}", v, theirs.get(k))
+        elif ours != theirs and not (isinstance(theirs, str) and "${" in theirs) and not isinstance(ours, list):
+            args.append(f"{prefix}={'null' if ours is None else ours}")
+
+    for key in ("simulator", "val_fraction", "format", "split", "val_split", "val_source", "fields"):
+        if key in run:
+            leaves(f"data.{key}", run[key], default.get(key))
+    return args
 
 
 def write_summary(summary: dict[str, Any], out: Path) -> None:
@@ -51,7 +93,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  exported model (transformers): {s['export_dir']}")
     if s.get("export_skipped"):
         lines.append(f"  export skipped: {s['export_skipped']}")
-    lines.append(f"  next: python eval.py ckpt_path={s['run_dir']}/checkpoints/last.ckpt")
+    extra = "".join(f" {a}" for a in s.get("eval_args") or [])  # the run's data and split (eval_args)
+    lines.append(f"  next: python eval.py ckpt_path={s['run_dir']}/checkpoints/last.ckpt{extra}")
     if s.get("export_dir"):
         lines.append(f"        python -m rmlab.score <file.jsonl> --model {s['export_dir']}")
         lines.append("        in other tools: the export's config.json says how to read it (rmlab.read_with)")

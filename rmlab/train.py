@@ -27,7 +27,7 @@ from rmlab.models.liger import liger_report
 from rmlab.models.scoring import score_batches
 from rmlab.rundir import nested_job_dir
 from rmlab.runtime import Loggers, start_run
-from rmlab.summary import run_summary, write_summary
+from rmlab.summary import eval_args, run_summary, write_summary
 from rmlab.validate import check_config
 
 log = logging.getLogger("rmlab")
@@ -106,6 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 4. The summary, the model's own report and the export. Every rank runs this part: under FSDP sharding,
     #    gathering the weights for the export is a collective.
     summary = run_summary(trainer, out, (time.time() - t0) / 60, dm.report.get("val_baselines", {}))
+    summary["eval_args"] = eval_args(cfg)  # the next: line's eval.py scores this run's data and val split
     if liger_report(model):
         summary["liger"] = liger_report(model)  # which of Liger's kernels ran (model.liger=true)
     whole = None

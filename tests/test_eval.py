@@ -246,3 +246,40 @@ def test_split_auto_treats_a_missing_simulator_key_as_its_default(tmp_path):
     assert pick_split("auto", now, OmegaConf.create({"data": old})) == "val"
     old["simulator"]["hack_rate"] = 0.2  # other data: never its val set
     assert pick_split("auto", now, OmegaConf.create({"data": old})) == "all"
+
+
+@pytest.mark.parametrize(
+    "train_overrides",
+    [
+        ["model=cloud", "data=prometheus", "seed=3"],  # issue 18's run: eval.py's default data is the simulator
+        ["experiment=overopt", "seed=2"],  # the hackable simulator, data seed pinned to 0, 1,600 prompts
+        ["data.simulator.num_prompts=600", "data.simulator.k=4", "seed=1"],
+        ["data=alpaca_eval2", "data.val_fraction=0.2"],
+    ],
+)
+def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides, tmp_path):
+    """The run summary's `next: python eval.py ckpt_path=...` names the data, seed and data keys that make eval.py
+    score the run's own val split; without them eval.py scored the default simulator (all of it)."""
+    from omegaconf import OmegaConf
+
+    from rmlab.evaluate import pick_split
+    from rmlab.summary import eval_args, format_summary
+
+    run_cfg = compose(train_overrides, tmp_path / "run")
+    run_cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))  # as config.yaml holds it
+    bare = compose([f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt"], tmp_path / "eval", "eval")
+    assert pick_split("auto", bare.data, run_cfg) == "all"  # the bare command misses the training data
+    args = eval_args(run_cfg)
+    ev = compose([f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt", *args], tmp_path / "eval", "eval")
+    assert pick_split("auto", ev.data, run_cfg) == "val", args
+    assert ev.data.name == run_cfg.data.name
+    summary = {"run_dir": "R", "val_acc": 0.5, "oracle_acc": None, "length_acc": None, "train_steps": 1, "minutes": 0.1,
+               "eval_args": args}
+    lines = format_summary(summary).splitlines()
+    assert f"  next: python eval.py ckpt_path=R/checkpoints/last.ckpt {' '.join(args)}" in lines
+
+
+def test_the_default_runs_eval_command_stays_bare(tmp_path):
+    from rmlab.summary import eval_args
+
+    assert eval_args(compose([], tmp_path)) == []
