@@ -101,6 +101,17 @@ def load_reward_model(ckpt_path: str | None = None, model_cfg: Any = None, run_c
             # model.liger (false by default), so a run trained with it on a GPU is scored on any machine.
             arch = arch.copy()
             arch.liger = bool(model_cfg.get("liger", False)) if model_cfg is not None else False
+        wanted = model_cfg.get("generation") if arch is not model_cfg and model_cfg is not None else None
+        if wanted is not None:
+            # A writing model's generation settings may be changed at evaluation (+model.generation.samples=5, ...),
+            # as for an export; they were ignored here, silently, for a checkpoint.
+            if not isinstance(arch, DictConfig) or arch.get("generation") is None:
+                raise ValueError(
+                    f"model.generation is set, but the model of {ckpt_path} does not write before it scores (only "
+                    f"model=cloud and model.reasoning=true judges do): drop the model.generation override"
+                )
+            arch = arch.copy()
+            arch.generation = OmegaConf.merge(arch.generation, wanted)
         model = instantiate(arch, _convert_="all")
         state = read_checkpoint(ckpt_path)["state_dict"]  # weights_only: tensors and plain types only
         model.load_state_dict(model_state(state), strict=True)

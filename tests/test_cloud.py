@@ -394,3 +394,37 @@ def test_reasoning_verifier_export_rebuilds_the_same_scorer(tmp_path):
         r2, h2 = back.score_heads(b)
     torch.testing.assert_close(r, r2, atol=1e-6, rtol=0)
     assert h["critique"] == h2["critique"]
+
+
+@needs_shared_data
+def test_eval_of_a_checkpoint_takes_the_commands_generation_settings(tmp_path, monkeypatch):
+    """eval.py ckpt_path=<reasoning verifier> +model.generation.samples=3 scores with 3 sampled rationales (it
+    kept the run's single greedy one, silently); a model that does not write refuses the override."""
+    from omegaconf import OmegaConf
+
+    from rmlab.evaluate import find_run_config, load_reward_model
+    from rmlab.evaluate import run as eval_run
+    from rmlab.train import run
+
+    monkeypatch.setenv("RMLAB_CACHE", str(tmp_path / "cache"))
+    cfg = compose(["model=generative_verifier", "model.reasoning=true", "data=prometheus", "threads=1", "data.max_records=40",
+                   "trainer.max_steps=2", "model.max_critique_tokens=4", "data.max_length=256", "export=false"], tmp_path / "run")
+    run(cfg)
+    ckpt = f"{tmp_path}/run/checkpoints/last.ckpt"
+    gen = OmegaConf.create({"name_or_path": "x", "generation": {"samples": 3, "do_sample": True, "seed": 5}})
+    m = load_reward_model(ckpt, gen, find_run_config(ckpt))
+    assert (m.generation.samples, m.generation.do_sample, m.generation.seed) == (3, True, 5)
+    assert m.generation.max_new_tokens == 4 and m.max_critique_tokens == 4  # the rest as the run had it
+    assert load_reward_model(ckpt, OmegaConf.create({"name_or_path": "x"}), find_run_config(ckpt)).generation.samples == 1
+
+    ev = compose(["data=prometheus", "data.max_records=40", f"ckpt_path={ckpt}", "split=val", "+model.generation.samples=3",
+                  "+model.generation.do_sample=true"], tmp_path / "eval", config_name="eval")
+    got = eval_run(ev)["metrics"]
+    assert got["head/generated_tokens_per_row"] == pytest.approx(3 * got["head/critique_tokens_per_row"])
+
+    scalar = compose(["model=tiny_llama", "data=prometheus", "threads=1", "data.max_records=40", "trainer.max_steps=1",
+                      "data.max_length=256", "export=false"], tmp_path / "scalar")
+    run(scalar)
+    sk = f"{tmp_path}/scalar/checkpoints/last.ckpt"
+    with pytest.raises(ValueError, match="does not write before it scores"):
+        load_reward_model(sk, gen, find_run_config(sk))
