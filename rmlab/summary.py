@@ -32,8 +32,8 @@ def eval_args(cfg: Any) -> list[str]:
 
     eval.py's data defaults to the simulator with seed 0: a run on other data, another seed or other simulator
     settings would otherwise be scored on data it was not trained on (all of it, as no split matches). Each key
-    that decides the examples (rmlab.evaluate's identity keys) is named where the run's value differs from its
-    data config file's."""
+    that decides the examples (rmlab.evaluate's identity keys, the format options) or the rows (max_length) is
+    named where the run's value differs from its data config file's."""
     from omegaconf import OmegaConf
 
     data = cfg.get("data")
@@ -61,7 +61,9 @@ def eval_args(cfg: Any) -> list[str]:
         elif ours != theirs and not (isinstance(theirs, str) and "${" in theirs) and not isinstance(ours, list):
             args.append(f"{prefix}={'null' if ours is None else ours}")
 
-    for key in ("simulator", "val_fraction", "format", "split", "val_split", "val_source", "fields"):
+    # The keys that pick the examples, then those that shape each row (the run's truncation, its K per prompt).
+    for key in ("simulator", "val_fraction", "format", "split", "val_split", "val_source", "fields", "format_options",
+                "max_records", "max_length", "min_prompt_tokens"):
         if key in run:
             leaves(f"data.{key}", run[key], default.get(key))
     return args

@@ -255,6 +255,7 @@ def test_split_auto_treats_a_missing_simulator_key_as_its_default(tmp_path):
         ["experiment=overopt", "seed=2"],  # the hackable simulator, data seed pinned to 0, 1,600 prompts
         ["data.simulator.num_prompts=600", "data.simulator.k=4", "seed=1"],
         ["data=alpaca_eval2", "data.val_fraction=0.2"],
+        ["experiment=odin_alpaca", "seed=1"],  # 240 of 805 prompts, K = 4, rows of 128 tokens
     ],
 )
 def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides, tmp_path):
@@ -273,6 +274,8 @@ def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides,
     ev = compose([f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt", *args], tmp_path / "eval", "eval")
     assert pick_split("auto", ev.data, run_cfg) == "val", args
     assert ev.data.name == run_cfg.data.name
+    for key in ("format_options", "max_length", "max_records", "val_fraction"):  # the same examples, rows as trained
+        assert OmegaConf.to_container(ev.data, resolve=True).get(key) == OmegaConf.to_container(run_cfg.data).get(key), key
     summary = {"run_dir": "R", "val_acc": 0.5, "oracle_acc": None, "length_acc": None, "train_steps": 1, "minutes": 0.1,
                "eval_args": args}
     lines = format_summary(summary).splitlines()
