@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
@@ -34,8 +36,6 @@ def eval_args(cfg: Any) -> list[str]:
     settings would otherwise be scored on data it was not trained on (all of it, as no split matches). Each key
     that decides the examples (rmlab.evaluate's identity keys, the format options) or the rows (max_length) is
     named where the run's value differs from its data config file's."""
-    from omegaconf import OmegaConf
-
     data = cfg.get("data")
     if data is None or "name" not in data:
         return []
