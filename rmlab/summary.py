@@ -87,6 +87,9 @@ def format_summary(s: dict) -> str:
         f"  steps {s['train_steps']}, {s['minutes']:.1f} min",
         f"  run dir: {s['run_dir']}",
     ]
+    lm = (s.get("metrics") or {}).get("val/critique_lm")
+    if lm is not None and s.get("critique_lm_uniform"):
+        lines.append(f"  critique LM loss (val, nats/token) {lm:6.3f}  (a uniform guess: {s['critique_lm_uniform']:.3f})")
     if s.get("liger"):
         lines.append(f"  Liger kernels (model.liger)       {', '.join(s['liger']['kernels'])}")
     for k, v in (s.get("head_report") or {}).items():

@@ -330,6 +330,12 @@ def test_train_cloud_on_prometheus_critique_loss_falls_then_eval_and_score_repor
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == len(before), "every parameter (LM, backbone, reward head) should have moved"
     assert 0 < summary["head_report"]["critique_tokens_per_row"] <= 16  # generated, within model.max_critique_tokens
+    # The run's summary shows the critique LM's val loss beside a uniform guess over the byte vocabulary (ln 384).
+    from rmlab.summary import format_summary
+
+    assert summary["critique_lm_uniform"] == pytest.approx(math.log(384))
+    assert summary["metrics"]["val/critique_lm"] < summary["critique_lm_uniform"] - 0.3, summary["metrics"]
+    assert f"critique LM loss (val, nats/token) {summary['metrics']['val/critique_lm']:6.3f}" in format_summary(summary)
 
     ev = compose(["data=prometheus", "data.max_records=48", f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt", "split=val"],
                  tmp_path / "eval", config_name="eval")
