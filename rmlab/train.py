@@ -107,10 +107,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     #    gathering the weights for the export is a collective.
     summary = run_summary(trainer, out, (time.time() - t0) / 60, dm.report.get("val_baselines", {}))
     summary["eval_args"] = eval_args(cfg)  # the next: line's eval.py scores this run's data and val split
-    head = getattr(model, "lm_head", None)
-    if "val/critique_lm" in summary["metrics"] and head is not None:
+    if "val/critique_lm" in summary["metrics"]:
         # A writing model's critique LM: its val loss beside a uniform guess over the vocabulary (has it learned?)
-        summary["critique_lm_uniform"] = math.log(head.weight.shape[0])
+        summary["critique_lm_uniform"] = math.log(len(model.tokenizer))
     if liger_report(model):
         summary["liger"] = liger_report(model)  # which of Liger's kernels ran (model.liger=true)
     whole = None
