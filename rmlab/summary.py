@@ -62,7 +62,7 @@ def eval_args(cfg: Any) -> list[str]:
             args.append(f"{prefix}={'null' if ours is None else ours}")
 
     # The keys that pick the examples, then those that shape each row (the run's truncation, its K per prompt).
-    for key in ("simulator", "val_fraction", "format", "split", "val_split", "val_source", "fields", "format_options",
+    for key in ("source", "simulator", "val_fraction", "format", "split", "val_split", "val_source", "fields", "format_options",
                 "max_records", "max_length", "min_prompt_tokens"):
         if key in run:
             leaves(f"data.{key}", run[key], default.get(key))

@@ -256,6 +256,7 @@ def test_split_auto_treats_a_missing_simulator_key_as_its_default(tmp_path):
         ["data.simulator.num_prompts=600", "data.simulator.k=4", "seed=1"],
         ["data=alpaca_eval2", "data.val_fraction=0.2"],
         ["experiment=odin_alpaca", "seed=1"],  # 240 of 805 prompts, K = 4, rows of 128 tokens
+        ["data=local", "data.source=/data/mine.jsonl", "data.format=ratings"],  # a user's own file
     ],
 )
 def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides, tmp_path):
