@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rmlab.checkpoint import CheckpointError, check_checkpoint, check_export_dir, read_checkpoint
 from rmlab.data.simulator import SimulatorConfig
-from rmlab.data.tokenize import contract_drift
+from rmlab.data.tokenize import contract_drift, format_drift
 from rmlab.metrics import PredictionCollector, Predictions, compute_all
 from rmlab.models import RewardModel, Scored, load_export, read_export_meta, score_batches
 from rmlab.models.budget import token_budget
@@ -242,6 +242,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     drift = contract_drift(model.tokenizer, model.recorded_scoring(), cfg.data.get("reward_token", "auto"))
     if drift and cfg.data.get("format") != "chat":
         log.warning(drift)
+    plain = format_drift(model.recorded_scoring(), cfg.data.get("format") == "chat")
+    if plain:
+        log.warning(plain)
     # Generative heads re-template each group into their own rows, exactly as in training.
     dm = instantiate(cfg.data, tokenizer=model.tokenizer, output_dir=str(out), template=model.group_template,
                      _convert_="all")

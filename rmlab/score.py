@@ -34,7 +34,7 @@ from typing import Any
 
 from rmlab.data.chat import DEFAULT_FALLBACK_TEMPLATE, check_messages, split_conversations, with_prompt
 from rmlab.data.sources import DataError, read_records
-from rmlab.data.tokenize import contract_drift, subgroup, tokenize_groups
+from rmlab.data.tokenize import contract_drift, format_drift, subgroup, tokenize_groups
 from rmlab.data.types import Comparison, DataReport, PreferenceGroup
 
 NAN = float("nan")
@@ -138,6 +138,7 @@ class Scorer:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.template, self.kind = model.group_template, model.kind
         self.attribute_names = list(model.output_names)
+        self._plain_text_warned = False  # format_drift is said once per Scorer
 
     def chat_items(
         self, conversations: list[list[list[dict[str, str]]]], wheres: list[str] | None = None
@@ -189,6 +190,11 @@ class Scorer:
 
         if self.kind == "judge" and any(len(it[1]) != 2 for it in items):
             raise ValueError("a pairwise judge scores pairs (chosen, rejected), not single responses")
+        if not self._plain_text_warned:
+            drift = format_drift(self.model.recorded_scoring(), all(len(it) > 2 and it[2] for it in items))
+            if drift:  # once, on stderr, as contract_drift
+                print(f"rmlab: {drift}", file=sys.stderr, flush=True)
+                self._plain_text_warned = True
         toks = tokenize_groups(
             self._groups(items), self.tok, DataReport(), self.max_length, self.min_prompt_tokens, self.reward_token
         )

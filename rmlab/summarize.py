@@ -170,6 +170,11 @@ def leaderboard_markdown(lb: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def legend_label(rank: int, name: str, width: int = 60) -> str:
+    """"<rank>. <name>", a long name cut at its start (a path's end tells models apart) behind an ellipsis."""
+    return f"{rank}. " + (name if len(name) <= width else "\u2026" + name[-(width - 1):])
+
+
 def leaderboard_chart(lb: dict[str, Any], path: Path) -> Path:
     """Grouped bars: for each model its score and its sections."""
     import matplotlib
@@ -179,15 +184,17 @@ def leaderboard_chart(lb: dict[str, Any], path: Path) -> Path:
 
     cols, rows = lb["columns"], lb["rows"]
     width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(cols) + 2), 4), dpi=100)
-    for i, r in enumerate(rows):
-        ax.bar([j + i * width for j in range(len(cols))], [r[c] for c in cols], width, label=r["name"][-40:])
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(cols) + 2), 4 + 0.22 * len(rows)), dpi=100)
+    for i, r in enumerate(rows):  # percent, as the table; each model by its rank and the name the table gives it
+        ax.bar([j + i * width for j in range(len(cols))], [100 * r[c] for c in cols], width,
+               label=legend_label(i + 1, r["name"]))
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(cols))],
                   [c.removeprefix("section/") for c in cols], rotation=20, ha="right")
-    ax.set(ylim=(0, 1), ylabel="score", title=f"{lb['benchmark']}: leaderboard")
-    ax.legend(fontsize=7)
+    ax.set(ylim=(0, 100), ylabel="score (%)", title=f"{lb['benchmark']}: leaderboard")
+    # below the axes: inside, it covered the bars of the best models (those reaching 100)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, TINY_LLAMA, compose, needs_shared_data
+from tests.conftest import ROOT, SHARED_DATA, TINY_LLAMA, compose, needs_shared_data
 
 pytestmark = [
     pytest.mark.slow,
@@ -197,6 +198,17 @@ def template_ids(tok, conv) -> list[int]:
     return tok.apply_chat_template(conv, tokenize=True, return_dict=False)
 
 
+def docs_block(heading: str, n: int = 0) -> str:
+    """The n-th ```python block under ``heading`` of docs/eval.md (before the next heading of its level)."""
+    text = (ROOT / "docs" / "eval.md").read_text(encoding="utf-8")
+    assert heading in text, f"docs/eval.md has no {heading!r}"
+    level = heading.split(" ")[0]
+    section = text.split(heading + "\n", 1)[1].split("\n" + level + " ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) > n, f"docs/eval.md {heading!r} has {len(blocks)} python blocks"
+    return blocks[n]
+
+
 # --- the export itself ----------------------------------------------------------------------------------------
 
 
@@ -289,6 +301,58 @@ def test_text_classification_pipeline(name, export_of):
         assert_close(default, ours, f"{name}: pipeline, default tokenizer kwargs")
 
 
+def run_docs_snippets(export: Path, prompt: str, response: str, conversations: list | None = None) -> dict:
+    """docs/eval.md's "Plain transformers" snippets, executed as printed: the export's path for the placeholder,
+    ``prompt``, ``response`` (and ``conversations`` for the pipeline) as the reader's own variables."""
+    placeholder = '"outputs/train/runs/<run>/export"'
+    first = docs_block("### Plain transformers", 0)
+    assert placeholder in first, "docs/eval.md changed"
+    ns = {"prompt": prompt, "response": response, "conversations": conversations}
+    exec(first.replace(placeholder, repr(str(export))), ns)
+    if conversations is not None:
+        exec(docs_block("### Plain transformers", 1), ns)
+    return ns
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_docs_transformers_snippets_verbatim_on_chat_exports(name, export_of):
+    """The snippet a reader copies (its chat branch on a chat-trained export) and the pipeline snippet give
+    rmlab.score's reward and normalized reward."""
+    from transformers import AutoConfig
+
+    export = export_of(name)
+    conv = CONVERSATIONS[0]
+    ns = run_docs_snippets(export, conv[0]["content"], conv[1]["content"], CONVERSATIONS)
+    cfg = AutoConfig.from_pretrained(export)
+    assert_close([ns["reward"]], rmlab_rewards(export, [conv]), f"{name}: docs snippet, chat branch")
+    assert_close([ns["normalized"]], [(ns["reward"] - cfg.mean) / cfg.std], f"{name}: docs snippet, normalized")
+    assert_close(ns["rewards"], rmlab_rewards(export, CONVERSATIONS), f"{name}: docs pipeline snippet")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=minilm", "trainer.max_steps=2"],
+        # Qwen2.5's tokenizer adds no eos of its own (ByT5's would, and hide a missing "+ eos")
+        ["debug=fast", "export=true", f"model.tokenizer={TOKENIZERS / 'qwen2_5_instruct'}"],
+    ],
+    ids=["encoder", "causal_plain_text"],
+)
+def test_the_docs_transformers_snippet_verbatim_on_plain_text_exports(overrides, tmp_path):
+    """Its other two branches, on exports ``train.py`` makes from the simulator's plain text: an encoder (MiniLM,
+    [CLS] prompt [SEP] response [SEP]) and a causal LM (tokenizer(prompt + response) + eos): rmlab.score's reward."""
+    from rmlab.train import run
+
+    run(compose([*overrides, "data.simulator.num_prompts=40", "threads=1", "seed=0"], tmp_path))
+    export = tmp_path / "export"
+    prompt, response = "Explain why the sky is blue.", "Sunlight scatters off air molecules; blue scatters most."
+    ns = run_docs_snippets(export, prompt, response)
+    ours = rmlab_score_cli(export, [{"prompt": prompt, "response": response}], tmp_path)[0]["reward"]
+    assert_close([ns["reward"]], [ours], f"docs snippet, {overrides[0]}")
+    other = rmlab_score_cli(export, [{"prompt": prompt, "response": response + " Indeed."}], tmp_path)[0]["reward"]
+    assert abs(other - ours) > 1e-6, "the export scores every text alike: the comparison proves nothing"
+
+
 # --- TRL ------------------------------------------------------------------------------------------------------
 
 
@@ -313,19 +377,14 @@ def tiny_policy(name: str, tok):
 
 
 def rmlab_reward_function(export_dir: str, device: str = "cpu"):
-    """docs/eval.md's TRL reward function: rmlab's own scoring of conversational completions, normalized with
-    the export's val statistics."""
-    from rmlab.models import load_export, read_export_meta
-    from rmlab.score import Scorer
-
-    meta = read_export_meta(export_dir)  # config.json's "rmlab"
-    scorer = Scorer(load_export(export_dir), reward_token=meta["scoring"]["reward_token"], device=device)
-
-    def rmlab_reward(prompts, completions, **_):  # conversational data: message lists
-        rewards = scorer.score_chat([[p + c] for p, c in zip(prompts, completions)])
-        return [(r[0] - meta["reward_mean"]) / meta["reward_std"] for r in rewards]
-
-    return rmlab_reward
+    """docs/eval.md's TRL reward function, its text executed as the docs print it (only ``device="cuda"`` becomes
+    this machine's): rmlab's own scoring of conversational completions, normalized with the export's val
+    statistics. The docs' trainer call that follows it must pass the export's path and this function."""
+    code, trainer = docs_block("### TRL (GRPO, RLOO; PPO)", 1).split("\ntrainer = ")
+    assert 'device="cuda"' in code and "reward_funcs=[export_dir, rmlab_reward]" in trainer, "docs/eval.md changed"
+    ns = {"export_dir": export_dir}
+    exec(code.replace('device="cuda"', f"device={device!r}"), ns)
+    return ns["rmlab_reward"]
 
 
 def trl_step(export: Path, name: str, out: Path, algo: str = "grpo"):

@@ -282,3 +282,57 @@ def test_an_export_trained_on_the_older_reward_token_eos_text_rows_is_warned_abo
     g = PreferenceGroup("Human: hi\n\nAssistant: ", ["hello\n", "bye"], [Comparison(0, 1)])
     want = [tok(g.prompt + r)["input_ids"] + [tok.eos_token_id] for r in g.responses]
     assert rows_of(tok, [g], "auto")[0] == want and want[0][0] == tok.bos_token_id
+
+
+@needs_shared_data
+def test_plain_text_given_to_a_chat_trained_model_is_warned_about(tmp_path, capsys, caplog):
+    """A model trained on chat conversations and given plain-text records ({prompt, response}, or eval.py on a
+    plain-text data config) is scored by the plain-text rule, not through its chat template: another token row,
+    another reward (the silent mismatch of issue 14). Before: no word of it. Now: the Scorer (once), rmlab.score and
+    eval.py say so and what to give instead; chat records, and plain text to a plain-text model, stay quiet."""
+    from rmlab.data.tokenize import contract
+    from rmlab.evaluate import run
+    from rmlab.models import build_model, load_export
+    from rmlab.score import Scorer, main
+    from tests.conftest import compose
+
+    torch.manual_seed(0)
+    name = "qwen2_5_instruct"
+    out = build_model(config=TINY_LLAMA, tokenizer=str(TOKENIZERS / name)).eval().save_pretrained(tmp_path / "export")
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    prompt, response = "Which is larger, 9.11 or 9.9?", "9.9 is larger."
+    conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    words = "trained on chat conversations"
+    for fmt in ("chat", "pairs"):
+        cfg.setdefault("rmlab", {})["scoring"] = {"format": fmt, **contract(tokenizer(name), "auto")}
+        cfg_path.write_text(json.dumps(cfg))
+        capsys.readouterr()
+        scorer = Scorer(load_export(str(out)))
+        chat = scorer.score_chat([[conv]])[0][0]
+        assert words not in capsys.readouterr().err
+        plain = scorer.score([(prompt, [response])])[0][0]
+        scorer.score([(prompt, [response])])
+        err = capsys.readouterr().err
+        assert err.count(words) == (fmt == "chat"), err  # once per Scorer
+        assert abs(plain - chat) > 1e-4  # why it matters: the plain row is another row, another reward
+        if fmt == "chat":
+            assert "{messages}" in err and "data.format=chat" in err
+        # python -m rmlab.score: plain records are warned about once, chat records not at all
+        for recs, warned in [([{"prompt": prompt, "response": response}] * 2, fmt == "chat"), ([{"messages": conv}], False)]:
+            src = tmp_path / "in.jsonl"
+            src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+            main([str(src), "--model", str(out), "-o", str(tmp_path / "o.jsonl"), "--threads", "1", "--no-progress"])
+            assert capsys.readouterr().err.count(words) == warned
+    # eval.py on a plain-text data config, with the export trained on chat
+    cfg["rmlab"]["scoring"]["format"] = "chat"
+    cfg_path.write_text(json.dumps(cfg))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": prompt, "chosen": response, "rejected": "9.11"}) + "\n")
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text(json.dumps({"chosen": conv, "rejected": [conv[0], {"role": "assistant", "content": "9.11"}]}) + "\n")
+    for source, fmt, warned in [(data, "pairs", True), (chats, "chat", False)]:
+        caplog.clear()
+        run(compose([f"model.name_or_path={out}", "data=local", f"data.source={source}", f"data.format={fmt}",
+                     "threads=1"], tmp_path / f"eval_{fmt}", "eval"))
+        assert any(words in r.getMessage() for r in caplog.records) == warned

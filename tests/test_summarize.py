@@ -159,3 +159,37 @@ def test_benchmark_multirun_over_exports_with_slashes(tmp_path):
         csv_rows = list(csv.DictReader(f))
     assert sorted(r["run"] for r in csv_rows) == [p.name for p in jobs]  # the run column names the flat job dirs
     assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_leaderboard_chart_names_each_model_by_rank_and_keeps_the_legend_off_the_bars(tmp_path, monkeypatch):
+    """The chart of the benchmark leaderboard: bars in percent like the table, each model labelled by its rank and
+    its name (a long path cut at its start behind an ellipsis, not mid-word), the legend below the axes. Before,
+    labels were the name's last 40 characters ("l.name_or_path=/tmp/...") and the legend sat on the bars of the best
+    models, which reach the top of the axes."""
+    import matplotlib.figure
+
+    from rmlab.summarize import leaderboard_chart
+
+    long_a = "model.name_or_path=/tmp/some/where/deep/down/the/tree/run_qwen2_5_instruct/export"
+    lb = {"benchmark": "rewardbench", "columns": ["score", "section/Chat"],
+          "rows": [{"name": long_a, "score": 0.955, "section/Chat": 1.0},
+                   {"name": "model.name_or_path=b", "score": 0.367, "section/Chat": 0.179}]}
+    seen = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def capture(fig, *a, **k):
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["heights"] = [round(b.get_height(), 6) for b in ax.patches]
+        seen["legend_top"] = ax.get_legend().get_window_extent().y1
+        seen["axes_bottom"] = ax.get_window_extent().y0
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    out = leaderboard_chart(lb, tmp_path / "summary.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seen["labels"] == ["1. \u2026" + long_a[-59:], "2. model.name_or_path=b"]
+    assert seen["labels"][0].endswith("run_qwen2_5_instruct/export") and len(seen["labels"][0]) == 3 + 60
+    assert seen["heights"] == [95.5, 100.0, 36.7, 17.9]  # percent, as summary.md
+    assert seen["legend_top"] < seen["axes_bottom"]  # the legend is below the axes, off the bars

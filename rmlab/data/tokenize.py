@@ -173,6 +173,20 @@ def contract_drift(tokenizer, recorded: dict, reward_token: str) -> str | None:
             "which builds that older row exactly")
 
 
+def format_drift(recorded: dict, chat: bool) -> str | None:
+    """Why plain-text rows of a model trained on chat conversations are not its trained rows, or None: the
+    export recorded ``format: chat`` (``config.rmlab.scoring``) and is given plain text (``chat`` False), which
+    is scored by the plain-text rule, not through the chat template. The reward is then not the one the model
+    learned, and nothing else would say so."""
+    if chat or recorded.get("format") != "chat":
+        return None
+    return (f"this model was trained on chat conversations (config.rmlab.scoring.format=chat: rows "
+            f"{recorded.get('chat') or 'apply_chat_template(messages, tokenize=True)'}), but it is given plain text, "
+            f"scored as {recorded.get('text') or recorded.get('rows') or 'plain-text rows'}: these rewards are not on "
+            "the rows it was trained on. Give chat records instead ({messages}, or prompt/completion or "
+            "chosen/rejected as message lists; eval.py: data.format=chat)")
+
+
 def causal_groups(tokenizer, groups: list[PreferenceGroup], reward_token: str = "auto"):
     """Per group: (start, prompt body, [response ids]) such that start + body + response is the row.
 
