@@ -91,3 +91,10 @@ def test_unknown_keys_walks_to_the_deepest_node_that_exists():
     assert len(lines) == 2, lines  # group choices, +keys, existing keys and a key below a value are not this error
     assert lines[0].startswith("rmlab: model.lora.rr is not a key of model.lora (did you mean model.lora.r?); its keys: r.")
     assert lines[1].startswith("rmlab: sede.x is not a key of the top level (did you mean seed?); its keys: model, paths, seed.")
+    groups = {"model": frozenset({"minilm", "tiny_llama"}), "loss": frozenset({"bt"})}
+    lines = unknown_keys(cfg, ["loss=bt", "modle=tiny_llama", "pooling=mean", "seed=1", "sedd=1"], groups)
+    assert [line.split(";")[0] for line in lines] == [
+        "rmlab: modle is not a key of the top level (did you mean model=tiny_llama?)",  # a group's option
+        "rmlab: pooling is not a key of the top level (did you mean model.pooling?)",  # a group's key, unqualified
+        "rmlab: sedd is not a key of the top level (did you mean seed?)",
+    ]
