@@ -2,6 +2,8 @@
 or python eval.py model.name_or_path=<run>/export data=...; a published benchmark: benchmark=rewardbench
 (rewardbench2, rm_bench, best_of_k). See docs/eval.md."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -30,4 +32,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1:  # Hydra refused the command line: name the valid keys where an override's key is unknown
+            from rmlab.overrides import report_unknown_keys
+
+            report_unknown_keys(Path(__file__).parent / "conf", "eval")
+        raise

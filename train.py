@@ -1,5 +1,7 @@
 """Train a reward model: ``python train.py [group=option ...] [key=value ...]``. See README.md."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -26,4 +28,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1:  # Hydra refused the command line: name the valid keys where an override's key is unknown
+            from rmlab.overrides import report_unknown_keys
+
+            report_unknown_keys(Path(__file__).parent / "conf", "train")
+        raise

@@ -146,6 +146,19 @@ def default_checkpoint_interval(trainer: L.Trainer) -> int | None:
     return applied
 
 
+def overwrite_on_resume(trainer: L.Trainer) -> None:
+    """A resumed run writes its checkpoints under their own names: ``last.ckpt`` and each ``stepN.ckpt`` it
+    trains again are overwritten (atomically). Lightning's version counter would write ``last-v1.ckpt`` beside
+    the ``last.ckpt`` it did not write itself, which is every resume from a run dir that was moved or copied
+    (the checkpoint records the old dir): ``last.ckpt`` then stayed at the old step while the summary's
+    ``eval.py`` line named it. A fresh run keeps the counter, so it never overwrites an older run's files."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            cb._enable_version_counter = False  # read at each save; there is no public setter after __init__
+
+
 # ---------------------------------------------------------------------------------------- RNG
 def capture_rng() -> dict[str, Any]:
     """All RNG states as tensors and plain types, so the checkpoint loads with weights_only=True."""

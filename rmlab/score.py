@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -332,6 +333,19 @@ def score_file(
     return n
 
 
+def cli_message(e: DataError) -> str:
+    """A reader's ``DataError`` as rmlab.score says it. The reader's hints name train.py's and eval.py's keys;
+    rmlab.score has no ``data.on_error=skip`` (it stops at the first bad record) and takes its input and field
+    names as arguments, so those parts of the hint are said in its own terms."""
+    hint = re.sub(r",? or set data\.on_error=skip", "", e.hint)
+    hint = re.sub(r"data\.fields\.(\w+)=", r"--fields \1=", hint)
+    hint = hint.replace("point data.source at", "give rmlab.score").replace("and data.source", "and the input path")
+    hint = hint.replace("data.source", "the input path")
+    if "or set data.on_error=skip" in e.hint:
+        hint += " (rmlab.score stops at the first bad record; eval.py can skip and count them)"
+    return f"{e.where}: {e.problem}" + (f"\n  -> {hint}" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m rmlab.score",
@@ -426,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as e:  # a bad record: its file, line and what to do, without a traceback
         if Path(dst).is_file() and Path(dst).stat().st_size == 0:  # nothing scored: leave no empty output
             Path(dst).unlink()
-        raise SystemExit(f"rmlab.score: {e}") from None
+        raise SystemExit(f"rmlab.score: {cli_message(e)}") from None
     print(f"scored {n} records -> {dst}", file=sys.stderr)
 
 

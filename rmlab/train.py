@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from rmlab import strategies
 from rmlab.callbacks import GradNormMonitor, NonFiniteGuard, final_val_rewards
-from rmlab.checkpoint import ResumeState, checkpoint_plugins, resume_checkpoint
+from rmlab.checkpoint import ResumeState, checkpoint_plugins, overwrite_on_resume, resume_checkpoint
 from rmlab.data.sources import DataError
 from rmlab.data.types import RESPONSE_FIELDS
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
@@ -41,10 +41,13 @@ def build_trainer(cfg: DictConfig, loggers: list, resuming: bool) -> L.Trainer:
     resume = ResumeState(resuming_loggers=loggers if resuming else (), model_cfg=cfg.model)
     callbacks = [resume, *callbacks, NonFiniteGuard(), GradNormMonitor()]
     plugins = checkpoint_plugins(cfg.trainer)
-    return instantiate(
+    trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
         **({"plugins": plugins} if plugins else {}),
     )
+    if resuming:
+        overwrite_on_resume(trainer)
+    return trainer
 
 
 def check_loss_has_data(loss, dm) -> None:

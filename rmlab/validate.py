@@ -13,12 +13,15 @@ is never refused for lacking a key.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -444,6 +447,33 @@ def _check_speed_keys(c: _Checker, head: Any, mode: Any, attention: Any, budget:
                "data.budget=padded, or model.forward_mode=auto|packed|prefix_shared on a causal LM's scalar head")
 
 
+def _check_class_keys(c: _Checker, entry: str) -> None:
+    """A key that the class a node builds does not take (``+module.lrr=1``, ``+trainer.max_stepz=3``) is named
+    with the valid ones, where instantiating it would stop with a bare TypeError. Classes that take ``**kwargs``
+    and targets that cannot be imported here are left to their own checks."""
+    paths = ["module", "trainer"] if entry == "train" else []
+    for group in ("callbacks", "logger") if entry == "train" else ():
+        node = c.cfg.get(group)
+        if isinstance(node, DictConfig):
+            paths += [f"{group}.{k}" for k in node.keys()]
+    for path in paths:
+        node = OmegaConf.select(c.cfg, path, default=None)
+        if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
+            continue
+        try:
+            params = inspect.signature(get_object(node["_target_"])).parameters
+        except Exception:  # noqa: BLE001 - not importable here, or no signature: nothing to compare with
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        raw = OmegaConf.to_container(node, resolve=False)
+        valid = sorted(k for k in params if k != "self")
+        for key in (k for k in raw if not str(k).startswith("_") and k not in params):
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            guess = f"did you mean {path}.{close[0]}? " if close else ""
+            c.fail(f"{path}.{key}", raw[key], f"not an argument of {node['_target_']}; {guess}valid: {', '.join(valid)}")
+
+
 def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:
     """Check the composed config of ``entry`` (``train`` or ``eval``) before anything is built.
 
@@ -452,6 +482,7 @@ def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:
         raise ValueError(f"entry must be train|eval, got {entry!r}")
     c = _Checker(cfg)
     _check_top(c, entry)
+    _check_class_keys(c, entry)
     if entry == "train":
         _check_module(c)
         _check_trainer(c)

@@ -101,6 +101,27 @@ def test_truncated_last_ckpt_falls_back_to_the_intact_step_checkpoint_and_says_s
     assert torch.load(last, weights_only=True)["global_step"] == 6  # and last.ckpt is whole again
 
 
+@pytest.mark.slow
+def test_a_run_dir_moved_or_copied_then_resumed_keeps_last_ckpt_current(trained, tmp_path):
+    """A run dir copied elsewhere (scratch to home, another node) and resumed there: the checkpoint callback's
+    saved dirpath is the old dir, so Lightning's version counter wrote the new last checkpoint as last-v1.ckpt
+    and left last.ckpt at the old step, where the summary's eval.py line and the next ckpt_path=last pointed."""
+    from rmlab.train import run
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained, moved)
+    summary = run(compose([*RUN, "trainer.max_steps=6", "ckpt_path=last"], moved))
+    assert summary["train_steps"] == 6
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step2.ckpt", "step4.ckpt", "step6.ckpt"], names
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    # A fresh run (no ckpt_path) in a dir that holds checkpoints keeps them: Lightning's counter names its own.
+    old = (moved / "checkpoints" / "step2.ckpt").read_bytes()
+    run(compose([*RUN, "trainer.max_steps=2"], moved))
+    assert (moved / "checkpoints" / "step2.ckpt").read_bytes() == old
+    assert (moved / "checkpoints" / "step2-v1.ckpt").is_file()
+
+
 def test_another_architecture_is_refused_before_the_model_is_built(trained, tmp_path, monkeypatch):
     import rmlab.models
     from rmlab.checkpoint import CheckpointError

@@ -58,3 +58,43 @@ def test_a_run_prints_each_line_once(tmp_path):
     assert out.count("`Trainer.fit` stopped") == 1, out[-3000:]
     assert "INFO: " not in out and "LeafSpec" not in out, out[-3000:]
     assert "`Trainer.fit` stopped" in (tmp_path / "run" / "train.log").read_text()  # still in the job's log
+
+
+@pytest.mark.parametrize(
+    "entry, override, guess, listed",
+    [
+        ("train.py", "model.poolng=last", "model.pooling", "name_or_path, pooling"),
+        ("train.py", "module.lrr=1e-5", "module.lr", "lr, min_lr_ratio"),
+        ("eval.py", "data.simulator.num_prompt=3", "data.simulator.num_prompts", "k_max, num_prompts"),
+    ],
+)
+def test_a_misspelled_key_names_the_valid_keys(entry, override, guess, listed, tmp_path):
+    """Hydra refuses a key the config lacks before rmlab runs ("Key 'poolng' is not in struct", and the advice
+    to append it with +); the command line then names the closest key and every key of that node."""
+    res = subprocess.run(
+        [sys.executable, entry, override, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    key = override.split("=")[0]
+    assert f"rmlab: {key} is not a key of {key.rsplit('.', 1)[0]} (did you mean {guess}?)" in res.stderr, res.stderr
+    assert listed in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "run").exists()  # refused before a run dir was made
+
+
+def test_unknown_keys_walks_to_the_deepest_node_that_exists():
+    from rmlab.overrides import unknown_keys
+
+    cfg = {"model": {"pooling": "last", "lora": {"r": 0}}, "seed": 0, "paths": {"x": "${oc.env:HOME}"}}
+    over = ["model=tiny_llama", "+model.extra=1", "model.pooling=mean", "model.lora.rr=8", "sede.x=1", "seed.y=2"]
+    lines = unknown_keys(cfg, over)
+    assert len(lines) == 2, lines  # group choices, +keys, existing keys and a key below a value are not this error
+    assert lines[0].startswith("rmlab: model.lora.rr is not a key of model.lora (did you mean model.lora.r?); its keys: r.")
+    assert lines[1].startswith("rmlab: sede.x is not a key of the top level (did you mean seed?); its keys: model, paths, seed.")
+    groups = {"model": frozenset({"minilm", "tiny_llama"}), "loss": frozenset({"bt"})}
+    lines = unknown_keys(cfg, ["loss=bt", "modle=tiny_llama", "pooling=mean", "seed=1", "sedd=1"], groups)
+    assert [line.split(";")[0] for line in lines] == [
+        "rmlab: modle is not a key of the top level (did you mean model=tiny_llama?)",  # a group's option
+        "rmlab: pooling is not a key of the top level (did you mean model.pooling?)",  # a group's key, unqualified
+        "rmlab: sedd is not a key of the top level (did you mean seed?)",
+    ]

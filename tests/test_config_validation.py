@@ -75,6 +75,27 @@ def test_bad_setting_is_a_config_error_naming_key_value_and_what_is_valid(overri
     assert any(w in msg for w in ("must", "required", "set ", "no such")), msg  # says what is valid
 
 
+@pytest.mark.parametrize(
+    "override, guess, valid",
+    [
+        ("+module.lrr=0.001", "module.lr", "betas, eps, loss, lr, min_lr_ratio"),
+        ("+trainer.max_stepz=3", "trainer.max_steps", "max_epochs"),
+        ("+callbacks.model_checkpoint.every_n_trian_steps=5", "callbacks.model_checkpoint.every_n_train_steps", "save_last"),
+        ("+logger.csv.nmae=x", "logger.csv.name", "save_dir"),
+    ],
+)
+def test_a_key_the_class_does_not_take_is_named_with_the_valid_ones(override, guess, valid, tmp_path):
+    """+module.* / +trainer.* / +callbacks.* / +logger.* keys that their class does not take: a ConfigError
+    before anything is built (was a bare TypeError from instantiate, after the model and data loaded)."""
+    key, value = override[1:].split("=")
+    with pytest.raises(ConfigError) as info:
+        _check([override], tmp_path)
+    assert [p.key for p in info.value.problems] == [key], str(info.value)
+    msg = str(info.value)
+    assert msg.startswith(f"{key}={value}: not an argument of ") and f"did you mean {guess}?" in msg, msg
+    assert valid in msg, msg
+
+
 def test_every_failure_is_reported_together(tmp_path):
     bad = ["trainer.max_steps=abc", "module.lr=-1", "data.max_tokens=4", "data.val_fraction=1.0", "seed=-1",
            "data.on_error=ignore"]

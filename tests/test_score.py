@@ -153,3 +153,29 @@ def test_export_in_a_plain_transformers_pipeline_gives_rmlab_scores(backbone, re
             assert o["score"] == pytest.approx(m, abs=1e-4)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rmlab"]["reward_mean"] == 0.25 and cfg["rmlab"]["reward_std"] == 2.0  # normalization travels with it
+
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        ('{"prompt": "hi", "response": "yo"}\n{"prompt": "hi", \n', ":2", "malformed JSON"),
+        ('{"prompt": "hi \\ud800", "response": "yo"}\n', ":1", "lone surrogate"),
+        ('{"prompt": ' + "[" * 100 + "]" * 100 + ', "response": "yo"}\n', ":1", "nested more than 64 levels"),
+        ("\n\n  \n", "", "has no records"),
+    ],
+)
+def test_rmlab_score_bad_input_says_what_rmlab_score_can_do(tiny_llama, tmp_path, text, where, problem):
+    """The reader's hints name train.py's keys (data.on_error=skip, data.source); rmlab.score has neither: it
+    stops at the first bad record. Its message keeps the file, the line and the problem, with a next step it can
+    take."""
+    from rmlab.score import main
+
+    export = tiny_llama.save_pretrained(tmp_path / "export")
+    src = tmp_path / "in.jsonl"
+    src.write_text(text, encoding="utf-8", errors="surrogatepass")
+    with pytest.raises(SystemExit) as err:
+        main([str(src), "--model", str(export), "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
+    msg = str(err.value.code)
+    assert msg.startswith(f"rmlab.score: {src}{where}: ") and problem in msg, msg
+    assert "data.on_error" not in msg and "data.source" not in msg, msg
+    assert "\n  -> " in msg, msg  # still a next step
