@@ -574,13 +574,28 @@ def _architectural(key: str) -> bool:
     return leaf not in RUNTIME_KEYS and "dropout" not in leaf
 
 
+# Keys that say which model it is, listed before the sizes they imply.
+IDENTITY_KEYS = ("_target_", "name_or_path", "tokenizer", "head", "config")
+
+
 def architecture_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``model.<key>: checkpoint <a>, this config <b>`` for every weight-deciding key that differs."""
+    """``model.<key>: checkpoint <a>, this config <b>`` for every weight-deciding key that differs, the keys that
+    name the model (class, name_or_path, tokenizer, head) first. A key set to None counts as unset, so a config
+    with no ``model.config`` and a checkpoint with one list the checkpoint's sizes, not ``None`` vs ``<unset>``."""
     a, b = _flat(saved), _flat(current)
+
+    def shown(v: Any) -> str:
+        return "<unset>" if v is None else repr(v)
+
+    def rank(key: str) -> tuple[int, str]:
+        top = key.split(".", 1)[0]
+        return (IDENTITY_KEYS.index(top) if top in IDENTITY_KEYS else len(IDENTITY_KEYS), key)
+
     out = []
-    for key in sorted(set(a) | set(b)):
-        if _architectural(key) and a.get(key, "<unset>") != b.get(key, "<unset>"):
-            out.append(f"model.{key}: checkpoint {a.get(key, '<unset>')!r}, this config {b.get(key, '<unset>')!r}")
+    for key in sorted(set(a) | set(b), key=rank):
+        x, y = a.get(key), b.get(key)
+        if _architectural(key) and x != y:
+            out.append(f"model.{key}: checkpoint {shown(x)}, this config {shown(y)}")
     return out
 
 

@@ -211,3 +211,22 @@ def test_liger_is_a_runtime_key_for_resume():
     assert architecture_diff(saved, {"config": {"hidden_size": 32}, "head": "scalar", "liger": True}) == [
         "model.config.hidden_size: checkpoint 64, this config 32"
     ]
+
+
+def test_architecture_diff_names_the_model_first_and_reads_none_as_unset():
+    """A tiny_llama checkpoint met with the MiniLM config: the message leads with the keys that name the model
+    (class, name_or_path, tokenizer), and ``config: None`` is not listed as a difference of its own ("checkpoint
+    '<unset>', this config None" led the message before, and the names fell under "and 2 more")."""
+    from rmlab.checkpoint import architecture_diff
+
+    saved = {"_target_": "rmlab.models.builder.build_model", "name_or_path": None, "tokenizer": "byt5",
+             "config": {"hidden_size": 64, "num_hidden_layers": 2}, "pooling": "last", "head": "scalar"}
+    current = {"_target_": "rmlab.models.builder.build_model", "name_or_path": "minilm", "tokenizer": None,
+               "config": None, "pooling": "mean", "head": "scalar"}
+    assert architecture_diff(saved, current) == [
+        "model.name_or_path: checkpoint <unset>, this config 'minilm'",
+        "model.tokenizer: checkpoint 'byt5', this config <unset>",
+        "model.config.hidden_size: checkpoint 64, this config <unset>",
+        "model.config.num_hidden_layers: checkpoint 2, this config <unset>",
+        "model.pooling: checkpoint 'last', this config 'mean'",
+    ]
