@@ -11,6 +11,9 @@
 - Multirun job dirs are one flat folder each: ``hydra.sweep.subdir`` is ``${rmlab.job_dir:...}``, the job's number and
   overrides with ``/`` made ``_`` (an override such as ``model.name_or_path=runs/a/export`` would otherwise nest
   the job dir five levels deep) and a name too long for a file system cut, with a hash of the whole kept.
+- A new run in a dir that holds an earlier run's outputs (an explicit ``hydra.run.dir`` used again, no
+  ``ckpt_path``) first moves them into ``<dir>/previous/<time>/``, ``set_aside_earlier_run``, and says so:
+  its config, metrics, CSV, checkpoints and export are kept, not overwritten or renamed ``-v1``.
 - Only the launching process claims: the other DDP ranks (``LOCAL_RANK``/``RANK``/``SLURM_PROCID`` > 0) share
   the dir of rank 0 and skip it. Multirun jobs keep Hydra's sweep layout; each job claims its own dir.
 """
@@ -202,3 +205,38 @@ def claim_run_dir(path: str | os.PathLike) -> RunDirLock:
     _held[str(run_dir)] = lock
     atexit.register(lock.release)
     return lock
+
+
+PREVIOUS = "previous"
+# Left in place: Hydra's own files (rewritten before rmlab runs; its log is appended to and held open), this run's
+# lock, and the earlier runs already set aside.
+_STAY = {".hydra", LOCK_NAME, PREVIOUS}
+
+
+def set_aside_earlier_run(path: str | os.PathLike, task_name: str) -> Path | None:
+    """Move an earlier run's outputs out of ``path`` into ``path/previous/<its time>/`` before a new run of the
+    same task (``train``, ``eval``) writes there; returns that folder, or None when ``path`` holds no earlier run
+    of that task (no rmlab ``config.yaml`` with this ``task_name``: an ``eval.py`` run pointed into a training
+    run's dir leaves the checkpoints it reads in place) or this is not the launching process. Everything at the
+    top of the dir moves except ``_STAY`` and ``*.log``."""
+    run_dir = Path(path)
+    config = run_dir / "config.yaml"
+    if not launching_process() or not config.is_file():
+        return None
+    try:
+        earlier = OmegaConf.load(config).get("task_name")
+    except Exception:  # a config.yaml that is not rmlab's (or is torn): not ours to move
+        return None
+    if earlier != task_name:
+        return None
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(config.stat().st_mtime))
+    dest = run_dir / PREVIOUS / stamp
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / PREVIOUS / f"{stamp}_{n}"
+    dest.mkdir(parents=True)
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name not in _STAY and not (entry.is_file() and entry.suffix == ".log"):
+            entry.rename(dest / entry.name)
+    return dest

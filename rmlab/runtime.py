@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rmlab.checkpoint import wandb_run_id
-from rmlab.rundir import claim_run_dir
+from rmlab.rundir import claim_run_dir, set_aside_earlier_run
 
 log = logging.getLogger("rmlab")
 
@@ -39,15 +39,19 @@ def quiet_console() -> None:
                 lightning.removeHandler(h)
 
 
-def start_run(cfg: DictConfig, resolve: bool = True) -> tuple[Path, float]:
-    """Quiet transformers and duplicate console lines, the run dir, threads, the config saved in the run dir.
-    Returns (run dir, start time)."""
+def start_run(cfg: DictConfig, resolve: bool = True, resuming: bool = False) -> tuple[Path, float]:
+    """Quiet transformers and duplicate console lines, the run dir (an earlier run's outputs in it set aside
+    unless this run resumes it), threads, the config saved in the run dir. Returns (run dir, start time)."""
     transformers.logging.set_verbosity_error()
     quiet_console()
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     claim_run_dir(out)  # one live run per dir: another one's dir stops this run with RunDirBusy
+    if not resuming and (moved := set_aside_earlier_run(out, cfg.get("task_name"))) is not None:
+        msg = (f"{out} held an earlier run: its outputs (config, metrics, logs, checkpoints, export) are kept in "
+               f"{moved}. To continue that run instead, move them back and pass ckpt_path=last.")
+        print(f"rmlab: {msg}", flush=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=resolve))

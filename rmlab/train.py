@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 1. Seed before anything draws random numbers (0 is a valid seed), then the run dir.
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    out, t0 = start_run(cfg)
+    out, t0 = start_run(cfg, resuming=bool(cfg.get("ckpt_path")))
     # `ckpt_path=last` = this run dir's newest intact checkpoint, or a fresh start (one command for launch and
     # requeue); a checkpoint of another architecture is refused here, before any model loads.
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.model, nested_job_dir(out))

@@ -115,11 +115,13 @@ def test_a_run_dir_moved_or_copied_then_resumed_keeps_last_ckpt_current(trained,
     names = sorted(p.name for p in (moved / "checkpoints").iterdir())
     assert names == ["last.ckpt", "step2.ckpt", "step4.ckpt", "step6.ckpt"], names
     assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
-    # A fresh run (no ckpt_path) in a dir that holds checkpoints keeps them: Lightning's counter names its own.
-    old = (moved / "checkpoints" / "step2.ckpt").read_bytes()
+    # A fresh run (no ckpt_path) in a dir that holds checkpoints keeps them: set aside under previous/, byte for
+    # byte, and the new run writes its own under their plain names (no -v1).
+    old = {p.name: p.read_bytes() for p in (moved / "checkpoints").iterdir()}
     run(compose([*RUN, "trainer.max_steps=2"], moved))
-    assert (moved / "checkpoints" / "step2.ckpt").read_bytes() == old
-    assert (moved / "checkpoints" / "step2-v1.ckpt").is_file()
+    (kept,) = (moved / "previous").iterdir()
+    assert {p.name: p.read_bytes() for p in (kept / "checkpoints").iterdir()} == old
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["last.ckpt", "step2.ckpt"]
 
 
 def test_another_architecture_is_refused_before_the_model_is_built(trained, tmp_path, monkeypatch):

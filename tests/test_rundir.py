@@ -159,3 +159,40 @@ def test_a_sweep_job_resumed_after_job_dirs_became_flat_points_at_its_old_nested
     assert f"no checkpoint in {new}, but {old} has this job's checkpoints" in out, out[-3000:]
     assert f"ckpt_path={old / 'checkpoints' / 'last.ckpt'}" in out and f"mv '{old}' '{new}'" in out, out[-3000:]
     assert not (new / "checkpoints").exists()  # nothing trained over it
+
+
+def _earlier_run(d: Path, task: str) -> None:
+    for rel, text in {"config.yaml": f"task_name: {task}\nseed: 0\n", "metrics.json": "{}", "csv/metrics.csv": "step\n0\n",
+                      "checkpoints/last.ckpt": "weights", "export/config.json": "{}", f"{task}.log": "log\n",
+                      ".hydra/config.yaml": "hydra\n", ".rmlab-run.lock": ""}.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(text)
+
+
+def test_a_new_run_sets_an_earlier_run_of_its_task_aside_whole(tmp_path):
+    """hydra.run.dir=D used again without ckpt_path: the earlier run's config, metrics, CSV, checkpoints and export
+    move to D/previous/<time>/ unchanged (they were overwritten, or renamed -v1, before); Hydra's files, the log
+    (held open, appended to) and the lock stay. A second and third new run each get their own folder."""
+    from rmlab.rundir import set_aside_earlier_run
+
+    _earlier_run(tmp_path, "train")
+    moved = set_aside_earlier_run(tmp_path, "train")
+    assert moved is not None and moved.parent == tmp_path / "previous"
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoints", "config.yaml", "csv", "export", "metrics.json"]
+    assert (moved / "checkpoints" / "last.ckpt").read_text() == "weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", ".rmlab-run.lock", "previous", "train.log"]
+    assert set_aside_earlier_run(tmp_path, "train") is None  # nothing left to set aside
+    _earlier_run(tmp_path, "train")
+    again = set_aside_earlier_run(tmp_path, "train")
+    assert again is not None and again != moved and (again / "metrics.json").is_file() and (moved / "metrics.json").is_file()
+
+
+def test_an_eval_pointed_into_a_training_runs_dir_moves_nothing(tmp_path):
+    """eval.py with hydra.run.dir=<training run>: the checkpoints it reads stay where they are."""
+    from rmlab.rundir import set_aside_earlier_run
+
+    _earlier_run(tmp_path, "train")
+    assert set_aside_earlier_run(tmp_path, "eval") is None
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "previous").exists()
+    (tmp_path / "config.yaml").write_text("not: [yaml")  # a torn or foreign config.yaml: not ours to move
+    assert set_aside_earlier_run(tmp_path, "train") is None
