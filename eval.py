@@ -12,6 +12,12 @@ import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in c
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from rmlab.validate import ConfigError, check_config
+
+    try:  # before Lightning and transformers load: a bad setting fails in seconds, not after the imports
+        check_config(cfg, entry="eval")
+    except ConfigError as e:
+        raise SystemExit(f"rmlab: bad config: {e}") from None
     from rmlab.checkpoint import CheckpointError
     from rmlab.data.sources import DataError
     from rmlab.evaluate import run  # lazy: `python eval.py --help` stays fast
@@ -19,7 +25,6 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("benchmark"):
         from rmlab.benchmarks.runner import run  # the benchmark's items, rules and report
     from rmlab.rundir import RunDirBusy
-    from rmlab.validate import ConfigError
 
     try:
         run(cfg)

@@ -10,11 +10,16 @@ import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in c
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from rmlab.validate import ConfigError, check_config
+
+    try:  # before Lightning and transformers load: a bad setting fails in seconds, not after the imports
+        check_config(cfg, entry="train")
+    except ConfigError as e:
+        raise SystemExit(f"rmlab: bad config: {e}") from None
     from rmlab.checkpoint import CheckpointError
     from rmlab.data.sources import DataError
     from rmlab.rundir import RunDirBusy
     from rmlab.train import run
-    from rmlab.validate import ConfigError
 
     try:
         summary = run(cfg)

@@ -482,13 +482,14 @@ def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:
         raise ValueError(f"entry must be train|eval, got {entry!r}")
     c = _Checker(cfg)
     _check_top(c, entry)
-    _check_class_keys(c, entry)
     if entry == "train":
         _check_module(c)
         _check_trainer(c)
         _check_loss(c)
         _check_model(c)
     _check_data(c, entry)
+    if not c.problems:  # last: it imports the classes (Lightning's Trainer, ~6 s); a bad value fails before that
+        _check_class_keys(c, entry)
     for w in c.warnings:
         log.warning("%s", w)
     if c.problems:

@@ -237,6 +237,20 @@ def test_command_line_names_the_key_fails_fast_no_traceback(entry, args, named, 
     assert seconds < startup_s + 30, (seconds, startup_s)
 
 
+@pytest.mark.parametrize("entry", ["train.py", "eval.py"])
+def test_a_bad_value_stops_before_lightning_and_transformers_import(entry, tmp_path):
+    """The check runs first in the entry points: a typo costs python + torch (about 2 s), not the 6-8 s of
+    Lightning and transformers it cost when it ran inside run(). Asserted on the import log, not a clock."""
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "RMLAB_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-X", "importtime", entry, "data.max_length=1",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "data.max_length=1: must be >=" in res.stderr, res.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported  # the log is the real one
+    assert not {"lightning", "transformers"} & imported, sorted({"lightning", "transformers"} & imported)
+
+
 def test_no_training_groups_left_is_a_data_error_pointing_at_the_report(tmp_path):
     import json
 
