@@ -410,7 +410,16 @@ def packed_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    layout = rmlab_layout
+    return layout_attention(module, query, key, value, rmlab_layout, dropout, scaling)
+
+
+@torch.compiler.disable
+def layout_attention(module, query, key, value, layout, dropout, scaling):
+    """The layout's kernel over the packed row: [1, H, T, D] in, ([1, T, H, D], None) out. Kept out of
+    ``torch.compile``'s graphs (``model.compile=true``): each batch has its own buckets, sequence counts and
+    lengths, and a graph that read them would be guarded on them and recompiled at every step
+    (tests/test_packing.py). The compiled graphs hold the projections, norms and MLP around it, whose only
+    changing shape is the packed row's bucketed width; the kernels are opaque calls either way."""
     if layout.kernel == "flex":
         if layout.block_mask is None:
             layout.block_mask = flex_block_mask(layout, query.device)
