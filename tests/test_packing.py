@@ -443,3 +443,24 @@ def test_compiled_backbone_stops_recompiling(kernel, monkeypatch):
     assert len(seen) == 10 and len(set(seen[settled + 1 :])) >= 3  # the batches' layouts differ step after step
     assert graphs[0] > g0  # it compiled
     assert graphs[settled] == graphs[-1], (widths, [g - g0 for g in graphs])  # and then stopped compiling
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_packed_mode_on_the_older_path_says_it_reads_back(attn, caplog):
+    """Packed modes under eager (or transformers' flex_attention / flash_attention_2) pack each batch inside the
+    forward: a host read-back every step, which the no-host-sync test does not cover. The build says so, and what
+    to set instead; SDPA (rmlab's attention, the layout collated in the DataLoader) says nothing."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="rmlab.models.packing"):
+        model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="auto", attn_implementation=attn)
+    said = [r.getMessage() for r in caplog.records if "reads the batch back" in r.getMessage()]
+    if attn == "sdpa":
+        assert said == [] and model.batch_layout is not None
+    else:
+        assert model.forward_mode == "prefix_shared" and len(said) == 1, said
+        assert "model.attn_implementation=eager" in said[0] and "set model.attn_implementation=sdpa" in said[0]
+        with caplog.at_level(logging.WARNING, logger="rmlab.models.packing"):
+            caplog.clear()
+            build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="padded", attn_implementation=attn)
+        assert not [r for r in caplog.records if "reads the batch back" in r.getMessage()]  # padded: no packing

@@ -545,7 +545,16 @@ def configure_speed(
     model.batch_layout = None
     if attention not in ("auto", *KERNELS):
         raise ValueError(f"model.attention must be auto or one of {KERNELS}, got {attention!r}")
-    if model.forward_mode != "padded" and model.config._attn_implementation in ("sdpa", PACKED_ATTN):
+    attn = model.config._attn_implementation
+    if model.forward_mode != "padded" and attn not in ("sdpa", PACKED_ATTN):
+        log.warning(
+            "model.attn_implementation=%s with model.forward_mode=%s packs each batch inside the forward, which "
+            "reads the batch back to the host at every step (the GPU waits for it). For speed, set "
+            "model.attn_implementation=sdpa: rmlab's attention then reads a layout built in the DataLoader, "
+            "through flash-attn or torch's varlen kernel (model.attention=varlen) or FlexAttention "
+            "(model.attention=flex) on a GPU", attn, model.forward_mode,
+        )
+    if model.forward_mode != "padded" and attn in ("sdpa", PACKED_ATTN):
         _register_packed_attention()
         model.config._attn_implementation = PACKED_ATTN
         kernel = default_kernel() if attention == "auto" else attention
