@@ -257,6 +257,26 @@ def test_smoke_preset_runs_the_gpu_code_on_cpu(tmp_path):
     assert "| MFU | batch |" in md and "Matmul peak" in md
 
 
+@pytest.mark.slow
+def test_compile_rows_report_their_compiled_graphs(tmp_path):
+    """``--compile``: rmlab's sides train with ``model.compile=true`` (TRL's as it is) and the table shows the graphs
+    each side compiled, so a run that recompiles at every step shows it (the bench reported 0 for every row: it had
+    no way to compile)."""
+    from rmlab.bench.cli import main
+
+    out = tmp_path / "out"
+    res = main(["--preset", "smoke", "--workloads", "hh", "--trl-sizes", "2", "--rmlab-sizes", "1024", "--compile",
+                "--out", str(out), "--data-dir", str(SHARED_DATA)])
+    assert res["meta"]["compile"] is True
+    trl, rmlab = res["runs"]
+    assert "error" not in rmlab, rmlab.get("error")
+    assert trl["compiled_graphs"] == 0 and rmlab["compiled_graphs"] > 0  # (that they stop: tests/test_packing.py)
+    md = (out / "bench.md").read_text()
+    assert "| compiled graphs |" in md and "rmlab prefix_shared, compiled" in md
+    row = next(line for line in md.splitlines() if "rmlab prefix_shared, compiled" in line)
+    assert f"| {rmlab['compiled_graphs']} |" in row
+
+
 def test_liger_rows_run_the_plain_rows_winning_budget_and_are_labelled():
     """``--liger`` (opt-in, also with ``--preset gpu``): one more rmlab row per mode with model.liger=true, at the budget the
     plain row of that mode won (one size, not the search again), labelled ``, liger`` in the table."""

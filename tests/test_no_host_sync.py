@@ -76,6 +76,32 @@ class NoHostSyncOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class NoHostSyncMethods:
+    """The banned methods replaced on the Tensor class itself for the window. Python code that the autograd engine
+    runs in the backward (tensor hooks, activation checkpointing's recompute) runs outside the torch-function mode,
+    and on the CPU ``.cpu()`` and ``.tolist()`` reach no dispatched op either: only the class sees them there."""
+
+    def __enter__(self):
+        self.saved = {}
+        for fn, what in BANNED_METHODS.items():
+            name = fn.__name__
+            self.saved[name] = vars(torch.Tensor).get(name)
+
+            def banned(*args, _what=what, **kwargs):
+                raise HostSync(f"{_what} inside the training step")
+
+            setattr(torch.Tensor, name, banned)
+        return self
+
+    def __exit__(self, *exc):
+        for name, old in self.saved.items():
+            if old is None:
+                delattr(torch.Tensor, name)  # the method lives on the C base class: uncover it
+            else:
+                setattr(torch.Tensor, name, old)
+        self.saved = {}
+
+
 class Strict(L.Callback):
     """Both modes on from after the batch transfer until the backward is done. Put it first among the callbacks
     (its ``on_train_batch_start`` runs before the others'); ``StrictEnd``, last, closes the window after every
@@ -85,7 +111,7 @@ class Strict(L.Callback):
         self.modes, self.steps, self.close_here = [], 0, close_here
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.modes = [NoHostSyncFunctions(), NoHostSyncOps()]
+        self.modes = [NoHostSyncFunctions(), NoHostSyncOps(), NoHostSyncMethods()]
         for m in self.modes:
             m.__enter__()
 
@@ -165,18 +191,26 @@ def test_the_modes_catch_a_read_back():
 
 
 @pytest.mark.parametrize(
-    "mode,attention",
+    "mode,attention,checkpointing",
     [
-        ("padded", "auto"),
-        ("packed", "sdpa"),
-        ("prefix_shared", "sdpa"),
-        ("auto", "sdpa"),
-        ("prefix_shared", "varlen"),  # the reference varlen kernel on CPU: same indices as flash-attn's
+        ("padded", "auto", False),
+        ("packed", "sdpa", False),
+        ("prefix_shared", "sdpa", False),
+        ("auto", "sdpa", False),
+        ("prefix_shared", "varlen", False),  # the reference varlen kernel on CPU: same indices as flash-attn's
+        ("packed", "varlen", False),
+        ("auto", "varlen", False),
+        # model.gradient_checkpointing=true: the layers' forward runs again inside the backward
+        ("padded", "auto", True),
+        ("auto", "sdpa", True),
+        ("prefix_shared", "varlen", True),
     ],
 )
-def test_training_step_reads_nothing_back(mode, attention):
+def test_training_step_reads_nothing_back(mode, attention, checkpointing):
     torch.manual_seed(0)
-    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode=mode, attention=attention)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode=mode, attention=attention,
+                        gradient_checkpointing=checkpointing)
+    assert getattr(model.hf, "is_activation_checkpointing", None) == checkpointing  # transformers >= 5.25's name
     assert model.forward_mode == mode
     if mode != "padded":
         assert model.batch_layout is not None and model.batch_layout.kernel == attention
@@ -184,6 +218,17 @@ def test_training_step_reads_nothing_back(mode, attention):
     assert steps == 2  # both steps ran their forward, loss and backward under the modes
     unchanged = [n for n, p in after.items() if p.requires_grad and torch.equal(before[n], p.detach())]
     assert not unchanged, unchanged  # and really trained: every trainable parameter moved
+
+
+def test_a_read_back_in_the_backward_is_caught():
+    """Python code the autograd engine runs in the backward (a tensor hook, activation checkpointing's recompute)
+    runs without the torch-function mode; a ``.tolist()`` or ``.cpu()`` there is caught all the same."""
+    for read in (lambda g: g.tolist(), lambda g: g.cpu(), lambda g: g.numpy(), lambda g: bool(g.sum() > 0)):
+        torch.manual_seed(0)
+        model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="prefix_shared", attention="sdpa")
+        model.head.weight.register_hook(lambda g, read=read: (read(g), None)[1])  # runs in the backward
+        with pytest.raises(HostSync):
+            _train_strictly(model, steps=1)
 
 
 # Every loss in conf/loss/ a model trains with on this machine, with the model its yaml picks (a model= of its own

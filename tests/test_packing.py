@@ -396,3 +396,71 @@ def test_last_layer_at_reads_can_be_turned_off():
     with torch.no_grad():
         torch.testing.assert_close(off.score_batch(batch), on.score_batch(batch), atol=1e-5, rtol=0)
     assert seen == {"on": batch.input_ids.shape[0], "off": batch.packed.processed_tokens}
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen"])
+def test_compiled_backbone_stops_recompiling(kernel, monkeypatch):
+    """``model.compile=true``: the packed row is padded to multiples of 256, and the layout's per-batch structure
+    (SDPA buckets, varlen sequence counts and lengths) stays out of the compiled graphs, so after the first widths
+    a run compiles nothing more, although every batch has its own buckets. Dynamo's guards and recompiles are the
+    same whatever the backend; the eager backend spares the test inductor's C++ builds (~5 s a graph here)."""
+    import functools
+
+    import lightning as L
+
+    from rmlab.bench.sides import recompiles
+    from rmlab.data.datamodule import build_datamodule
+    from rmlab.losses import BTLoss
+    from rmlab.module import RewardModule
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch.manual_seed(0)
+    model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="auto", attention=kernel, compile=True)
+    assert model.batch_layout.pad_to == 256
+    dm = build_datamodule(tokenizer=model.tokenizer, layout=model.batch_layout, cache=False, max_tokens=1024,
+                          simulator={"num_prompts": 64, "k": 3, "k_max": 5, "seed": 3}, max_length=256,
+                          min_prompt_tokens=8)
+    dm.setup("fit")
+    seen, graphs = [], []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            p = batch.packed
+            seen.append((p.processed_tokens, tuple(b.shape for b in p.buckets), tuple(p.cu_q_host), tuple(p.cu_k_host)))
+            graphs.append(recompiles())
+
+    module = RewardModule(model, BTLoss(), lr=1e-3, warmup_ratio=0.0, scheduler="constant")
+    g0 = recompiles()
+    L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+              callbacks=[Count()]).fit(module, train_dataloaders=dm.train_dataloader())
+    widths = [w for w, *_ in seen]
+    assert len(set(widths)) <= 3, widths  # bucketed lengths: a few row widths
+    # dynamic=None: a graph for the first width, one more (with that dimension dynamic) at the second, then none
+    firsts = [i for i, w in enumerate(widths) if w not in widths[:i]]
+    settled = firsts[1] if len(firsts) > 1 else 0
+    assert len(seen) == 10 and len(set(seen[settled + 1 :])) >= 3  # the batches' layouts differ step after step
+    assert graphs[0] > g0  # it compiled
+    assert graphs[settled] == graphs[-1], (widths, [g - g0 for g in graphs])  # and then stopped compiling
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_packed_mode_on_the_older_path_says_it_reads_back(attn, caplog):
+    """Packed modes under eager (or transformers' flex_attention / flash_attention_2) pack each batch inside the
+    forward: a host read-back every step, which the no-host-sync test does not cover. The build says so, and what
+    to set instead; SDPA (rmlab's attention, the layout collated in the DataLoader) says nothing."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="rmlab.models.packing"):
+        model = build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="auto", attn_implementation=attn)
+    said = [r.getMessage() for r in caplog.records if "reads the batch back" in r.getMessage()]
+    if attn == "sdpa":
+        assert said == [] and model.batch_layout is not None
+    else:
+        assert model.forward_mode == "prefix_shared" and len(said) == 1, said
+        assert "model.attn_implementation=eager" in said[0] and "set model.attn_implementation=sdpa" in said[0]
+        with caplog.at_level(logging.WARNING, logger="rmlab.models.packing"):
+            caplog.clear()
+            build_model(config=TINY_LLAMA, tokenizer="byt5", forward_mode="padded", attn_implementation=attn)
+        assert not [r for r in caplog.records if "reads the batch back" in r.getMessage()]  # padded: no packing

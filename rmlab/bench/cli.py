@@ -188,6 +188,7 @@ def prepare(args, work: Path) -> dict[str, Any]:
 def run_side(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
     tag = f"{spec['model']}-{spec['workload_name']}-{spec['side']}-{spec.get('mode', '')}-{spec.get('ablation', '')}"
     tag += "-liger" if spec.get("liger") else ""
+    tag += "-compiled" if spec.get("compile") else ""
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
     env = {
@@ -273,7 +274,8 @@ def markdown(result: dict[str, Any]) -> str:
     ] + (["MFU"] if mfu else [])
     gpu = any("peak_gpu_mem_gb" in r for r in result["runs"])
     searched = any("batch" in r for r in result["runs"])
-    head += (["peak GPU GB", "compiled graphs"] if gpu else []) + (["batch"] if searched else [])
+    graphs = gpu or bool(m.get("compile"))  # the compiled-graph count: on GPU runs, and wherever rmlab compiled
+    head += (["peak GPU GB"] if gpu else []) + (["compiled graphs"] if graphs else []) + (["batch"] if searched else [])
     lines = [
         f"Command: `{m['command']}`  ",
         f"Date: {m['date']}; machine: {m['machine']}; torch {m['torch']}, transformers {m['transformers']}, "
@@ -291,6 +293,8 @@ def markdown(result: dict[str, Any]) -> str:
             side += f", {r['ablation']}"
         if r.get("liger") or r.get("liger_requested"):
             side += ", liger"
+        if r["side"] == "rmlab" and m.get("compile"):
+            side += ", compiled"
         if "error" in r:
             lines.append(
                 f"| {r['model']} | {r['workload']} | {side} | error: {r['error'][:80]} |" + "|" * (len(head) - 4)
@@ -314,7 +318,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{v['peak_rss_mb']:.2f}",
         ] + ([f"{100 * r['mfu']:.1f}%"] if mfu else [])
         if gpu:
-            cells += [f"{r.get('peak_gpu_mem_gb', float('nan')):.1f}", str(r.get("compiled_graphs", 0))]
+            cells.append(f"{r.get('peak_gpu_mem_gb', float('nan')):.1f}")
+        if graphs:
+            cells.append(str(r.get("compiled_graphs", 0)))
         if searched:
             cells.append(r.get("batch", ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -401,6 +407,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides (GPU)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="rmlab's sides with model.compile=true (torch.compile of the backbone); the table adds each side's "
+        "compiled graphs (a run that recompiled at every step would show one per step)",
+    )
     p.add_argument("--attn", default="sdpa", help="attention implementation for both sides")
     p.add_argument(
         "--liger", action=argparse.BooleanOptionalAction, default=False,
@@ -481,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sides = [dict(base, side="trl", batch_size=args.trl_batch_size, sizes=args.trl_sizes, **search)]
             rmlab = dict(
                 base, side="rmlab", max_tokens=args.max_tokens, max_responses=64, sizes=args.rmlab_sizes,
-                num_workers=args.rmlab_workers, **search,
+                num_workers=args.rmlab_workers, **search, **({"compile": True} if args.compile else {}),
             )
             for mode in args.modes if info["causal"] else ["padded"]:
                 sides.append(dict(rmlab, mode=mode))
@@ -546,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mem_cap_gb": args.mem_cap_gb,
         "preset": args.preset,
         "liger": bool(args.liger),
+        "compile": bool(args.compile),
         "total_s": time.time() - t0,
     }
     result = {"meta": meta, "models": prep["models"], "workloads": prep["workloads"], "runs": runs}

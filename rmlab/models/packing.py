@@ -410,7 +410,16 @@ def packed_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    layout = rmlab_layout
+    return layout_attention(module, query, key, value, rmlab_layout, dropout, scaling)
+
+
+@torch.compiler.disable
+def layout_attention(module, query, key, value, layout, dropout, scaling):
+    """The layout's kernel over the packed row: [1, H, T, D] in, ([1, T, H, D], None) out. Kept out of
+    ``torch.compile``'s graphs (``model.compile=true``): each batch has its own buckets, sequence counts and
+    lengths, and a graph that read them would be guarded on them and recompiled at every step
+    (tests/test_packing.py). The compiled graphs hold the projections, norms and MLP around it, whose only
+    changing shape is the packed row's bucketed width; the kernels are opaque calls either way."""
     if layout.kernel == "flex":
         if layout.block_mask is None:
             layout.block_mask = flex_block_mask(layout, query.device)
@@ -536,7 +545,16 @@ def configure_speed(
     model.batch_layout = None
     if attention not in ("auto", *KERNELS):
         raise ValueError(f"model.attention must be auto or one of {KERNELS}, got {attention!r}")
-    if model.forward_mode != "padded" and model.config._attn_implementation in ("sdpa", PACKED_ATTN):
+    attn = model.config._attn_implementation
+    if model.forward_mode != "padded" and attn not in ("sdpa", PACKED_ATTN):
+        log.warning(
+            "model.attn_implementation=%s with model.forward_mode=%s packs each batch inside the forward, which "
+            "reads the batch back to the host at every step (the GPU waits for it). For speed, set "
+            "model.attn_implementation=sdpa: rmlab's attention then reads a layout built in the DataLoader, "
+            "through flash-attn or torch's varlen kernel (model.attention=varlen) or FlexAttention "
+            "(model.attention=flex) on a GPU", attn, model.forward_mode,
+        )
+    if model.forward_mode != "padded" and attn in ("sdpa", PACKED_ATTN):
         _register_packed_attention()
         model.config._attn_implementation = PACKED_ATTN
         kernel = default_kernel() if attention == "auto" else attention
