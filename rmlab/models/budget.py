@@ -1,7 +1,8 @@
 """``data.max_tokens=auto``: the token budget of a batch, sized to the device from a short memory probe.
 
-On a GPU the model runs two synthetic training forwards and backwards (one packed row of ``max_length``
-and one of ``2 x max_length`` tokens, in the precision it will train in) and the peak memory of each gives
+On a GPU the model runs two synthetic training forwards and backwards (one row of ``max_length`` and one
+of ``2 x max_length`` tokens, in the precision it will train in; a single causal sequence, so at least the memory
+of a packed row of as many tokens, whose segments attend within themselves only) and the peak memory of each gives
 the bytes a token costs and the fixed part (weights, gradients); AdamW's two fp32 states per trained
 parameter are added, and the budget is what fits in ``fraction`` of the device's memory, in whole rows of
 ``max_length``. ``model.gradient_checkpointing=true`` lowers the bytes per token, so the probe, which runs
