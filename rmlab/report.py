@@ -102,7 +102,8 @@ def histogram_figure(chosen: np.ndarray, rejected: np.ndarray):
         label=f"rejected (mean {rejected.mean():.3f})" if rejected.size else "rejected",
     )
     ax.set(xlabel="reward", ylabel="count", title="Rewards of chosen and rejected")
-    ax.legend()
+    # below the axes: inside, wherever it went, it covered the bars of one tail
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -138,8 +139,11 @@ def bucket_figure(buckets: dict[str, Any]):
 def subset_figure(by_subset: dict[str, tuple[float, int]]):
     fig, ax = _figure()
     names = list(by_subset)
+    # one row of 0.2 inch per subset (PandaLM has 52), so the labels never overlap; a long name is cut behind an ellipsis
+    fig.set_size_inches(6, max(4.0, 1.2 + 0.2 * len(names)))
     ax.barh(range(len(names)), [by_subset[k][0] for k in names], color="C4", alpha=0.8)
-    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_yticks(range(len(names)), [k if len(k) <= 32 else k[:31] + "…" for k in names], fontsize=8)
     ax.axvline(0.5, ls="--", color="gray")
     ax.set(xlabel="accuracy", title="Accuracy by subset", xlim=(0, 1))
     fig.tight_layout()
