@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,21 @@ def eval_args(cfg: Any) -> list[str]:
     return args
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_/.+:@%-]+")  # characters a value may hold bare, for Hydra's parser and for a shell
+
+
+def cli_override(arg: str) -> str:
+    """``key=value`` as one shell word that Hydra parses back to the same string value.
+
+    A sweep job's dir is named by its overrides (``0_loss=bt,seed=1``): bare, its ``=`` and ``,`` stop Hydra's
+    override parser. Such a value is single-quoted for Hydra and the whole word double-quoted for the shell."""
+    key, sep, value = arg.partition("=")
+    if not sep or not value or _PLAIN.fullmatch(value) or value.startswith("<"):  # a <placeholder> stays as it is
+        return arg
+    word = key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f'"{word}"' if not re.search(r'["$`\\!]', word) else shlex.quote(word)
+
+
 def write_summary(summary: dict[str, Any], out: Path) -> None:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     print(format_summary(summary), flush=True)
@@ -98,9 +115,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"  exported model (transformers): {s['export_dir']}")
     if s.get("export_skipped"):
         lines.append(f"  export skipped: {s['export_skipped']}")
-    extra = "".join(f" {a}" for a in s.get("eval_args") or [])  # the run's data and split (eval_args)
-    lines.append(f"  next: python eval.py ckpt_path={s['run_dir']}/checkpoints/last.ckpt{extra}")
+    extra = "".join(f" {cli_override(a)}" for a in s.get("eval_args") or [])  # the run's data and split (eval_args)
+    ckpt = cli_override(f"ckpt_path={s['run_dir']}/checkpoints/last.ckpt")  # runs as printed in a sweep's job dir too
+    lines.append(f"  next: python eval.py {ckpt}{extra}")
     if s.get("export_dir"):
-        lines.append(f"        python -m rmlab.score <file.jsonl> --model {s['export_dir']}")
+        lines.append(f"        python -m rmlab.score <file.jsonl> --model {shlex.quote(str(s['export_dir']))}")
         lines.append("        in other tools: the export's config.json says how to read it (rmlab.read_with)")
     return "\n".join(lines)

@@ -287,3 +287,26 @@ def test_the_default_runs_eval_command_stays_bare(tmp_path):
     from rmlab.summary import eval_args
 
     assert eval_args(compose([], tmp_path)) == []
+
+
+def test_the_printed_eval_command_of_a_sweep_job_runs_as_printed(tmp_path):
+    """A -m sweep's job dirs are named by their overrides (`0_loss=bt,seed=1`): printed bare, the `next:` line's
+    ckpt_path held `=` and `,`, and eval.py stopped at Hydra's parser ("mismatched input '='"). The line, split as
+    a shell splits it, must compose eval.py's config with the path and the data source unchanged."""
+    import shlex
+
+    from rmlab.summary import format_summary
+
+    run_dir = f"{tmp_path}/multiruns/2026-12-05_20-07-29/3_loss=margin,seed=2,threads=1,trainer.max_steps=20"
+    source = f"{tmp_path}/my data,v2.jsonl"
+    summary = {"run_dir": run_dir, "val_acc": 0.5, "oracle_acc": None, "length_acc": None, "train_steps": 1,
+               "minutes": 0.1, "export_dir": f"{run_dir}/export",
+               "eval_args": ["data=local", f"data.source={source}", "seed=2"]}
+    lines = format_summary(summary).splitlines()
+    line = next(x for x in lines if x.startswith("  next: python eval.py "))
+    argv = shlex.split(line.split("python eval.py ", 1)[1])
+    ev = compose(argv, tmp_path / "eval", "eval")
+    assert ev.ckpt_path == f"{run_dir}/checkpoints/last.ckpt"
+    assert ev.data.source == source and ev.seed == 2
+    score = next(x for x in lines if "python -m rmlab.score" in x)
+    assert shlex.split(score.split("--model ", 1)[1]) == [f"{run_dir}/export"]
