@@ -132,9 +132,21 @@ class Loggers:
 
     def __init__(self, cfg: DictConfig):
         self.loggers = build_loggers(cfg)
+        self.wandb_offline: str | None = None  # after the block: an offline wandb run's dir, for `wandb sync <dir>`
 
     def __enter__(self) -> list:
         return self.loggers
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self.wandb_offline = wandb_offline_dir(self.loggers)
         finish_wandb(self.loggers, failed=exc_type is not None)
+
+
+def wandb_offline_dir(loggers: list) -> str | None:
+    """The dir of this process's offline wandb run (``<run dir>/wandb/offline-run-*``), or None: wandb is silenced
+    (WANDB_SILENT), so its own "wandb sync" hint never shows and the run summary prints it instead."""
+    for lg in loggers:
+        if is_wandb(lg) and getattr(lg, "_offline", False) and getattr(lg, "_experiment", None) is not None:
+            files = getattr(lg.experiment, "dir", None)  # <run dir>/wandb/offline-run-<time>-<id>/files
+            return str(Path(files).parent) if files else None
+    return None

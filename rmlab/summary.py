@@ -121,4 +121,6 @@ def format_summary(s: dict) -> str:
     if s.get("export_dir"):
         lines.append(f"        python -m rmlab.score <file.jsonl> --model {shlex.quote(str(s['export_dir']))}")
         lines.append("        in other tools: the export's config.json says how to read it (rmlab.read_with)")
+    if s.get("wandb_offline"):
+        lines.append(f"        wandb ran offline (no key): upload with  wandb sync {shlex.quote(str(s['wandb_offline']))}")
     return "\n".join(lines)

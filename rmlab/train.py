@@ -94,7 +94,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = instantiate(cfg.module, model=model, loss=loss, _convert_="all")
 
     # 3. Fit. Wandb is finished whatever fails from here on.
-    with Loggers(cfg) as loggers:
+    run_loggers = Loggers(cfg)
+    with run_loggers as loggers:
         trainer = build_trainer(cfg, loggers, resuming=ckpt_path is not None)
         dm.setup("fit")
         if trainer.is_global_zero:
@@ -110,6 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     #    gathering the weights for the export is a collective.
     summary = run_summary(trainer, out, (time.time() - t0) / 60, dm.report.get("val_baselines", {}))
     summary["eval_args"] = eval_args(cfg)  # the next: line's eval.py scores this run's data and val split
+    if run_loggers.wandb_offline:
+        summary["wandb_offline"] = run_loggers.wandb_offline  # printed as `wandb sync <dir>` (no key: ran offline)
     if "val/critique_lm" in summary["metrics"]:
         # A writing model's critique LM: its val loss beside a uniform guess over the vocabulary (has it learned?)
         summary["critique_lm_uniform"] = math.log(len(model.tokenizer))
