@@ -16,9 +16,12 @@ import argparse
 import csv
 import json
 import math
+import shlex
 import statistics
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
 
 DEFAULT_METRICS = ("val/acc", "val/loss", "val/ece", "val/brier", "val/truth/acc", "acc", "ece")
 
@@ -210,6 +213,21 @@ def write_leaderboard(runs: list[dict[str, Any]], out: Path) -> str:
             w.writerow([i, r["name"], r["dir"], *[r[c] for c in lb["columns"]]])
     leaderboard_chart(lb, out / "summary.png")
     return md
+
+
+def sweep_hint(sweep_dir: str | Path) -> str:
+    """The lines a finished ``-m`` sweep ends with: how many runs finished, and the command that compares them."""
+    sweep = Path(sweep_dir).resolve()
+    done = len(collect(sweep)) if sweep.is_dir() else 0
+    return f"\nrmlab sweep finished: {done} run(s) in {sweep}\n  next: python -m rmlab.summarize {shlex.quote(str(sweep))}"
+
+
+class SweepHint(Callback):
+    """Hydra callback (conf/train.yaml ``hydra.callbacks``): after a ``-m`` sweep, print :func:`sweep_hint`. Without it
+    a sweep ended on its last job's summary, whose ``next:`` lines are about that one run."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        print(sweep_hint(config.hydra.sweep.dir), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

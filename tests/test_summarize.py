@@ -193,3 +193,31 @@ def test_leaderboard_chart_names_each_model_by_rank_and_keeps_the_legend_off_the
     assert seen["labels"][0].endswith("run_qwen2_5_instruct/export") and len(seen["labels"][0]) == 3 + 60
     assert seen["heights"] == [95.5, 100.0, 36.7, 17.9]  # percent, as summary.md
     assert seen["legend_top"] < seen["axes_bottom"]  # the legend is below the axes, off the bars
+
+
+def test_a_finished_sweep_prints_the_summarize_command(tmp_path):
+    """A -m sweep ended on its last job's summary (whose next: lines are about that one run): Hydra's
+    on_multirun_end now prints how many runs finished and `python -m rmlab.summarize <sweep dir>`, which runs as
+    printed on the sweep's flat job dirs."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    train_yaml = OmegaConf.load(ROOT / "conf" / "train.yaml")
+    assert OmegaConf.select(train_yaml, "hydra.callbacks.sweep_hint._target_") == "rmlab.summarize.SweepHint"
+    sweep = tmp_path / "multiruns" / "2026-12-05_20-07-29"
+    for i, (loss, seed, acc) in enumerate([("bt", 1, 0.7), ("margin", 1, 0.6)]):
+        job = sweep / f"{i}_loss={loss},seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- seed={seed}\n")
+        (job / "metrics.json").write_text(json.dumps({"val_acc": acc, "metrics": {"val/acc": acc}}))
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from omegaconf import OmegaConf; from rmlab.summarize import SweepHint; "
+         "SweepHint().on_multirun_end(OmegaConf.create({'hydra': {'sweep': {'dir': sys.argv[1]}}}))", str(sweep)],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert f"rmlab sweep finished: 2 run(s) in {sweep}" in out
+    cmd = shlex.split(out.split("next: ", 1)[1])
+    assert cmd[:3] == ["python", "-m", "rmlab.summarize"] and cmd[3] == str(sweep)
+    subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, check=True, capture_output=True)
+    table = (sweep / "summary.md").read_text()
+    assert "| bt |" in table and "| margin |" in table  # the command compared the sweep's two runs
