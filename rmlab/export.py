@@ -10,6 +10,8 @@ to rank 0; DeepSpeed ZeRO-3 is refused with what to do instead (``ExportRefused`
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -90,4 +92,21 @@ def export_model(model: RewardModel, out_dir: Path, stats: dict[str, float]) -> 
         # The adapter (with the head, via modules_to_save) is kept; the export is merged, plain transformers.
         paths["adapter_dir"] = str(merge_lora(model, out_dir / "adapter"))
     paths["export_dir"] = str(model.save_pretrained(out_dir / "export", extra=stats))
+    for d in paths.values():
+        follow_umask(Path(d))
     return paths
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file in ``folder`` the permissions of the process's umask, as any other file of the run has.
+
+    safetensors (0.8) writes its file as 0600 whatever the umask: the weights of an export on a shared file system
+    were unreadable to the group that could read its config.json. Only widens to what the umask allows."""
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            mode = stat.S_IMODE(p.stat().st_mode)
+            if mode | want != mode:
+                p.chmod(mode | want)
