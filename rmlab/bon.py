@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hack-rate", type=float, default=None, help="the generator's hack_rate (default: the run's)")
     ap.add_argument("--label", default=None, help="the arm name in the outputs (default: the run's loss)")
     ap.add_argument("--out", "-o", default=None, help="output dir (default: <first model's run dir>/bon)")
-    ap.add_argument("--summarize", nargs="+", metavar="BON_DIR", help="compare finished bon dirs; writes to --out")
+    ap.add_argument("--summarize", nargs="+", metavar="BON_DIR", help="compare finished bon dirs; writes to --out (default: outputs/bon/summary)")
     ap.add_argument("--batch-size", type=int, default=64, help="rows per forward at most")
     ap.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per forward at most")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -377,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     if a.summarize:
-        print(summarize(a.summarize, Path(a.out or "outputs/bon/summary")))
+        out = Path(a.out or "outputs/bon/summary")
+        print(summarize(a.summarize, out))
+        print(f"rmlab.bon: wrote {out / 'bon_summary.md'}, {out / 'bon_summary.png'}", file=sys.stderr)  # where, said
         return
     paths = [*a.model, *a.ckpt]
     if not paths:

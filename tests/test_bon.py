@@ -161,3 +161,26 @@ def test_arguments_fail_before_anything_loads(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "x", "--combine", "max"])
     assert "--combine" in capsys.readouterr().err
+
+
+def test_summarize_says_where_it_wrote(tmp_path, monkeypatch, capsys):
+    """`--summarize` without --out wrote outputs/bon/summary/ and printed only the table: the user had to guess
+    where the chart went. It now names both files (the curve is hand-made: 4 n, one arm)."""
+    from rmlab.bon import main
+
+    n, kl = [1, 2, 4, 8], [0.0, 0.19, 0.64, 1.2]
+    values = {v: [1.0, 1.5, 1.7, 1.6] for v in ("true", "proxy", "annotator", "flattery")}
+    summary = {"true_at_1": 1.0, "peak_true_reward": 1.7, "n_at_peak": 4, "true_at_max_n": 1.6,
+               "drop_peak_to_max_n": 0.1, "max_drawdown": 0.1, "drawdown_from_n": 4, "drawdown_to_n": 8}
+    curve = {"name": "bt seed 0", "arm": "bt", "seed": 0, "kind": "member", "n": n, "kl": kl, **values,
+             **{f"{v}_se": [0.0] * 4 for v in values}, "summary": summary}
+    run = tmp_path / "bt"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"info": {"prompts": 2, "pool": 8}, "curves": [curve],
+                                                  "summary": {"bt seed 0": summary}, "oracle": None}))
+    monkeypatch.chdir(tmp_path)
+    main(["--summarize", str(run)])
+    err = capsys.readouterr().err
+    out = tmp_path / "outputs" / "bon" / "summary"
+    assert (out / "bon_summary.md").is_file() and (out / "bon_summary.png").is_file()
+    assert "wrote outputs/bon/summary/bon_summary.md, outputs/bon/summary/bon_summary.png" in err
