@@ -215,10 +215,13 @@ _STAY = {".hydra", LOCK_NAME, PREVIOUS}
 
 def set_aside_earlier_run(path: str | os.PathLike, task_name: str) -> Path | None:
     """Move an earlier run's outputs out of ``path`` into ``path/previous/<its time>/`` before a new run of the
-    same task (``train``, ``eval``) writes there; returns that folder, or None when ``path`` holds no earlier run
-    of that task (no rmlab ``config.yaml`` with this ``task_name``: an ``eval.py`` run pointed into a training
-    run's dir leaves the checkpoints it reads in place) or this is not the launching process. Everything at the
-    top of the dir moves except ``_STAY`` and ``*.log``."""
+    same task (``train``, ``eval``) writes there; returns that folder, or None when ``path`` holds no earlier rmlab
+    run (no ``config.yaml`` with a ``task_name``) or this is not the launching process. Everything at the top of
+    the dir moves except ``_STAY`` and ``*.log``.
+
+    A run of another task there (``eval.py`` pointed into a training run's dir) is ``RunDirBusy``: this run would
+    write its ``config.yaml`` and ``metrics.json`` over that run's, and setting that run aside would move the
+    checkpoints an eval reads."""
     run_dir = Path(path)
     config = run_dir / "config.yaml"
     if not launching_process() or not config.is_file():
@@ -227,8 +230,14 @@ def set_aside_earlier_run(path: str | os.PathLike, task_name: str) -> Path | Non
         earlier = OmegaConf.load(config).get("task_name")
     except Exception:  # a config.yaml that is not rmlab's (or is torn): not ours to move
         return None
-    if earlier != task_name:
+    if not isinstance(earlier, str) or not earlier:
         return None
+    if earlier != task_name:
+        raise RunDirBusy(
+            f"{run_dir} holds a {earlier} run (its config.yaml says task_name: {earlier}): {task_name}.py would write "
+            f"its config.yaml and metrics.json over the {earlier} run's. Give this run a dir of its own: leave "
+            f"hydra.run.dir unset (a new dir under outputs/{task_name}/runs/) or pass another hydra.run.dir."
+        )
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(config.stat().st_mtime))
     dest = run_dir / PREVIOUS / stamp
     n = 1

@@ -49,7 +49,7 @@ def start_run(cfg: DictConfig, resolve: bool = True, resuming: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
     claim_run_dir(out)  # one live run per dir: another one's dir stops this run with RunDirBusy
     if not resuming and (moved := set_aside_earlier_run(out, cfg.get("task_name"))) is not None:
-        msg = (f"{out} held an earlier run: its outputs (config, metrics, logs, checkpoints, export) are kept in "
+        msg = (f"{out} held an earlier run: its outputs (config, metrics, CSV, checkpoints, export) are kept in "
                f"{moved}. To continue that run instead, move them back and pass ckpt_path=last.")
         print(f"rmlab: {msg}", flush=True)
     if cfg.get("threads"):
