@@ -213,13 +213,23 @@ PREVIOUS = "previous"
 _STAY = {".hydra", LOCK_NAME, PREVIOUS}
 
 
-def set_aside_earlier_run(path: str | os.PathLike, task_name: str) -> Path | None:
-    """Move an earlier run's outputs out of ``path`` into ``path/previous/<its time>/`` before a new run of the
-    same task (``train``, ``eval``) writes there; returns that folder, or None when ``path`` holds no earlier rmlab
-    run (no ``config.yaml`` with a ``task_name``) or this is not the launching process. Everything at the top of
-    the dir moves except ``_STAY`` and ``*.log``.
+def run_kind(cfg) -> str | None:
+    """``train`` or ``eval`` for an rmlab run's config (a mapping with a ``task_name``), None for anything else. By
+    what the config holds, not its ``task_name``: the experiments name their own (``experiment=odin_alpaca``'s runs
+    are ``odin_alpaca``), and a training config is the one with a ``trainer``."""
+    name = cfg.get("task_name") if hasattr(cfg, "get") else None
+    if not isinstance(name, str) or not name:
+        return None
+    return "train" if "trainer" in cfg else "eval"
 
-    A run of another task there (``eval.py`` pointed into a training run's dir) is ``RunDirBusy``: this run would
+
+def set_aside_earlier_run(path: str | os.PathLike, kind: str) -> Path | None:
+    """Move an earlier run's outputs out of ``path`` into ``path/previous/<its time>/`` before a new run of the
+    same kind (``train``, ``eval``: ``run_kind``) writes there; returns that folder, or None when ``path`` holds no
+    earlier rmlab run (no ``config.yaml`` with a ``task_name``) or this is not the launching process. Everything at
+    the top of the dir moves except ``_STAY`` and ``*.log``.
+
+    A run of the other kind there (``eval.py`` pointed into a training run's dir) is ``RunDirBusy``: this run would
     write its ``config.yaml`` and ``metrics.json`` over that run's, and setting that run aside would move the
     checkpoints an eval reads."""
     run_dir = Path(path)
@@ -227,16 +237,17 @@ def set_aside_earlier_run(path: str | os.PathLike, task_name: str) -> Path | Non
     if not launching_process() or not config.is_file():
         return None
     try:
-        earlier = OmegaConf.load(config).get("task_name")
+        earlier = run_kind(OmegaConf.load(config))
     except Exception:  # a config.yaml that is not rmlab's (or is torn): not ours to move
         return None
-    if not isinstance(earlier, str) or not earlier:
+    if earlier is None:
         return None
-    if earlier != task_name:
+    if earlier != kind:
+        what = "a training" if earlier == "train" else "an eval"
         raise RunDirBusy(
-            f"{run_dir} holds a {earlier} run (its config.yaml says task_name: {earlier}): {task_name}.py would write "
-            f"its config.yaml and metrics.json over the {earlier} run's. Give this run a dir of its own: leave "
-            f"hydra.run.dir unset (a new dir under outputs/{task_name}/runs/) or pass another hydra.run.dir."
+            f"{run_dir} holds {what} run (its config.yaml): {kind}.py would write its config.yaml and metrics.json "
+            f"over that run's. Give this run a dir of its own: leave hydra.run.dir unset (a new dir under outputs/) "
+            f"or pass another hydra.run.dir."
         )
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(config.stat().st_mtime))
     dest = run_dir / PREVIOUS / stamp

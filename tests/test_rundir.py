@@ -161,8 +161,10 @@ def test_a_sweep_job_resumed_after_job_dirs_became_flat_points_at_its_old_nested
     assert not (new / "checkpoints").exists()  # nothing trained over it
 
 
-def _earlier_run(d: Path, task: str) -> None:
-    for rel, text in {"config.yaml": f"task_name: {task}\nseed: 0\n", "metrics.json": "{}", "csv/metrics.csv": "step\n0\n",
+def _earlier_run(d: Path, task: str, task_name: str | None = None) -> None:
+    """An rmlab run's outputs in ``d``; ``task``: train (its config has a trainer) or eval."""
+    trainer = "trainer:\n  max_steps: 1\n" if task == "train" else ""
+    for rel, text in {"config.yaml": f"task_name: {task_name or task}\nseed: 0\n{trainer}", "metrics.json": "{}", "csv/metrics.csv": "step\n0\n",
                       "checkpoints/last.ckpt": "weights", "export/config.json": "{}", f"{task}.log": "log\n",
                       ".hydra/config.yaml": "hydra\n", ".rmlab-run.lock": ""}.items():
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,21 @@ def test_a_new_run_sets_an_earlier_run_of_its_task_aside_whole(tmp_path):
     assert again is not None and again != moved and (again / "metrics.json").is_file() and (moved / "metrics.json").is_file()
 
 
+def test_an_earlier_training_run_of_an_experiment_is_set_aside_by_any_training_run(tmp_path):
+    """The experiments name their runs (experiment=odin_alpaca: task_name odin_alpaca): a training run in their dir is
+    still a training run. By task_name alone it was neither set aside (overwritten, checkpoints renamed -v1) nor, for
+    eval.py, told apart from an eval."""
+    from rmlab.rundir import RunDirBusy, run_kind, set_aside_earlier_run
+
+    assert run_kind({"task_name": "odin_alpaca", "trainer": {}}) == "train" and run_kind({"task_name": "eval"}) == "eval"
+    assert run_kind({"seed": 0}) is None
+    _earlier_run(tmp_path, "train", task_name="odin_alpaca")
+    with pytest.raises(RunDirBusy):
+        set_aside_earlier_run(tmp_path, "eval")
+    moved = set_aside_earlier_run(tmp_path, "train")
+    assert moved is not None and (moved / "checkpoints" / "last.ckpt").read_text() == "weights"
+
+
 def test_an_eval_pointed_into_a_training_runs_dir_is_refused_and_moves_nothing(tmp_path):
     """eval.py with hydra.run.dir=<training run>: refused before it writes, naming the dir and what to do. It used to
     write its own config.yaml and metrics.json over the training run's (the checkpoint's model config then read as
@@ -195,11 +212,14 @@ def test_an_eval_pointed_into_a_training_runs_dir_is_refused_and_moves_nothing(t
     from rmlab.rundir import RunDirBusy, set_aside_earlier_run
 
     _earlier_run(tmp_path, "train")
-    with pytest.raises(RunDirBusy, match=r"holds a train run .*eval\.py would write its config\.yaml and metrics\.json "
-                                         r"over the train run's.*hydra\.run\.dir"):
+    with pytest.raises(RunDirBusy, match=r"holds a training run .*eval\.py would write its config\.yaml and "
+                                         r"metrics\.json over that run's.*hydra\.run\.dir"):
         set_aside_earlier_run(tmp_path, "eval")
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "previous").exists()
     assert (tmp_path / "config.yaml").read_text().startswith("task_name: train")
+    _earlier_run(tmp_path, "eval")
+    with pytest.raises(RunDirBusy, match=r"holds an eval run .*train\.py would write"):
+        set_aside_earlier_run(tmp_path, "train")
     (tmp_path / "config.yaml").write_text("not: [yaml")  # a torn or foreign config.yaml: not ours to move
     assert set_aside_earlier_run(tmp_path, "train") is None
     assert set_aside_earlier_run(tmp_path, "eval") is None
