@@ -501,7 +501,7 @@ def resumes_in_place(ckpt_path: str | None, output_dir: str | os.PathLike) -> bo
     ckpt_path = requested_ckpt_path(ckpt_path)
     if not ckpt_path:
         return False
-    if ckpt_path == "last":
+    if ckpt_path in ("last", "hpc", "best"):  # rmlab's `last`; Lightning's names for checkpoints of this dir
         return True
     out = Path(output_dir).resolve()
     return Path(ckpt_path).resolve().parent in (out, out / "checkpoints")

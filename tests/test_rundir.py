@@ -233,6 +233,7 @@ def test_an_eval_pointed_into_a_training_runs_dir_is_refused_and_moves_nothing(t
         (None, "last", True),  # hydra/launcher=slurm: a requeued job resumes its own dir (it set its checkpoints aside)
         ("{out}/checkpoints/last.ckpt", None, True),
         ("{out}/hpc_ckpt_3.ckpt", None, True),
+        ("hpc", None, True),  # Lightning's own name for this dir's hpc_ckpt_*.ckpt
         ("{other}/checkpoints/last.ckpt", None, False),  # another run's weights: this dir's earlier run is set aside
         ("{out}/previous/x/checkpoints/last.ckpt", None, False),  # an older run set aside earlier: not the one here
     ],
