@@ -15,7 +15,7 @@ def main(cfg: DictConfig) -> None:
     from rmlab.validate import ConfigError, check_config
 
     try:  # before Lightning and transformers load: a bad setting fails in seconds, not after the imports
-        check_config(cfg, entry="eval")
+        check_config(cfg, entry="eval", log_warnings=False)  # run() checks again and logs the warnings
     except ConfigError as e:
         raise SystemExit(f"rmlab: bad config: {e}") from None
     from rmlab.checkpoint import CheckpointError

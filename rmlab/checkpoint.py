@@ -486,6 +486,27 @@ def intact_checkpoints(folder: str | os.PathLike, exclude: Path | None = None) -
     return [p for p in found if checkpoint_problem(p) is None]
 
 
+def requested_ckpt_path(ckpt_path: str | None) -> str | None:
+    """``ckpt_path`` as given, or ``last`` when it is unset and ``$RMLAB_DEFAULT_CKPT_PATH`` says ``last``."""
+    if ckpt_path is None and os.environ.get("RMLAB_DEFAULT_CKPT_PATH") == "last":
+        return "last"
+    return ckpt_path
+
+
+def resumes_in_place(ckpt_path: str | None, output_dir: str | os.PathLike) -> bool:
+    """Whether this run continues the run already in ``output_dir`` (so its outputs stay where they are): ``last``
+    (given, or the default under ``hydra/launcher=slurm``: a requeued job) or a checkpoint in ``<output_dir>/
+    checkpoints/`` or ``<output_dir>`` itself. No ``ckpt_path``, or another run's checkpoint, starts this dir anew:
+    an earlier run in it is set aside first (``rmlab.rundir.set_aside_earlier_run``)."""
+    ckpt_path = requested_ckpt_path(ckpt_path)
+    if not ckpt_path:
+        return False
+    if ckpt_path in ("last", "hpc", "best"):  # rmlab's `last`; Lightning's names for checkpoints of this dir
+        return True
+    out = Path(output_dir).resolve()
+    return Path(ckpt_path).resolve().parent in (out, out / "checkpoints")
+
+
 def resolve_ckpt_path(
     ckpt_path: str | None, output_dir: str | os.PathLike, nested_dir: str | os.PathLike | None = None
 ) -> str | None:
@@ -502,8 +523,7 @@ def resolve_ckpt_path(
     ``nested_dir``: the dir an earlier rmlab gave this multirun job (``rmlab.rundir.nested_job_dir``); when the run
     dir has no checkpoint and that one has, a ``CheckpointError`` says how to resume from it, rather than a fresh
     start in the new dir."""
-    if ckpt_path is None and os.environ.get("RMLAB_DEFAULT_CKPT_PATH") == "last":
-        ckpt_path = "last"
+    ckpt_path = requested_ckpt_path(ckpt_path)
     if ckpt_path != "last":
         return ckpt_path
     out = Path(output_dir)

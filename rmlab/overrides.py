@@ -59,11 +59,19 @@ def unknown_keys(cfg: dict, overrides: list[str], groups: Mapping[str, frozenset
     return lines
 
 
+def _first_option(override: str) -> str:
+    """``model=tiny_llama,minilm`` (a ``-m`` sweep over a group) -> ``model=tiny_llama``: compose takes one choice."""
+    key, _, value = override.partition("=")
+    if "," in value and not any(ch in value for ch in "[]{}()'\""):
+        return f"{key}={value.split(',', 1)[0]}"
+    return override
+
+
 def name_unknown_keys(config_dir: str | Path, config_name: str, argv: list[str]) -> list[str]:
     """After Hydra refused ``argv``: the unknown-key lines of ``unknown_keys``, [] when composing fails anyway."""
     plain = [a for a in argv if not a.startswith("-")]
     groups = {p.name: frozenset(f.stem for f in p.glob("*.yaml")) for p in Path(config_dir).iterdir() if p.is_dir()}
-    kept = [a for a in plain if _key(a, groups) is None and not a.split("=", 1)[0].startswith("hydra.")]
+    kept = [_first_option(a) for a in plain if _key(a, groups) is None and not a.split("=", 1)[0].startswith("hydra.")]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):

@@ -213,22 +213,42 @@ PREVIOUS = "previous"
 _STAY = {".hydra", LOCK_NAME, PREVIOUS}
 
 
-def set_aside_earlier_run(path: str | os.PathLike, task_name: str) -> Path | None:
+def run_kind(cfg) -> str | None:
+    """``train`` or ``eval`` for an rmlab run's config (a mapping with a ``task_name``), None for anything else. By
+    what the config holds, not its ``task_name``: the experiments name their own (``experiment=odin_alpaca``'s runs
+    are ``odin_alpaca``), and a training config is the one with a ``trainer``."""
+    name = cfg.get("task_name") if hasattr(cfg, "get") else None
+    if not isinstance(name, str) or not name:
+        return None
+    return "train" if "trainer" in cfg else "eval"
+
+
+def set_aside_earlier_run(path: str | os.PathLike, kind: str) -> Path | None:
     """Move an earlier run's outputs out of ``path`` into ``path/previous/<its time>/`` before a new run of the
-    same task (``train``, ``eval``) writes there; returns that folder, or None when ``path`` holds no earlier run
-    of that task (no rmlab ``config.yaml`` with this ``task_name``: an ``eval.py`` run pointed into a training
-    run's dir leaves the checkpoints it reads in place) or this is not the launching process. Everything at the
-    top of the dir moves except ``_STAY`` and ``*.log``."""
+    same kind (``train``, ``eval``: ``run_kind``) writes there; returns that folder, or None when ``path`` holds no
+    earlier rmlab run (no ``config.yaml`` with a ``task_name``) or this is not the launching process. Everything at
+    the top of the dir moves except ``_STAY`` and ``*.log``.
+
+    A run of the other kind there (``eval.py`` pointed into a training run's dir) is ``RunDirBusy``: this run would
+    write its ``config.yaml`` and ``metrics.json`` over that run's, and setting that run aside would move the
+    checkpoints an eval reads."""
     run_dir = Path(path)
     config = run_dir / "config.yaml"
     if not launching_process() or not config.is_file():
         return None
     try:
-        earlier = OmegaConf.load(config).get("task_name")
+        earlier = run_kind(OmegaConf.load(config))
     except Exception:  # a config.yaml that is not rmlab's (or is torn): not ours to move
         return None
-    if earlier != task_name:
+    if earlier is None:
         return None
+    if earlier != kind:
+        what = "a training" if earlier == "train" else "an eval"
+        raise RunDirBusy(
+            f"{run_dir} holds {what} run (its config.yaml): {kind}.py would write its config.yaml and metrics.json "
+            f"over that run's. Give this run a dir of its own: leave hydra.run.dir unset (a new dir under outputs/) "
+            f"or pass another hydra.run.dir."
+        )
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(config.stat().st_mtime))
     dest = run_dir / PREVIOUS / stamp
     n = 1

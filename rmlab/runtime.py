@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rmlab.checkpoint import wandb_run_id
-from rmlab.rundir import claim_run_dir, set_aside_earlier_run
+from rmlab.rundir import claim_run_dir, run_kind, set_aside_earlier_run
 
 log = logging.getLogger("rmlab")
 
@@ -48,8 +48,8 @@ def start_run(cfg: DictConfig, resolve: bool = True, resuming: bool = False) -> 
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     claim_run_dir(out)  # one live run per dir: another one's dir stops this run with RunDirBusy
-    if not resuming and (moved := set_aside_earlier_run(out, cfg.get("task_name"))) is not None:
-        msg = (f"{out} held an earlier run: its outputs (config, metrics, logs, checkpoints, export) are kept in "
+    if not resuming and (moved := set_aside_earlier_run(out, run_kind(cfg))) is not None:
+        msg = (f"{out} held an earlier run: its outputs (config, metrics, CSV, checkpoints, export) are kept in "
                f"{moved}. To continue that run instead, move them back and pass ckpt_path=last.")
         print(f"rmlab: {msg}", flush=True)
     if cfg.get("threads"):

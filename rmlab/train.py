@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from rmlab import strategies
 from rmlab.callbacks import GradNormMonitor, NonFiniteGuard, final_val_rewards
-from rmlab.checkpoint import ResumeState, checkpoint_plugins, overwrite_on_resume, resume_checkpoint
+from rmlab.checkpoint import ResumeState, checkpoint_plugins, overwrite_on_resume, resume_checkpoint, resumes_in_place
 from rmlab.data.sources import DataError
 from rmlab.data.types import RESPONSE_FIELDS
 from rmlab.export import ExportRefused, export_model, reward_stats, val_rewards, whole_model
@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 1. Seed before anything draws random numbers (0 is a valid seed), then the run dir.
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    out, t0 = start_run(cfg, resuming=bool(cfg.get("ckpt_path")))
+    out, t0 = start_run(cfg, resuming=resumes_in_place(cfg.get("ckpt_path"), cfg.paths.output_dir))
     # `ckpt_path=last` = this run dir's newest intact checkpoint, or a fresh start (one command for launch and
     # requeue); a checkpoint of another architecture is refused here, before any model loads.
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), out, cfg.model, nested_job_dir(out))

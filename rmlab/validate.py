@@ -474,10 +474,11 @@ def _check_class_keys(c: _Checker, entry: str) -> None:
             c.fail(f"{path}.{key}", raw[key], f"not an argument of {node['_target_']}; {guess}valid: {', '.join(valid)}")
 
 
-def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:
+def check_config(cfg: DictConfig, entry: str = "train", log_warnings: bool = True) -> list[str]:
     """Check the composed config of ``entry`` (``train`` or ``eval``) before anything is built.
 
-    Raises one ``ConfigError`` naming every bad setting; logs and returns the warnings."""
+    Raises one ``ConfigError`` naming every bad setting; returns the warnings and logs them unless
+    ``log_warnings=False`` (train.py and eval.py check first, then run() checks again and says them once)."""
     if entry not in ("train", "eval"):
         raise ValueError(f"entry must be train|eval, got {entry!r}")
     c = _Checker(cfg)
@@ -490,7 +491,7 @@ def check_config(cfg: DictConfig, entry: str = "train") -> list[str]:
     _check_data(c, entry)
     if not c.problems:  # last: it imports the classes (Lightning's Trainer, ~6 s); a bad value fails before that
         _check_class_keys(c, entry)
-    for w in c.warnings:
+    for w in c.warnings if log_warnings else ():
         log.warning("%s", w)
     if c.problems:
         # The same key can be reached twice (e.g. a ??? read by two checks): report it once.

@@ -98,3 +98,13 @@ def test_unknown_keys_walks_to_the_deepest_node_that_exists():
         "rmlab: pooling is not a key of the top level (did you mean model.pooling?)",  # a group's key, unqualified
         "rmlab: sedd is not a key of the top level (did you mean seed?)",
     ]
+
+
+def test_a_misspelled_key_in_a_sweep_over_a_group_is_named_too():
+    """``-m model=tiny_llama,minilm model.poolng=last``: the config is composed again with the group choices to find
+    the valid keys; a sweep's comma list there made that fail and the hint was dropped (the first option is used)."""
+    from rmlab.overrides import name_unknown_keys
+
+    argv = ["-m", "model=tiny_llama,minilm", "loss=bt", "model.poolng=last", "seed=0,1"]
+    lines = name_unknown_keys(ROOT / "conf", "train", argv)
+    assert len(lines) == 1 and lines[0].startswith("rmlab: model.poolng is not a key of model (did you mean model.pooling?)"), lines

@@ -251,6 +251,19 @@ def test_a_bad_value_stops_before_lightning_and_transformers_import(entry, tmp_p
     assert not {"lightning", "transformers"} & imported, sorted({"lightning", "transformers"} & imported)
 
 
+def test_a_config_warning_is_said_once(tmp_path):
+    """train.py checks the config before the heavy imports and run() checks it again (its callers are not only
+    train.py): the warnings are logged by run(), once, not by both."""
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "RMLAB_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "train.py", "debug=fast", "threads=1", "data.val_fraction=0",
+                          "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert out.count("no prompt is held out") == 1, out[-3000:]
+    assert (tmp_path / "run" / "train.log").read_text().count("no prompt is held out") == 1
+
+
 def test_no_training_groups_left_is_a_data_error_pointing_at_the_report(tmp_path):
     import json
 

@@ -161,8 +161,10 @@ def test_a_sweep_job_resumed_after_job_dirs_became_flat_points_at_its_old_nested
     assert not (new / "checkpoints").exists()  # nothing trained over it
 
 
-def _earlier_run(d: Path, task: str) -> None:
-    for rel, text in {"config.yaml": f"task_name: {task}\nseed: 0\n", "metrics.json": "{}", "csv/metrics.csv": "step\n0\n",
+def _earlier_run(d: Path, task: str, task_name: str | None = None) -> None:
+    """An rmlab run's outputs in ``d``; ``task``: train (its config has a trainer) or eval."""
+    trainer = "trainer:\n  max_steps: 1\n" if task == "train" else ""
+    for rel, text in {"config.yaml": f"task_name: {task_name or task}\nseed: 0\n{trainer}", "metrics.json": "{}", "csv/metrics.csv": "step\n0\n",
                       "checkpoints/last.ckpt": "weights", "export/config.json": "{}", f"{task}.log": "log\n",
                       ".hydra/config.yaml": "hydra\n", ".rmlab-run.lock": ""}.items():
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -187,12 +189,80 @@ def test_a_new_run_sets_an_earlier_run_of_its_task_aside_whole(tmp_path):
     assert again is not None and again != moved and (again / "metrics.json").is_file() and (moved / "metrics.json").is_file()
 
 
-def test_an_eval_pointed_into_a_training_runs_dir_moves_nothing(tmp_path):
-    """eval.py with hydra.run.dir=<training run>: the checkpoints it reads stay where they are."""
-    from rmlab.rundir import set_aside_earlier_run
+def test_an_earlier_training_run_of_an_experiment_is_set_aside_by_any_training_run(tmp_path):
+    """The experiments name their runs (experiment=odin_alpaca: task_name odin_alpaca): a training run in their dir is
+    still a training run. By task_name alone it was neither set aside (overwritten, checkpoints renamed -v1) nor, for
+    eval.py, told apart from an eval."""
+    from rmlab.rundir import RunDirBusy, run_kind, set_aside_earlier_run
+
+    assert run_kind({"task_name": "odin_alpaca", "trainer": {}}) == "train" and run_kind({"task_name": "eval"}) == "eval"
+    assert run_kind({"seed": 0}) is None
+    _earlier_run(tmp_path, "train", task_name="odin_alpaca")
+    with pytest.raises(RunDirBusy):
+        set_aside_earlier_run(tmp_path, "eval")
+    moved = set_aside_earlier_run(tmp_path, "train")
+    assert moved is not None and (moved / "checkpoints" / "last.ckpt").read_text() == "weights"
+
+
+def test_an_eval_pointed_into_a_training_runs_dir_is_refused_and_moves_nothing(tmp_path):
+    """eval.py with hydra.run.dir=<training run>: refused before it writes, naming the dir and what to do. It used to
+    write its own config.yaml and metrics.json over the training run's (the checkpoint's model config then read as
+    eval's: 'trained with another model'), and a second such eval, seeing an eval's config.yaml, set the training
+    run's checkpoints aside under previous/ before loading one of them."""
+    from rmlab.rundir import RunDirBusy, set_aside_earlier_run
 
     _earlier_run(tmp_path, "train")
-    assert set_aside_earlier_run(tmp_path, "eval") is None
+    with pytest.raises(RunDirBusy, match=r"holds a training run .*eval\.py would write its config\.yaml and "
+                                         r"metrics\.json over that run's.*hydra\.run\.dir"):
+        set_aside_earlier_run(tmp_path, "eval")
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "previous").exists()
+    assert (tmp_path / "config.yaml").read_text().startswith("task_name: train")
+    _earlier_run(tmp_path, "eval")
+    with pytest.raises(RunDirBusy, match=r"holds an eval run .*train\.py would write"):
+        set_aside_earlier_run(tmp_path, "train")
     (tmp_path / "config.yaml").write_text("not: [yaml")  # a torn or foreign config.yaml: not ours to move
     assert set_aside_earlier_run(tmp_path, "train") is None
+    assert set_aside_earlier_run(tmp_path, "eval") is None
+
+
+@pytest.mark.parametrize(
+    "ckpt_path, env, in_place",
+    [
+        (None, None, False),
+        ("last", None, True),
+        (None, "last", True),  # hydra/launcher=slurm: a requeued job resumes its own dir (it set its checkpoints aside)
+        ("{out}/checkpoints/last.ckpt", None, True),
+        ("{out}/hpc_ckpt_3.ckpt", None, True),
+        ("hpc", None, True),  # Lightning's own name for this dir's hpc_ckpt_*.ckpt
+        ("{other}/checkpoints/last.ckpt", None, False),  # another run's weights: this dir's earlier run is set aside
+        ("{out}/previous/x/checkpoints/last.ckpt", None, False),  # an older run set aside earlier: not the one here
+    ],
+)
+def test_which_runs_continue_the_run_in_their_dir(ckpt_path, env, in_place, tmp_path, monkeypatch):
+    from rmlab.checkpoint import resumes_in_place
+
+    monkeypatch.delenv("RMLAB_DEFAULT_CKPT_PATH", raising=False)
+    if env:
+        monkeypatch.setenv("RMLAB_DEFAULT_CKPT_PATH", env)
+    out = tmp_path / "run"
+    path = ckpt_path.format(out=out, other=tmp_path / "other") if ckpt_path else None
+    assert resumes_in_place(path, out) is in_place
+
+
+@pytest.mark.slow
+def test_a_requeued_slurm_job_resumes_its_checkpoints_instead_of_setting_them_aside(tmp_path):
+    """hydra/launcher=slurm gives each job RMLAB_DEFAULT_CKPT_PATH=last (ckpt_path unset): the requeued job must
+    resume from its run dir's checkpoints. The earlier-run set-aside read only ckpt_path, moved them into previous/
+    and trained again from step 0."""
+    run = tmp_path / "run"
+    # max_epochs=2: a run that stopped at max_steps inside its only epoch resumes as finished (Lightning's loop state)
+    cmd = [sys.executable, "train.py", "debug=fast", "threads=1", "trainer.max_epochs=2", f"hydra.run.dir={run}"]
+    env = {**ENV, "RMLAB_DEFAULT_CKPT_PATH": "last"}
+    first = subprocess.run([*cmd, "trainer.max_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in out and "held an earlier run" not in out, out[-3000:]
+    assert not (run / "previous").exists() and "steps 4," in out, out[-3000:]
+    assert _steps(run / "csv" / "metrics.csv") == [0, 1, 2, 3]  # steps 0-1 kept, 2-3 trained on top
