@@ -2,12 +2,11 @@
 or python eval.py model.name_or_path=<run>/export data=...; a published benchmark: benchmark=rewardbench
 (rewardbench2, rm_bench, best_of_k). See docs/eval.md."""
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
 import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in conf/*.yaml
+from rmlab.overrides import main_naming_unknown_keys  # light: hydra and omegaconf only
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -37,11 +36,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:
-        if e.code == 1:  # Hydra refused the command line: name the valid keys where an override's key is unknown
-            from rmlab.overrides import report_unknown_keys
-
-            report_unknown_keys(Path(__file__).parent / "conf", "eval")
-        raise
+    main_naming_unknown_keys(main, __file__, "eval")

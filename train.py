@@ -1,11 +1,10 @@
 """Train a reward model: ``python train.py [group=option ...] [key=value ...]``. See README.md."""
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
 import rmlab  # noqa: F401  registers ${rmlab.unique:}, used by the run dir in conf/*.yaml
+from rmlab.overrides import main_naming_unknown_keys  # light: hydra and omegaconf only
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -33,11 +32,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:
-        if e.code == 1:  # Hydra refused the command line: name the valid keys where an override's key is unknown
-            from rmlab.overrides import report_unknown_keys
-
-            report_unknown_keys(Path(__file__).parent / "conf", "train")
-        raise
+    main_naming_unknown_keys(main, __file__, "train")

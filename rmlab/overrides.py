@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -85,3 +85,14 @@ def report_unknown_keys(config_dir: str | Path, config_name: str) -> None:
     """Print ``name_unknown_keys`` for this command line to stderr (called when Hydra exited with status 1)."""
     for line in name_unknown_keys(config_dir, config_name, sys.argv[1:]):
         print(line, file=sys.stderr)
+
+
+def main_naming_unknown_keys(main: Callable[[], object], entry_file: str, config_name: str) -> None:
+    """Run a Hydra entry point (``train.py``, ``eval.py``); when Hydra refuses the command line (exit status 1),
+    name the valid keys of each override whose key is unknown, then exit as Hydra did."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1:
+            report_unknown_keys(Path(entry_file).parent / "conf", config_name)
+        raise
