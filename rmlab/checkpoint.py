@@ -233,6 +233,9 @@ class ResumeState(L.Callback):
             checkpoint["rmlab_val_acc_best"] = float(best.max_value)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if continue_cut_epoch(checkpoint):  # before Lightning restores its loops from it
+            log.info("the checkpoint's run stopped at step %s inside an epoch: a larger trainer.max_steps continues "
+                     "that epoch from where it stopped", checkpoint.get("global_step"))
         by_rank = checkpoint.get("rmlab_rng_by_rank")
         if by_rank and len(by_rank) == trainer.world_size:
             self._pending_rng = by_rank[trainer.global_rank]
@@ -315,6 +318,33 @@ def saved_at_an_epochs_last_batch(checkpoint: dict[str, Any]) -> bool:
         )
     except (KeyError, TypeError):
         return False
+
+
+def continue_cut_epoch(checkpoint: dict[str, Any]) -> bool:
+    """A run that stopped inside an epoch (``max_steps`` reached, ``max_time``, a stop request) wrote its last
+    checkpoint after that epoch's end hooks, so Lightning counts the epoch as processed, and a resume with a
+    larger ``max_steps`` starts the next epoch, or under ``max_epochs=1`` (the default) trains nothing at all.
+    Mark such an epoch unprocessed, in place, so the resume continues it from the batch where it stopped (the
+    loader's position is in the checkpoint), as a resume from a checkpoint written mid-epoch does. True when it
+    did; a checkpoint written after an epoch's last batch is left as it is."""
+    loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    batches, epochs = loops.get("epoch_loop.batch_progress") or {}, loops.get("epoch_progress") or {}
+    try:
+        cur, tot = epochs["current"], epochs["total"]
+        # The epoch loop ended (processed == started), and completed too or not yet (written at the epoch's end
+        # hooks or at the end of fit), while its batches had not run out (not the last batch).
+        cut = bool(
+            not batches.get("is_last_batch")
+            and batches["current"]["completed"] > 0
+            and cur["processed"] == cur["started"]
+            and cur["completed"] in (cur["processed"] - 1, cur["processed"])
+        )
+    except (KeyError, TypeError):
+        return False
+    if cut:  # back to the state of a mid-epoch checkpoint: started, neither processed nor completed
+        for progress in (cur, tot):
+            progress["completed"] = progress["processed"] = progress["started"] - 1
+    return cut
 
 
 def rerun_skipped_validation(trainer: L.Trainer) -> None:

@@ -134,3 +134,20 @@ def test_ddp_killed_mid_epoch_resumes_exactly(tmp_path):
     steps = len(_csv(full / "csv" / "metrics.csv", "train/loss_step"))
     assert steps >= 10  # two epochs of at least 5 steps, so the kill at 7 is past the first epoch's checkpoints
     _assert_same_run(full, killed, steps=steps)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_max_steps_extends_within_its_epoch_exactly(tmp_path):
+    """A run that ended at max_steps=3 inside its only epoch (the default max_epochs=1), resumed with
+    max_steps=7 and ckpt_path=last: it trained nothing before ("max_epochs=1 reached": Lightning counts an epoch
+    cut by max_steps as processed). It continues that epoch from batch 4 and ends with the weights, loader
+    position and logged steps of a run that went to step 7 at once (constant lr, so the schedule, which is
+    sized from max_steps, is the same in both)."""
+    from rmlab.train import run
+
+    args = [*BASE, "module.scheduler=constant", "module.warmup_ratio=0"]
+    run(compose([*args, "trainer.max_steps=7"], tmp_path / "full"))
+    run(compose([*args, "trainer.max_steps=3"], tmp_path / "ext"))
+    summary = run(compose([*args, "trainer.max_steps=7", "ckpt_path=last"], tmp_path / "ext"))
+    assert summary["train_steps"] == 7
+    _assert_same_run(tmp_path / "full", tmp_path / "ext", steps=7)
