@@ -60,8 +60,8 @@ def eval_args(cfg: Any) -> list[str]:
             theirs = theirs if isinstance(theirs, dict) else {}
             for k, v in ours.items():
                 leaves(f"{prefix}.{k}", v, theirs.get(k))
-        elif ours != theirs and not (isinstance(theirs, str) and "${" in theirs) and not isinstance(ours, list):
-            args.append(f"{prefix}={'null' if ours is None else ours}")
+        elif ours != theirs and not (isinstance(theirs, str) and "${" in theirs):
+            args.append(f"{prefix}={hydra_list(ours) if isinstance(ours, list) else 'null' if ours is None else ours}")
 
     # The keys that pick the examples, then those that shape each row (the run's truncation, its K per prompt).
     for key in ("source", "simulator", "val_fraction", "format", "split", "val_split", "val_source", "fields", "format_options",
@@ -74,6 +74,25 @@ def eval_args(cfg: Any) -> list[str]:
 _PLAIN = re.compile(r"[A-Za-z0-9_/.+:@%-]+")  # characters a value may hold bare, for Hydra's parser and for a shell
 
 
+def _hydra_quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def hydra_list(items: list) -> str:
+    """A list value in Hydra's override syntax (``[instruction,input]``), each string element quoted unless plain, so
+    that ``data.fields.prompt=[...]`` parses back to the same list."""
+    def one(v: Any) -> str:
+        if isinstance(v, list):
+            return hydra_list(v)
+        if v is None:
+            return "null"
+        if isinstance(v, str) and not _PLAIN.fullmatch(v):
+            return _hydra_quoted(v)
+        return str(v)
+
+    return "[" + ",".join(one(v) for v in items) + "]"
+
+
 def cli_override(arg: str) -> str:
     """``key=value`` as one shell word that Hydra parses back to the same string value.
 
@@ -82,7 +101,9 @@ def cli_override(arg: str) -> str:
     key, sep, value = arg.partition("=")
     if not sep or not value or _PLAIN.fullmatch(value) or value.startswith("<"):  # a <placeholder> stays as it is
         return arg
-    word = key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if value.startswith("[") and value.endswith("]"):  # a list, already in Hydra's syntax (hydra_list): the shell's quotes only
+        return shlex.quote(arg)
+    word = key + "=" + _hydra_quoted(value)
     return f'"{word}"' if not re.search(r'["$`\\!]', word) else shlex.quote(word)
 
 

@@ -257,11 +257,16 @@ def test_split_auto_treats_a_missing_simulator_key_as_its_default(tmp_path):
         ["data=alpaca_eval2", "data.val_fraction=0.2"],
         ["experiment=odin_alpaca", "seed=1"],  # 240 of 805 prompts, K = 4, rows of 128 tokens
         ["data=local", "data.source=/data/mine.jsonl", "data.format=ratings"],  # a user's own file
+        # list-valued fields (they were left off the line, and eval.py read the file with the config's fields)
+        ["data=local", "data.source=/data/mine.jsonl", "data.fields.prompt=[instruction,'my input']",
+         "data.fields.attributes=[helpfulness,correctness]"],
     ],
 )
 def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides, tmp_path):
     """The run summary's `next: python eval.py ckpt_path=...` names the data, seed and data keys that make eval.py
     score the run's own val split; without them eval.py scored the default simulator (all of it)."""
+    import shlex
+
     from omegaconf import OmegaConf
 
     from rmlab.evaluate import pick_split
@@ -280,7 +285,11 @@ def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides,
     summary = {"run_dir": "R", "val_acc": 0.5, "oracle_acc": None, "length_acc": None, "train_steps": 1, "minutes": 0.1,
                "eval_args": args}
     lines = format_summary(summary).splitlines()
-    assert f"  next: python eval.py ckpt_path=R/checkpoints/last.ckpt {' '.join(args)}" in lines
+    line = next(x for x in lines if x.startswith("  next: python eval.py "))
+    assert shlex.split(line.split("python eval.py ", 1)[1]) == ["ckpt_path=R/checkpoints/last.ckpt", *args]
+    ev_data, run_data = OmegaConf.to_container(ev.data, resolve=True), OmegaConf.to_container(run_cfg.data)
+    for key in ("fields", "source"):  # the fields the records are read by, lists included
+        assert ev_data.get(key) == run_data.get(key), key
 
 
 def test_the_default_runs_eval_command_stays_bare(tmp_path):
