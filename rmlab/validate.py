@@ -14,11 +14,13 @@ is never refused for lacking a key.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
@@ -177,7 +179,40 @@ class _Checker:
 
 
 # -------------------------------------------------------------------- the groups
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@functools.cache
+def known_top_keys(entry: str) -> frozenset[str]:
+    """The top-level keys rmlab's own configs can give ``entry``'s config: ``conf/<entry>.yaml``'s, each config
+    group's name, and what the ``_global_`` groups (experiment, debug, hparams_search) set at the top."""
+    keys = set(OmegaConf.load(CONF_DIR / f"{entry}.yaml").keys())
+    for group in CONF_DIR.iterdir():
+        if group.is_dir():
+            keys.add(group.name)
+            for f in group.glob("*.yaml"):
+                if f.read_text().startswith("# @package _global_"):
+                    keys.update(OmegaConf.load(f).keys())
+    return frozenset(str(k) for k in keys) - {"defaults", "hydra"}
+
+
+def _check_unread_top_keys(c: _Checker, entry: str) -> None:
+    """``python train.py +lr=1``: Hydra adds a top-level ``lr`` that nothing reads, and the run trains at
+    module.lr as if nothing was said. Warned (not refused: a config dir of your own may add top-level keys that
+    your code reads), with the key it likely meant."""
+    known = known_top_keys(entry)
+    for key in c.cfg.keys():
+        if key in known:
+            continue
+        owners = [f"{g}.{key}" for g in c.cfg.keys() if isinstance(c.cfg.get(g), DictConfig) and key in c.cfg[g]]
+        close = owners or difflib.get_close_matches(str(key), sorted(known), n=1)
+        guess = f" Did you mean {close[0]}?" if close else ""
+        c.warnings.append(f"{key}: nothing in rmlab reads a top-level `{key}` (added with +{key}=...), so it has no "
+                          f"effect.{guess}")
+
+
 def _check_top(c: _Checker, entry: str) -> None:
+    _check_unread_top_keys(c, entry)
     seed = c.integer("seed", 0, none_ok=True, hint=f"a seed is in [0, 2**32 - 1 = {SEED_LIMIT - 1}], e.g. seed=0")
     if _is_int(seed) and seed >= SEED_LIMIT:
         c.fail("seed", seed, f"must be < 2**32 = {SEED_LIMIT}; e.g. seed=0")
@@ -478,7 +513,8 @@ def check_config(cfg: DictConfig, entry: str = "train", log_warnings: bool = Tru
     """Check the composed config of ``entry`` (``train`` or ``eval``) before anything is built.
 
     Raises one ``ConfigError`` naming every bad setting; returns the warnings and logs them unless
-    ``log_warnings=False`` (train.py and eval.py check first, then run() checks again and says them once)."""
+    ``log_warnings=False`` and the config is good (train.py and eval.py check first, then run() checks again and
+    says them once; a bad config stops at the first check, which says them)."""
     if entry not in ("train", "eval"):
         raise ValueError(f"entry must be train|eval, got {entry!r}")
     c = _Checker(cfg)
@@ -491,7 +527,7 @@ def check_config(cfg: DictConfig, entry: str = "train", log_warnings: bool = Tru
     _check_data(c, entry)
     if not c.problems:  # last: it imports the classes (Lightning's Trainer, ~6 s); a bad value fails before that
         _check_class_keys(c, entry)
-    for w in c.warnings if log_warnings else ():
+    for w in c.warnings if log_warnings or c.problems else ():  # a run that stops here never checks again: say them
         log.warning("%s", w)
     if c.problems:
         # The same key can be reached twice (e.g. a ??? read by two checks): report it once.

@@ -130,6 +130,17 @@ def test_val_fraction_zero_warns_that_no_validation_runs(tmp_path, caplog):
     assert _check(["data=hh_rlhf", "+data.val_fraction=1.0"], tmp_path) == []
 
 
+def test_a_top_level_key_nothing_reads_is_warned_with_the_key_it_likely_meant(tmp_path, caplog):
+    """`+lr=1` trained at module.lr without a word: Hydra adds any + key, and nothing reads a top-level lr."""
+    with caplog.at_level(logging.WARNING, logger="rmlab"):
+        warnings = _check(["+lr=1"], tmp_path)
+    assert len(warnings) == 1 and "nothing in rmlab reads a top-level `lr`" in warnings[0], warnings
+    assert "Did you mean module.lr?" in warnings[0] and "Did you mean module.lr?" in caplog.text
+    assert "Did you mean seed?" in _check(["+sed=1"], tmp_path)[0]
+    assert "Did you mean data.max_length?" in _check(["+max_length=64", "model.name_or_path=x"], tmp_path, "eval")[0]
+    assert _check(["+tags=[a]"], tmp_path) == _check(["experiment=margin"], tmp_path) == []  # keys of rmlab's own
+
+
 def test_eval_entry(tmp_path):
     with pytest.raises(ConfigError, match=r"model.name_or_path=null: no model to evaluate: set ckpt_path="):
         _check([], tmp_path, "eval")
