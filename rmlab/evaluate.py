@@ -215,6 +215,20 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
     return "val" if same else "all"
 
 
+def ensemble_split_leak(members: list[str], run_cfgs: list[DictConfig | None], data_cfg: Any) -> str | None:
+    """An ensemble's ``split=auto`` is the first member's val split. A member trained on another split of the same
+    data (another seed: the split follows it) had part of that val set as training data; say which, and how to
+    train members that share one held-out set. None when every member's run held out this split."""
+    others = [m for m, rc in zip(members[1:], run_cfgs[1:]) if pick_split("auto", data_cfg, rc) != "val"]
+    if not others:
+        return None
+    return (f"split=val is the val split of the first member ({members[0]}), but {', '.join(others)} trained on "
+            f"another split of this data (another seed or data setting): part of this val set was their training "
+            f"data, so the ensemble's numbers here are optimistic. Train the members with one data.seed (e.g. "
+            f"`python train.py -m seed=1,2,3 data.seed=0`: the init varies, the split does not, as in experiment=overopt), or evaluate "
+            f"on data none of them trained on.")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("benchmark"):
         raise ValueError("benchmark= is run by rmlab.benchmarks.runner.run (eval.py picks it); this is the data= eval")
@@ -254,6 +268,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dm.batches.budget = "packed"
     dm.setup("validate")
     split = pick_split(cfg.split, cfg.data, run_cfg)
+    leak = ensemble_split_leak(members, run_cfgs, cfg.data) if members and split == "val" else None
+    if leak:
+        log.warning(leak)
     groups = dm.val_groups if split == "val" else dm.train_groups + dm.val_groups
     if not groups:
         raise ValueError(f"no groups to evaluate in split={split!r} of data={cfg.data.name}")
@@ -273,6 +290,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 2),
         "run_dir": str(out),
     }
+    if leak:
+        info["split_warning"] = leak
     summary = write_report(out, result, pred, info, tokenizer=model.tokenizer, worst_k=int(cfg.worst_k))
     print(summary, flush=True)
     return {"metrics": result.scalars, "info": info}

@@ -235,6 +235,7 @@ def write_report(
         f"- model: `{info.get('model')}`",
         f"- split: {info.get('split')}, {info.get('groups')} groups, "
         f"{info.get('responses')} responses, {int(s.get('n_comparisons', 0))} non-tie comparisons, {int(s.get('n_ties', 0))} ties",
+        *([f"- **warning**: {info['split_warning']}"] if info.get("split_warning") else []),
         "",
     ]
     md += ["## Headline", "", "| metric | value |", "|---|---|"]

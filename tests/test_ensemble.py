@@ -135,3 +135,36 @@ def test_eval_ensemble_config_errors(tmp_path):
         check_config(compose(["ensemble.members=[onlyone]"], tmp_path, "eval"), entry="eval")
     with pytest.raises(Exception, match="ensemble.combine"):
         check_config(compose(["ensemble.members=[a,b]", "ensemble.combine=max"], tmp_path, "eval"), entry="eval")
+
+
+def _in_run_dir(export: str, root, train_overrides: list[str]) -> str:
+    """The export copied into a run dir whose config.yaml is a training run's with ``train_overrides``."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    root.mkdir(parents=True)
+    cfg = compose(["data.simulator.num_prompts=30", "data.max_length=256", *train_overrides], root)
+    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), root / "config.yaml")
+    return str(shutil.copytree(export, root / "export"))
+
+
+def test_an_ensemble_of_members_trained_on_other_splits_is_warned_in_its_report(exports, tmp_path):
+    """split=auto is the first member's val split; a member trained at another seed (the split follows it) trained
+    on part of that set. The eval says so (log and report.md) and how to train members that share one split."""
+    from rmlab.evaluate import run
+
+    def ensemble_eval(name: str, overrides: list[list[str]]):
+        members = [_in_run_dir(e, tmp_path / name / f"run{i}", o) for i, (e, o) in enumerate(zip(exports, overrides))]
+        res = run(compose([f"ensemble.members=[{','.join(members)}]", "seed=1", "data.simulator.num_prompts=30",
+                           "data.max_length=256", "threads=1"], tmp_path / name / "ev", "eval"))
+        return res, members, (tmp_path / name / "ev" / "report.md").read_text()
+
+    res, members, report = ensemble_eval("seeds", [["seed=1"], ["seed=2"]])
+    assert res["info"]["split"] == "val"
+    warning = res["info"]["split_warning"]
+    assert f"but {members[1]} trained on another split" in warning and "data.seed=0" in warning
+    assert f"- **warning**: {warning}" in report
+    # One data seed for every member (the recipe the warning gives): their shared val set, no warning.
+    res, _, report = ensemble_eval("one_split", [["seed=1", "data.seed=1"], ["seed=2", "data.seed=1"]])
+    assert res["info"]["split"] == "val" and "split_warning" not in res["info"] and "**warning**" not in report
