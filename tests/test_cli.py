@@ -108,3 +108,20 @@ def test_a_misspelled_key_in_a_sweep_over_a_group_is_named_too():
     argv = ["-m", "model=tiny_llama,minilm", "loss=bt", "model.poolng=last", "seed=0,1"]
     lines = name_unknown_keys(ROOT / "conf", "train", argv)
     assert len(lines) == 1 and lines[0].startswith("rmlab: model.poolng is not a key of model (did you mean model.pooling?)"), lines
+
+
+@pytest.mark.parametrize("entry", ["train.py", "eval.py"])
+def test_help_says_what_to_run_then_lists_the_groups(entry, tmp_path):
+    """`--help` leads with the entry's purpose and runnable examples (Hydra's bare help began 'train is powered by
+    Hydra.'), then Hydra's groups and the composed config; nothing is run and no run dir is made."""
+    res = subprocess.run([sys.executable, entry, "--help", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert out.startswith(f"rmlab {entry}: ") and "powered by Hydra" not in out, out[:500]
+    examples = [line.strip() for line in out.splitlines() if line.startswith(f"  python {entry} ")]
+    assert len(examples) >= 3, out[:1500]
+    groups = out.index("== Configuration groups ==")
+    assert out.index("Examples:") < groups < out.index("== Config ==") < out.index("A misspelled key is refused")
+    assert "loss: answer_ce, attributes, bt," in out and "\nseed: 0\n" in out
+    assert not (tmp_path / "run").exists()
