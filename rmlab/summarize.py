@@ -23,6 +23,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from rmlab.summary import python_command
+
 DEFAULT_METRICS = ("val/acc", "val/loss", "val/ece", "val/brier", "val/truth/acc", "acc", "ece")
 
 
@@ -219,7 +221,8 @@ def sweep_hint(sweep_dir: str | Path) -> str:
     """The lines a finished ``-m`` sweep ends with: how many runs finished, and the command that compares them."""
     sweep = Path(sweep_dir).resolve()
     done = len(collect(sweep)) if sweep.is_dir() else 0
-    return f"\nrmlab sweep finished: {done} run(s) in {sweep}\n  next: python -m rmlab.summarize {shlex.quote(str(sweep))}"
+    return (f"\nrmlab sweep finished: {done} run(s) in {sweep}\n"
+            f"  next: {python_command()} -m rmlab.summarize {shlex.quote(str(sweep))}")
 
 
 class SweepHint(Callback):

@@ -9,12 +9,29 @@ import json
 import math
 import re
 import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+
+
+def python_command() -> str:
+    """How to call this Python in a printed ``next:`` line: ``python`` when that is this interpreter's ``python``
+    (an activated venv, conda, a system install), else this interpreter's path, relative to the working dir when it
+    is under it. ``make train`` runs ``.venv/bin/python`` without activating the venv: a bare ``python`` there is
+    the system's, without rmlab's packages."""
+    exe = Path(sys.executable).absolute()
+    found = shutil.which("python")
+    if found and Path(found).absolute().parent == exe.parent:
+        return "python"
+    try:
+        return shlex.quote(str(exe.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(exe))
 
 
 def run_summary(trainer, out: Path, minutes: float, baselines: dict[str, float]) -> dict[str, Any]:
@@ -138,10 +155,12 @@ def format_summary(s: dict) -> str:
         lines.append(f"  export skipped: {s['export_skipped']}")
     extra = "".join(f" {cli_override(a)}" for a in s.get("eval_args") or [])  # the run's data and split (eval_args)
     ckpt = cli_override(f"ckpt_path={s['run_dir']}/checkpoints/last.ckpt")  # runs as printed in a sweep's job dir too
-    lines.append(f"  next: python eval.py {ckpt}{extra}")
+    py = python_command()
+    lines.append(f"  next: {py} eval.py {ckpt}{extra}")
     if s.get("export_dir"):
-        lines.append(f"        python -m rmlab.score <file.jsonl> --model {shlex.quote(str(s['export_dir']))}")
+        lines.append(f"        {py} -m rmlab.score <file.jsonl> --model {shlex.quote(str(s['export_dir']))}")
         lines.append("        in other tools: the export's config.json says how to read it (rmlab.read_with)")
     if s.get("wandb_offline"):
-        lines.append(f"        wandb ran offline (no key): upload with  wandb sync {shlex.quote(str(s['wandb_offline']))}")
+        wandb = "wandb" if py == "python" else f"{py} -m wandb"  # its CLI sits beside this python, like rmlab's
+        lines.append(f"        wandb ran offline (no key): upload with  {wandb} sync {shlex.quote(str(s['wandb_offline']))}")
     return "\n".join(lines)

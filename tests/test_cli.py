@@ -125,3 +125,35 @@ def test_help_says_what_to_run_then_lists_the_groups(entry, tmp_path):
     assert out.index("Examples:") < groups < out.index("== Config ==") < out.index("A misspelled key is refused")
     assert "loss: answer_ce, attributes, bt," in out and "\nseed: 0\n" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_next_lines_name_the_python_that_has_rmlab(tmp_path):
+    """`make train` runs .venv/bin/python without activating the venv: the summary's `next: python eval.py ...`
+    then started the system's python, without rmlab's packages. The next: lines name `python` only when that is
+    this interpreter's; else its path (relative to the working dir), and that command runs as printed."""
+    import shlex
+
+    code = ("from rmlab.summary import format_summary; print(format_summary({'run_dir': 'R', 'val_acc': 0.5, "
+            "'oracle_acc': None, 'length_acc': None, 'train_steps': 1, 'minutes': 0.1, 'export_dir': 'R/export', "
+            "'wandb_offline': 'R/wandb/offline-run-1'}))")
+    bindir = os.path.dirname(sys.executable)
+
+    def printed(path: str) -> list[str]:
+        env = {**os.environ, "PATH": path}
+        env.pop("VIRTUAL_ENV", None)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                             check=True).stdout
+        return [x.strip() for x in out.splitlines() if "eval.py" in x or "rmlab.score" in x or "sync" in x]
+
+    active = printed(f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin")  # an activated venv: its bin first
+    assert active[0].startswith("next: python eval.py ckpt_path=R/checkpoints/last.ckpt"), active
+    assert active[1].startswith("python -m rmlab.score <file.jsonl>") and "with  wandb sync R/" in active[2]
+    bare = printed(f"{tmp_path}{os.pathsep}/usr/bin{os.pathsep}/bin")  # make train: the venv's bin not on PATH
+    py = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+    assert bare[0].startswith(f"next: {shlex.quote(py)} eval.py ckpt_path="), bare
+    assert bare[1].startswith(f"{shlex.quote(py)} -m rmlab.score ") and f"{shlex.quote(py)} -m wandb sync R/" in bare[2]
+    # ... and that interpreter has rmlab and wandb: the printed commands start
+    for module in ("rmlab.score", "wandb"):
+        res = subprocess.run(f"{shlex.quote(py)} -m {module} --help", shell=True, cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, "PATH": f"/usr/bin{os.pathsep}/bin"}, timeout=120)
+        assert res.returncode == 0, res.stderr[-1500:]

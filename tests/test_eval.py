@@ -270,7 +270,7 @@ def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides,
     from omegaconf import OmegaConf
 
     from rmlab.evaluate import pick_split
-    from rmlab.summary import eval_args, format_summary
+    from rmlab.summary import eval_args, format_summary, python_command
 
     run_cfg = compose(train_overrides, tmp_path / "run")
     run_cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))  # as config.yaml holds it
@@ -285,7 +285,7 @@ def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides,
     summary = {"run_dir": "R", "val_acc": 0.5, "oracle_acc": None, "length_acc": None, "train_steps": 1, "minutes": 0.1,
                "eval_args": args}
     lines = format_summary(summary).splitlines()
-    line = next(x for x in lines if x.startswith("  next: python eval.py "))
+    line = next(x for x in lines if x.startswith(f"  next: {python_command()} eval.py "))
     assert shlex.split(line.split("python eval.py ", 1)[1]) == ["ckpt_path=R/checkpoints/last.ckpt", *args]
     ev_data, run_data = OmegaConf.to_container(ev.data, resolve=True), OmegaConf.to_container(run_cfg.data)
     for key in ("fields", "source"):  # the fields the records are read by, lists included
@@ -304,7 +304,7 @@ def test_the_printed_eval_command_of_a_sweep_job_runs_as_printed(tmp_path):
     a shell splits it, must compose eval.py's config with the path and the data source unchanged."""
     import shlex
 
-    from rmlab.summary import format_summary
+    from rmlab.summary import format_summary, python_command
 
     run_dir = f"{tmp_path}/multiruns/2026-12-05_20-07-29/3_loss=margin,seed=2,threads=1,trainer.max_steps=20"
     source = f"{tmp_path}/my data,v2.jsonl"
@@ -312,7 +312,7 @@ def test_the_printed_eval_command_of_a_sweep_job_runs_as_printed(tmp_path):
                "minutes": 0.1, "export_dir": f"{run_dir}/export",
                "eval_args": ["data=local", f"data.source={source}", "seed=2"]}
     lines = format_summary(summary).splitlines()
-    line = next(x for x in lines if x.startswith("  next: python eval.py "))
+    line = next(x for x in lines if x.startswith(f"  next: {python_command()} eval.py "))
     argv = shlex.split(line.split("python eval.py ", 1)[1])
     ev = compose(argv, tmp_path / "eval", "eval")
     assert ev.ckpt_path == f"{run_dir}/checkpoints/last.ckpt"
