@@ -218,15 +218,35 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
 def ensemble_split_leak(members: list[str], run_cfgs: list[DictConfig | None], data_cfg: Any) -> str | None:
     """An ensemble's ``split=auto`` is the first member's val split. A member trained on another split of the same
     data (another seed: the split follows it) had part of that val set as training data; say which, and how to
-    train members that share one held-out set. None when every member's run held out this split."""
-    others = [m for m, rc in zip(members[1:], run_cfgs[1:]) if pick_split("auto", data_cfg, rc) != "val"]
-    if not others:
+    train members that share one held-out set. A member trained on other data (another name or source, or the
+    simulator at another seed or setting: other examples) never saw these. None when no member can have trained on
+    this val set."""
+    def examples(d: Any) -> tuple:  # what decides the examples themselves, the split aside
+        d = OmegaConf.to_container(d, resolve=True)
+        if d.get("source") != "simulator":  # a file's records are the same at any seed; the seed splits them
+            return d.get("name"), d.get("source")
+        # The simulator generates other examples at another seed: a member at seed 2 never saw seed 1's
+        return d.get("name"), d.get("source"), {**SIMULATOR_DEFAULTS, **(d.get("simulator") or {})}, d.get("seed")
+
+    same_data, unknown = [], []
+    for m, rc in zip(members[1:], run_cfgs[1:]):
+        if rc is None or "data" not in rc:
+            unknown.append(m)
+        elif pick_split("auto", data_cfg, rc) != "val" and examples(rc.data) == examples(data_cfg):
+            same_data.append(m)
+    if not same_data and not unknown:
         return None
-    return (f"split=val is the val split of the first member ({members[0]}), but {', '.join(others)} trained on "
-            f"another split of this data (another seed or data setting): part of this val set was their training "
-            f"data, so the ensemble's numbers here are optimistic. Train the members with one data.seed (e.g. "
-            f"`python train.py -m seed=1,2,3 data.seed=0`: the init varies, the split does not, as in experiment=overopt), or evaluate "
-            f"on data none of them trained on.")
+    said = []
+    if same_data:
+        said.append(f"{', '.join(same_data)} trained on another split of this data (another seed or split setting): "
+                    f"part of this val set was their training data")
+    if unknown:
+        said.append(f"{', '.join(unknown)} has no training run config beside it, so whether it trained on this val "
+                    f"set is unknown")
+    return (f"split=val is the val split of the first member ({members[0]}), but " + "; ".join(said) + ". The "
+            "ensemble's numbers here may be optimistic. Train the members with one data.seed (e.g. `python train.py "
+            "-m seed=1,2,3 data.seed=0`: the init varies, the split does not, as in experiment=overopt), or "
+            "evaluate on data none of them trained on.")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -144,27 +144,48 @@ def _in_run_dir(export: str, root, train_overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
     root.mkdir(parents=True)
-    cfg = compose(["data.simulator.num_prompts=30", "data.max_length=256", *train_overrides], root)
+    cfg = compose(["data.max_length=256", *train_overrides], root)
     OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), root / "config.yaml")
     return str(shutil.copytree(export, root / "export"))
 
 
 def test_an_ensemble_of_members_trained_on_other_splits_is_warned_in_its_report(exports, tmp_path):
-    """split=auto is the first member's val split; a member trained at another seed (the split follows it) trained
-    on part of that set. The eval says so (log and report.md) and how to train members that share one split."""
+    """split=auto is the first member's val split; a member trained at another seed on the same file (the split
+    follows the seed) trained on part of that set. The eval says so (log and report.md) and how to train members
+    that share one split. The simulator at another seed generates other examples: no warning there."""
     from rmlab.evaluate import run
 
-    def ensemble_eval(name: str, overrides: list[list[str]]):
-        members = [_in_run_dir(e, tmp_path / name / f"run{i}", o) for i, (e, o) in enumerate(zip(exports, overrides))]
-        res = run(compose([f"ensemble.members=[{','.join(members)}]", "seed=1", "data.simulator.num_prompts=30",
-                           "data.max_length=256", "threads=1"], tmp_path / name / "ev", "eval"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"A good answer, number {i}.",
+                                         "rejected": "No."}) + "\n" for i in range(40)))
+    local = ["data=local", f"data.source={pairs}", "data.format=pairs"]
+
+    def ensemble_eval(name: str, data: list[str], overrides: list[list[str]]):
+        members = [_in_run_dir(e, tmp_path / name / f"run{i}", [*data, *o])
+                   for i, (e, o) in enumerate(zip(exports, overrides))]
+        res = run(compose([f"ensemble.members=[{','.join(members)}]", "seed=1", *data, "data.max_length=256",
+                           "threads=1"], tmp_path / name / "ev", "eval"))
         return res, members, (tmp_path / name / "ev" / "report.md").read_text()
 
-    res, members, report = ensemble_eval("seeds", [["seed=1"], ["seed=2"]])
+    res, members, report = ensemble_eval("seeds", local, [["seed=1"], ["seed=2"]])
     assert res["info"]["split"] == "val"
     warning = res["info"]["split_warning"]
-    assert f"but {members[1]} trained on another split" in warning and "data.seed=0" in warning
+    assert f"but {members[1]} trained on another split of this data" in warning and "data.seed=0" in warning
     assert f"- **warning**: {warning}" in report
     # One data seed for every member (the recipe the warning gives): their shared val set, no warning.
-    res, _, report = ensemble_eval("one_split", [["seed=1", "data.seed=1"], ["seed=2", "data.seed=1"]])
+    res, _, report = ensemble_eval("one_split", local, [["seed=1", "data.seed=1"], ["seed=2", "data.seed=1"]])
     assert res["info"]["split"] == "val" and "split_warning" not in res["info"] and "**warning**" not in report
+    # The simulator at seeds 1 and 2: other prompts and responses, none of seed 1's val set trained on.
+    sim = ["data.simulator.num_prompts=30"]
+    res, _, report = ensemble_eval("simulator", sim, [["seed=1"], ["seed=2"]])
+    assert res["info"]["split"] == "val" and "split_warning" not in res["info"]
+    # A member copied out of its run dir (no config.yaml beside it): unknown, said as such.
+    from omegaconf import OmegaConf
+
+    from rmlab.evaluate import ensemble_split_leak
+
+    first = OmegaConf.load(tmp_path / "seeds" / "run0" / "config.yaml")
+    data = compose(["seed=1", *local], tmp_path / "unknown", "eval").data
+    said = ensemble_split_leak(["a/export", "b/export"], [first, None], data)
+    assert "b/export has no training run config beside it" in said and "trained on another split" not in said
+    assert ensemble_split_leak(["a/export", "b/export"], [first, first], data) is None
