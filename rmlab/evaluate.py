@@ -228,11 +228,17 @@ def ensemble_split_leak(members: list[str], run_cfgs: list[DictConfig | None], d
         # The simulator generates other examples at another seed: a member at seed 2 never saw seed 1's
         return d.get("name"), d.get("source"), {**SIMULATOR_DEFAULTS, **(d.get("simulator") or {})}, d.get("seed")
 
+    def held_out(d: Any) -> tuple:  # what picks the val set among those examples
+        d = OmegaConf.to_container(d, resolve=True)
+        if d.get("val_source") or d.get("val_split"):  # a split of its own (hub data's test split): not the seed's
+            return d.get("val_source"), d.get("val_split"), d.get("split")
+        return d.get("val_fraction"), d.get("seed"), d.get("split")
+
     same_data, unknown = [], []
     for m, rc in zip(members[1:], run_cfgs[1:]):
         if rc is None or "data" not in rc:
             unknown.append(m)
-        elif pick_split("auto", data_cfg, rc) != "val" and examples(rc.data) == examples(data_cfg):
+        elif examples(rc.data) == examples(data_cfg) and held_out(rc.data) != held_out(data_cfg):
             same_data.append(m)
     if not same_data and not unknown:
         return None
@@ -241,8 +247,8 @@ def ensemble_split_leak(members: list[str], run_cfgs: list[DictConfig | None], d
         said.append(f"{', '.join(same_data)} trained on another split of this data (another seed or split setting): "
                     f"part of this val set was their training data")
     if unknown:
-        said.append(f"{', '.join(unknown)} has no training run config beside it, so whether it trained on this val "
-                    f"set is unknown")
+        said.append(f"{', '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} no training run config beside "
+                    f"{'it' if len(unknown) == 1 else 'them'}, so whether they trained on this val set is unknown")
     return (f"split=val is the val split of the first member ({members[0]}), but " + "; ".join(said) + ". The "
             "ensemble's numbers here may be optimistic. Train the members with one data.seed (e.g. `python train.py "
             "-m seed=1,2,3 data.seed=0`: the init varies, the split does not, as in experiment=overopt), or "

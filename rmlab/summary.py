@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -26,12 +27,15 @@ def python_command() -> str:
     the system's, without rmlab's packages."""
     exe = Path(sys.executable).absolute()
     found = shutil.which("python")
-    if found and Path(found).absolute().parent == exe.parent:
+    # The same folder (a venv's bin: python and python3 there are one program) and the same program (a system
+    # bin's python may be another version than its python3)
+    if found and Path(found).absolute().parent == exe.parent and os.path.realpath(found) == os.path.realpath(exe):
         return "python"
     try:
-        return shlex.quote(str(exe.relative_to(Path.cwd())))
+        rel = str(exe.relative_to(Path.cwd()))
     except ValueError:
         return shlex.quote(str(exe))
+    return shlex.quote(rel if "/" in rel else f"./{rel}")  # bare, the shell would look `python` up on PATH
 
 
 def run_summary(trainer, out: Path, minutes: float, baselines: dict[str, float]) -> dict[str, Any]:
@@ -91,8 +95,14 @@ def eval_args(cfg: Any) -> list[str]:
 _PLAIN = re.compile(r"[A-Za-z0-9_/.+:@%-]+")  # characters a value may hold bare, for Hydra's parser and for a shell
 
 
+_OTHER_TYPE = re.compile(r"[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|\.\d+|inf|nan)|true|false|null", re.IGNORECASE)
+
+
 def _hydra_quoted(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """``value`` in single quotes for Hydra's parser, which un-escapes only the backslashes before a quote or at the
+    end: those are doubled (``C:\\dir\\x y`` stays as it is), then each quote escaped."""
+    value = re.sub(r"\\+(?='|$)", lambda m: m.group(0) * 2, value)
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def hydra_list(items: list) -> str:
@@ -103,7 +113,7 @@ def hydra_list(items: list) -> str:
             return hydra_list(v)
         if v is None:
             return "null"
-        if isinstance(v, str) and not _PLAIN.fullmatch(v):
+        if isinstance(v, str) and (not _PLAIN.fullmatch(v) or _OTHER_TYPE.fullmatch(v)):  # "1", "true": strings
             return _hydra_quoted(v)
         return str(v)
 

@@ -185,14 +185,14 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 @functools.cache
 def known_top_keys(entry: str) -> frozenset[str]:
     """The top-level keys rmlab's own configs can give ``entry``'s config: ``conf/<entry>.yaml``'s, each config
-    group's name, and what the ``_global_`` groups (experiment, debug, hparams_search) set at the top."""
+    group's name, and what the ``_global_`` files (experiment, debug, hparams_search, the SLURM launcher) set at the
+    top."""
     keys = set(OmegaConf.load(CONF_DIR / f"{entry}.yaml").keys())
-    for group in CONF_DIR.iterdir():
-        if group.is_dir():
-            keys.add(group.name)
-            for f in group.glob("*.yaml"):
-                if f.read_text().startswith("# @package _global_"):
-                    keys.update(OmegaConf.load(f).keys())
+    keys.update(group.name for group in CONF_DIR.iterdir() if group.is_dir())
+    for f in CONF_DIR.rglob("*.yaml"):  # hydra/launcher/slurm.yaml too: its top-level slurm table
+        header = [line for line in f.read_text().splitlines()[:5] if line.startswith("#")]
+        if any(line.replace(" ", "") == "#@package_global_" for line in header):
+            keys.update(OmegaConf.load(f).keys())
     return frozenset(str(k) for k in keys) - {"defaults", "hydra"}
 
 

@@ -181,6 +181,8 @@ def _sweep_overrides(experiment: str) -> list[list[str]]:
 def test_default_config_passes(tmp_path):
     assert _check([], tmp_path) == []
     assert _check(["debug=fast"], tmp_path) == []
+    for launcher in ("local", "slurm"):  # slurm.yaml adds a top-level slurm table its launcher keys read
+        assert _check([f"hydra/launcher={launcher}"], tmp_path) == [], launcher
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

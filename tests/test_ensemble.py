@@ -189,3 +189,10 @@ def test_an_ensemble_of_members_trained_on_other_splits_is_warned_in_its_report(
     said = ensemble_split_leak(["a/export", "b/export"], [first, None], data)
     assert "b/export has no training run config beside it" in said and "trained on another split" not in said
     assert ensemble_split_leak(["a/export", "b/export"], [first, first], data) is None
+    # Hub data with its own test split (hh_rlhf, ultrafeedback): the seed orders, it does not pick the held-out set.
+    for name in ("hh_rlhf", "ultrafeedback"):
+        runs = [OmegaConf.create(OmegaConf.to_container(compose([f"data={name}", f"seed={s}"], tmp_path / name / str(s)),
+                                                         resolve=True)) for s in (1, 2)]
+        assert ensemble_split_leak(["a", "b"], runs, compose([f"data={name}", "seed=1"], tmp_path, "eval").data) is None
+    many = ensemble_split_leak(["a", "b", "c"], [first, None, None], data)
+    assert "b, c have no training run config beside them" in many

@@ -286,7 +286,7 @@ def test_the_printed_eval_command_scores_the_runs_own_val_split(train_overrides,
                "eval_args": args}
     lines = format_summary(summary).splitlines()
     line = next(x for x in lines if x.startswith(f"  next: {python_command()} eval.py "))
-    assert shlex.split(line.split("python eval.py ", 1)[1]) == ["ckpt_path=R/checkpoints/last.ckpt", *args]
+    assert shlex.split(line.split(" eval.py ", 1)[1]) == ["ckpt_path=R/checkpoints/last.ckpt", *args]
     ev_data, run_data = OmegaConf.to_container(ev.data, resolve=True), OmegaConf.to_container(run_cfg.data)
     for key in ("fields", "source"):  # the fields the records are read by, lists included
         assert ev_data.get(key) == run_data.get(key), key
@@ -313,9 +313,37 @@ def test_the_printed_eval_command_of_a_sweep_job_runs_as_printed(tmp_path):
                "eval_args": ["data=local", f"data.source={source}", "seed=2"]}
     lines = format_summary(summary).splitlines()
     line = next(x for x in lines if x.startswith(f"  next: {python_command()} eval.py "))
-    argv = shlex.split(line.split("python eval.py ", 1)[1])
+    argv = shlex.split(line.split(" eval.py ", 1)[1])
     ev = compose(argv, tmp_path / "eval", "eval")
     assert ev.ckpt_path == f"{run_dir}/checkpoints/last.ckpt"
     assert ev.data.source == source and ev.seed == 2
     score = next(x for x in lines if "python -m rmlab.score" in x)
     assert shlex.split(score.split("--model ", 1)[1]) == [f"{run_dir}/export"]
+
+
+TRICKY = ["plain", "my data,v2.jsonl", "it's", "a\\b", "C:\\dir\\x y", "c:\\", "a\\'b", "\\\\", "x=y", "$HOME", "a b\"c",
+          "1", "true", "null", "-1", "inf", "1e5", "[a]", "#", "é ü"]
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_a_printed_override_parses_back_to_the_same_value(value):
+    """The next: line's overrides, split as a shell splits them and parsed by Hydra's own override parser, give
+    back the run's value: a string stays that string (backslashes, quotes, commas, '1' and 'true'), a list that list."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from rmlab.summary import _OTHER_TYPE, cli_override, hydra_list
+
+    parser = OverridesParser.create()
+
+    def back(arg: str):
+        (word,) = shlex.split(cli_override(arg))
+        return parser.parse_override(word).value()
+
+    # A scalar: eval_args writes numbers, booleans and None as they read ('1', 'true', 'null') and its own lists as
+    # lists, so those are Hydra's to type; every other string comes back as it was.
+    if not value.startswith("[") and not _OTHER_TYPE.fullmatch(value):
+        assert back(f"data.source={value}") == value
+    items = [value, "input", None, [value]]
+    assert back(f"data.fields.prompt={hydra_list(items)}") == items

@@ -218,7 +218,9 @@ def test_a_finished_sweep_prints_the_summarize_command(tmp_path):
     assert f"rmlab sweep finished: 2 run(s) in {sweep}" in out
     cmd = shlex.split(out.split("next: ", 1)[1])
     assert cmd[1:3] == ["-m", "rmlab.summarize"] and cmd[3] == str(sweep)
-    assert cmd[0] in ("python", os.path.relpath(sys.executable, ROOT))  # this python (make test: .venv/bin/python)
+    from rmlab.summary import python_command
+
+    assert cmd[0] == shlex.split(python_command())[0]  # the python that has rmlab (make test: .venv/bin/python)
     subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, check=True, capture_output=True)
     table = (sweep / "summary.md").read_text()
     assert "| bt |" in table and "| margin |" in table  # the command compared the sweep's two runs
