@@ -9,12 +9,9 @@ from rmlab.overrides import main_naming_unknown_keys  # light: hydra and omegaco
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from rmlab.validate import ConfigError, check_config
+    from rmlab.validate import ConfigError, check_or_exit
 
-    try:  # before Lightning and transformers load: a bad setting fails in seconds, not after the imports
-        check_config(cfg, entry="train", log_warnings=False)  # run() checks again and logs the warnings
-    except ConfigError as e:
-        raise SystemExit(f"rmlab: bad config: {e}") from None
+    check_or_exit(cfg, "train")  # before Lightning and transformers load: a bad setting fails in seconds
     from rmlab.checkpoint import CheckpointError
     from rmlab.data.sources import DataError
     from rmlab.rundir import RunDirBusy

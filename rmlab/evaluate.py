@@ -200,6 +200,15 @@ def score_loader(
     return col.result()
 
 
+def data_view(data_cfg: Any) -> dict[str, Any]:
+    """A data config as plain values, its simulator's settings completed with their defaults (a run saved before a
+    simulator key existed, e.g. hack_rate, had that key's default)."""
+    d = OmegaConf.to_container(data_cfg, resolve=True)
+    if isinstance(d.get("simulator"), dict):
+        d["simulator"] = {**SIMULATOR_DEFAULTS, **d["simulator"]}
+    return d
+
+
 def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
     if split in ("val", "all"):
         return split
@@ -207,10 +216,7 @@ def pick_split(split: str, data_cfg: Any, run_cfg: DictConfig | None) -> str:
         raise ValueError(f"split must be auto|val|all, got {split!r}")
     if run_cfg is None or "data" not in run_cfg:
         return "all"
-    a, b = OmegaConf.to_container(data_cfg, resolve=True), OmegaConf.to_container(run_cfg.data, resolve=True)
-    for d in (a, b):  # a run saved before a simulator key existed (e.g. hack_rate) had that key's default
-        if isinstance(d.get("simulator"), dict):
-            d["simulator"] = {**SIMULATOR_DEFAULTS, **d["simulator"]}
+    a, b = data_view(data_cfg), data_view(run_cfg.data)
     same = all(a.get(k) == b.get(k) for k in _DATA_IDENTITY)
     return "val" if same else "all"
 
@@ -221,24 +227,22 @@ def ensemble_split_leak(members: list[str], run_cfgs: list[DictConfig | None], d
     train members that share one held-out set. A member trained on other data (another name or source, or the
     simulator at another seed or setting: other examples) never saw these. None when no member can have trained on
     this val set."""
-    def examples(d: Any) -> tuple:  # what decides the examples themselves, the split aside
-        d = OmegaConf.to_container(d, resolve=True)
+    def examples(d: dict) -> tuple:  # what decides the examples themselves, the split aside
         if d.get("source") != "simulator":  # a file's records are the same at any seed; the seed splits them
             return d.get("name"), d.get("source")
         # The simulator generates other examples at another seed: a member at seed 2 never saw seed 1's
-        return d.get("name"), d.get("source"), {**SIMULATOR_DEFAULTS, **(d.get("simulator") or {})}, d.get("seed")
+        return d.get("name"), d.get("source"), d.get("simulator"), d.get("seed")
 
-    def held_out(d: Any) -> tuple:  # what picks the val set among those examples
-        d = OmegaConf.to_container(d, resolve=True)
+    def held_out(d: dict) -> tuple:  # what picks the val set among those examples
         if d.get("val_source") or d.get("val_split"):  # a split of its own (hub data's test split): not the seed's
             return d.get("val_source"), d.get("val_split"), d.get("split")
         return d.get("val_fraction"), d.get("seed"), d.get("split")
 
-    same_data, unknown = [], []
+    here, same_data, unknown = data_view(data_cfg), [], []
     for m, rc in zip(members[1:], run_cfgs[1:]):
         if rc is None or "data" not in rc:
             unknown.append(m)
-        elif examples(rc.data) == examples(data_cfg) and held_out(rc.data) != held_out(data_cfg):
+        elif examples(theirs := data_view(rc.data)) == examples(here) and held_out(theirs) != held_out(here):
             same_data.append(m)
     if not same_data and not unknown:
         return None

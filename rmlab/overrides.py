@@ -29,6 +29,11 @@ def _key(override: str, groups: Mapping[str, frozenset[str]] = MappingProxyType(
     return None if "/" in key or key.startswith("hydra.") or key == "hydra" or key in groups else key
 
 
+def owning_group(key: str, cfg: Mapping) -> list[str]:
+    """``[group.key]`` for the first top-level node of ``cfg`` that has ``key`` (``lr`` -> ``module.lr``), else []."""
+    return [f"{g}.{key}" for g, v in cfg.items() if isinstance(v, Mapping) and key in v][:1]
+
+
 def unknown_keys(cfg: dict, overrides: list[str], groups: Mapping[str, frozenset[str]] = MappingProxyType({})) -> list[str]:
     """One line per override whose key ``cfg`` (the composed config as plain, unresolved containers) lacks:
     the key, the closest valid one, the valid keys. ``groups``: each config group's name and its options."""
@@ -50,7 +55,7 @@ def unknown_keys(cfg: dict, overrides: list[str], groups: Mapping[str, frozenset
         close = [f"{g}={value}" for g in sorted(groups) if not depth and value in groups[g]][:1]  # modle=tiny_llama
         close = close or [prefix + k for k in difflib.get_close_matches(parts[depth], valid, n=1)]
         if not depth and not close:  # `lr=1e-5`: a key of one of the groups (module.lr)
-            close = [f"{g}.{parts[0]}" for g, v in node.items() if isinstance(v, dict) and parts[0] in v][:1]
+            close = owning_group(parts[0], node)
         guess = f" (did you mean {close[0]}?)" if close else ""
         plus = f" To add a key the yaml does not list (another argument of its class): +{key}=..." if depth else ""
         lines.append(

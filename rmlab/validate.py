@@ -34,6 +34,7 @@ from rmlab.models.base import ENCODER_TYPES
 from rmlab.models.builder import BUILDERS, find_head
 from rmlab.models.ensemble import COMBINES
 from rmlab.models.packing import MODES
+from rmlab.overrides import owning_group
 
 log = logging.getLogger("rmlab")
 
@@ -204,8 +205,7 @@ def _check_unread_top_keys(c: _Checker, entry: str) -> None:
     for key in c.cfg.keys():
         if key in known:
             continue
-        owners = [f"{g}.{key}" for g in c.cfg.keys() if isinstance(c.cfg.get(g), DictConfig) and key in c.cfg[g]]
-        close = owners or difflib.get_close_matches(str(key), sorted(known), n=1)
+        close = owning_group(str(key), c.cfg) or difflib.get_close_matches(str(key), sorted(known), n=1)
         guess = f" Did you mean {close[0]}?" if close else ""
         c.warnings.append(f"{key}: nothing in rmlab reads a top-level `{key}` (added with +{key}=...), so it has no "
                           f"effect.{guess}")
@@ -507,6 +507,15 @@ def _check_class_keys(c: _Checker, entry: str) -> None:
             close = difflib.get_close_matches(str(key), valid, n=1)
             guess = f"did you mean {path}.{close[0]}? " if close else ""
             c.fail(f"{path}.{key}", raw[key], f"not an argument of {node['_target_']}; {guess}valid: {', '.join(valid)}")
+
+
+def check_or_exit(cfg: DictConfig, entry: str) -> None:
+    """train.py's and eval.py's first step, before Lightning and transformers load: a bad setting stops the command in
+    seconds with ``rmlab: bad config: ...`` and no traceback. run() checks again and logs the warnings."""
+    try:
+        check_config(cfg, entry=entry, log_warnings=False)
+    except ConfigError as e:
+        raise SystemExit(f"rmlab: bad config: {e}") from None
 
 
 def check_config(cfg: DictConfig, entry: str = "train", log_warnings: bool = True) -> list[str]:
